@@ -1,0 +1,131 @@
+"""Slide lists: MONAI decathlon datalists, CSV files, folders of slides and plain text lists.
+
+Training and evaluation read a decathlon-style JSON (``training`` / ``validation`` / ``testing`` splits of
+``{"image", "label", "annotation"}`` entries, as MONAI's ``load_decathlon_datalist`` reads them). Inference
+also accepts a CSV with an ``image`` column (``label`` optional), a folder of slides, or a text file with
+one path per line. Relative paths resolve against ``dataset_dir`` (default: the list's own folder).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide")
+
+
+class DatalistError(ValueError):
+    """A datalist that cannot be used; the message lists every problem found, not only the first."""
+
+
+def _resolve(path: str, base: Path) -> str:
+    return str(Path(path) if os.path.isabs(path) else base / path)
+
+
+def load_datalist(
+    datalist: str | os.PathLike,
+    split: str = "training",
+    dataset_dir: str | os.PathLike | None = None,
+    require_label: bool = True,
+    check_files: bool = True,
+) -> list[dict[str, Any]]:
+    """Entries of one split of a decathlon datalist, with absolute ``image`` and ``annotation`` paths.
+
+    Args:
+        datalist: the JSON file.
+        split: key of the split (``training``, ``validation``, ``testing`` or any other key).
+        dataset_dir: folder relative paths resolve against; defaults to the datalist's folder.
+        require_label: every entry must hold an integer ``label``.
+        check_files: every ``image`` (and ``annotation``, when given) must exist.
+
+    Raises:
+        DatalistError: the file is missing or malformed, the split is absent, or entries lack keys or point
+            to missing files; the message lists all of them.
+    """
+    path = Path(datalist)
+    if not path.is_file():
+        raise DatalistError(f"{path}: datalist file does not exist")
+    try:
+        content = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatalistError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(content, dict) or split not in content:
+        keys = sorted(content) if isinstance(content, dict) else type(content).__name__
+        raise DatalistError(f"{path}: no split {split!r} (found {keys})")
+    base = Path(dataset_dir) if dataset_dir else path.parent
+    entries = content[split]
+    return validate_entries(entries, f"{path} [{split}]", base, require_label, check_files)
+
+
+def validate_entries(
+    entries: Any, source: str, base: Path, require_label: bool, check_files: bool
+) -> list[dict[str, Any]]:
+    """Resolve paths and check every entry; raise one :class:`DatalistError` listing all problems."""
+    if not isinstance(entries, list):
+        raise DatalistError(f"{source}: expected a list of entries, got {type(entries).__name__}")
+    problems: list[str] = []
+    resolved: list[dict[str, Any]] = []
+    for i, entry in enumerate(entries):
+        if isinstance(entry, str):
+            entry = {"image": entry}
+        if not isinstance(entry, dict) or "image" not in entry:
+            problems.append(f"entry {i}: missing key 'image'")
+            continue
+        item = dict(entry)
+        item["image"] = _resolve(str(item["image"]), base)
+        if item.get("annotation"):
+            item["annotation"] = _resolve(str(item["annotation"]), base)
+        if "label" in item and item["label"] not in (None, ""):
+            try:
+                item["label"] = int(item["label"])
+            except (TypeError, ValueError):
+                problems.append(f"entry {i} ({item['image']}): label {item['label']!r} is not an integer")
+        elif require_label:
+            problems.append(f"entry {i} ({item['image']}): missing key 'label'")
+        else:
+            item.pop("label", None)
+        if check_files:
+            for key in ("image", "annotation"):
+                if item.get(key) and not os.path.exists(item[key]):
+                    problems.append(f"entry {i}: {key} file not found: {item[key]}")
+        resolved.append(item)
+    if problems:
+        raise DatalistError(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    return resolved
+
+
+def load_slide_list(
+    source: str | os.PathLike, datalist_key: str = "testing", dataset_dir: str | os.PathLike | None = None
+) -> list[dict[str, Any]]:
+    """Slides to run inference on, from a datalist JSON, a CSV, a folder or a text file.
+
+    Files are not required to exist: inference reports a missing slide as an error row and goes on.
+    """
+    path = Path(source)
+    if path.is_dir():
+        slides = sorted(p for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES)
+        if not slides:
+            raise DatalistError(f"{path}: folder holds no slide files ({', '.join(SLIDE_SUFFIXES)})")
+        return [{"image": str(p)} for p in slides]
+    if not path.is_file():
+        raise DatalistError(f"{path}: slide list does not exist")
+    base = Path(dataset_dir) if dataset_dir else path.parent
+    if path.suffix.lower() == ".json":
+        return load_datalist(path, datalist_key, base, require_label=False, check_files=False)
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames is None or "image" not in reader.fieldnames:
+                raise DatalistError(f"{path}: CSV needs an 'image' column (found {reader.fieldnames})")
+            rows = [
+                {k: v for k, v in row.items() if k in ("image", "label", "annotation") and v}
+                for row in reader
+            ]
+        return validate_entries(rows, str(path), base, require_label=False, check_files=False)
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    return validate_entries(
+        [line for line in lines if line and not line.startswith("#")], str(path), base, False, False
+    )

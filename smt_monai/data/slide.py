@@ -1,0 +1,563 @@
+"""Opening whole-slide images: backend choice and fallback, real pyramid levels, mpp, fast region reads.
+
+This module is the one place that opens a slide. It opens the file through MONAI's
+:class:`monai.data.WSIReader` (backend ``cucim`` by default, then ``openslide``, then ``tifffile``) and then
+reads regions through the fastest path that backend offers:
+
+- cuCIM: ``CuImage.read_region`` with a batch of locations and ``num_workers`` threads.
+- OpenSlide: ``OpenSlide.read_region`` per location in a thread pool (it releases the GIL).
+- tifffile: only the JPEG/Deflate tiles a region touches are read (``os.pread``) and decoded in a thread
+  pool; MONAI's ``TiffFileWSIReader.get_data`` decodes the whole level on every call instead.
+
+Before cuCIM is chosen, the TIFF header is inspected: cuCIM is only used for tiled JPEG (and Aperio
+JPEG 2000) pyramids, because it crashes the process on some other encodings (e.g. Deflate with a predictor),
+and every region it returns as all zeros is re-read strictly, because it returns black pixels, with no
+error, for corrupt JPEG tiles. Whatever the backend, the pyramid levels are the real ones (never an SVS
+thumbnail, label or macro page), mpp comes from the file's metadata or is ``None``, and every problem with
+the file becomes a :class:`SlideReadError` naming the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from smt_monai.data.errors import SlideReadError
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("cucim", "openslide", "tifffile")
+WHITE = 255
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+# TIFF compression codes cuCIM decodes without risk: JPEG, Aperio JPEG 2000 (YCbCr and RGB).
+_CUCIM_SAFE_COMPRESSION = {7, 33003, 33005}
+
+
+_CUCIM_IMPORT: list[Any] = []
+
+
+def cucim_available() -> bool:
+    """True when cuCIM imports (it is a Linux x86_64 dependency only)."""
+    if not _CUCIM_IMPORT:
+        try:
+            import cucim  # noqa: F401
+
+            _CUCIM_IMPORT.append(True)
+        except Exception:  # any failure to load native libraries means: not available
+            _CUCIM_IMPORT.append(False)
+    return bool(_CUCIM_IMPORT[0])
+
+
+@dataclass
+class TiffLevel:
+    """One real pyramid level of a TIFF: its page index, size, tiling and encoding."""
+
+    page_index: int
+    width: int
+    height: int
+    chunk_width: int
+    chunk_height: int
+    compression: int
+    offsets: tuple[int, ...]
+    bytecounts: tuple[int, ...]
+
+
+@dataclass
+class TiffInfo:
+    """What the TIFF header says about a slide, read without decoding any pixel."""
+
+    levels: list[TiffLevel]
+    samples_per_pixel: int
+    bits_per_sample: int
+    mpp: float | None
+    cucim_safe: bool
+    problems: list[str] = field(default_factory=list)
+
+
+def _tiff_mpp(page: Any) -> float | None:
+    """Microns per pixel from Aperio's ``MPP =`` or from resolution tags with a real unit; else ``None``."""
+    match = re.search(r"MPP\s*=\s*([0-9.eE+-]+)", page.description or "")
+    if match:
+        with contextlib.suppress(ValueError):
+            value = float(match.group(1))
+            if value > 0:
+                return value
+    tags = page.tags
+    if "XResolution" in tags and "ResolutionUnit" in tags:
+        num, den = tags["XResolution"].value
+        unit = int(tags["ResolutionUnit"].value)
+        per_unit_um = {2: 25400.0, 3: 10000.0}.get(unit)  # inch, centimeter; 1 = no absolute unit
+        if per_unit_um and num > 0 and den > 0:
+            return per_unit_um * den / num
+    return None
+
+
+def inspect_tiff(path: str) -> TiffInfo:
+    """Read a TIFF's header: real pyramid levels, pixel format, mpp, and whether cuCIM may read it.
+
+    Real levels are the pages of tifffile's first series (the baseline pyramid; SVS thumbnail, label and
+    macro pages are separate series) whose aspect ratio matches level 0 and whose size decreases.
+
+    Raises:
+        SlideReadError: the file is not a readable TIFF.
+    """
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            pages = [lvl.keyframe for lvl in series.levels]
+            base = pages[0]
+            levels: list[TiffLevel] = []
+            for page in pages:
+                if levels and not (
+                    page.imagewidth < levels[-1].width
+                    and abs(page.imagewidth / page.imagelength - base.imagewidth / base.imagelength)
+                    < 0.02 * base.imagewidth / base.imagelength
+                ):
+                    continue
+                chunk_h = page.tilelength if page.is_tiled else page.rowsperstrip
+                chunk_w = page.tilewidth if page.is_tiled else page.imagewidth
+                levels.append(
+                    TiffLevel(
+                        page_index=page.index,
+                        width=page.imagewidth,
+                        height=page.imagelength,
+                        chunk_width=chunk_w,
+                        chunk_height=min(chunk_h, page.imagelength),
+                        compression=int(page.compression),
+                        offsets=tuple(page.dataoffsets),
+                        bytecounts=tuple(page.databytecounts),
+                    )
+                )
+            info = TiffInfo(
+                levels=levels,
+                samples_per_pixel=int(base.samplesperpixel),
+                bits_per_sample=int(np.atleast_1d(base.bitspersample)[0]),
+                mpp=_tiff_mpp(base),
+                cucim_safe=all(lvl.compression in _CUCIM_SAFE_COMPRESSION for lvl in levels)
+                and all(pg.is_tiled for pg in pages),
+            )
+    except SlideReadError:
+        raise
+    except Exception as exc:
+        raise SlideReadError(path, f"corrupt or unsupported TIFF ({type(exc).__name__}: {exc})") from None
+    size = os.path.getsize(path)
+    for lvl in info.levels:
+        if any(off + cnt > size for off, cnt in zip(lvl.offsets, lvl.bytecounts)):
+            info.problems.append(
+                f"truncated TIFF: level {lvl.width}x{lvl.height} has tile data beyond the end of the file "
+                f"({size} bytes)"
+            )
+    return info
+
+
+def touched_chunks(lvl: TiffLevel, x0: int, y0: int, x1: int, y1: int) -> list[tuple[int, int, int]]:
+    """``(index, column, row)`` of the tiles (or strips) of ``lvl`` touched by ``[x0, x1) x [y0, y1)``."""
+    across = -(-lvl.width // lvl.chunk_width)
+    return [
+        (ty * across + tx, tx, ty)
+        for ty in range(y0 // lvl.chunk_height, (y1 - 1) // lvl.chunk_height + 1)
+        for tx in range(x0 // lvl.chunk_width, (x1 - 1) // lvl.chunk_width + 1)
+    ]
+
+
+def jpeg_stream_problem(head: bytes, tail: bytes) -> str | None:
+    """What is wrong with a JPEG tile's marker structure, or ``None``; reads headers only, decodes nothing.
+
+    cuCIM decodes corrupt JPEG tiles to zeros or garbage without an error, so its reads are guarded by this
+    check: the stream must start with SOI, every marker segment before SOS must have a sane length, and the
+    stream must end with EOI (trailing zero padding allowed).
+    """
+    if head[:2] != b"\xff\xd8":
+        return "JPEG tile does not start with an SOI marker"
+    pos = 2
+    while pos + 4 <= len(head):
+        if head[pos] != 0xFF:
+            return f"JPEG tile has bytes where a marker should be (offset {pos})"
+        marker = head[pos + 1]
+        if marker == 0xDA:
+            break
+        if marker == 0xFF or 0xD0 <= marker <= 0xD7 or marker == 0x01:
+            pos += 1 if marker == 0xFF else 2
+            continue
+        length = int.from_bytes(head[pos + 2 : pos + 4], "big")
+        if length < 2:
+            return "JPEG tile has a bogus marker length"
+        pos += 2 + length
+    if tail.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+        return "JPEG tile is truncated (no EOI marker)"
+    return None
+
+
+def check_pixel_format(path: str, info: TiffInfo) -> None:
+    """Reject images that are not 8-bit RGB(A): H&E models expect 8-bit RGB.
+
+    Raises:
+        SlideReadError: grayscale, two-channel or non-8-bit images.
+    """
+    if info.samples_per_pixel < 3:
+        raise SlideReadError(
+            path, f"grayscale image ({info.samples_per_pixel} channel); H&E models expect 8-bit RGB"
+        )
+    if info.bits_per_sample != 8:
+        raise SlideReadError(path, f"{info.bits_per_sample}-bit image; H&E models expect 8-bit RGB")
+
+
+def slide_id_of(path: str | os.PathLike) -> str:
+    """A slide's id: its file name without the extension (``a/b/slide_01.tif`` -> ``slide_01``)."""
+    return Path(path).name.rsplit(".", 1)[0]
+
+
+class Slide:
+    """An opened whole-slide image.
+
+    Attributes:
+        path: the file.
+        backend: ``cucim``, ``openslide`` or ``tifffile``, whichever served the slide.
+        level_dimensions: ``(width, height)`` of each real pyramid level, level 0 first.
+        level_downsamples: downsample of each level relative to level 0.
+        mpp: microns per pixel at level 0 from the file's metadata, or ``None`` when the file holds none.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        backend: str,
+        handle: Any,
+        level_dimensions: Sequence[tuple[int, int]],
+        mpp: float | None,
+        tiff: TiffInfo | None,
+    ) -> None:
+        self.path = path
+        self.backend = backend
+        self._handle = handle
+        self.level_dimensions = [(int(w), int(h)) for w, h in level_dimensions]
+        w0, h0 = self.level_dimensions[0]
+        self.level_downsamples = [(w0 / w + h0 / h) / 2.0 for w, h in self.level_dimensions]
+        self.mpp = mpp
+        self._tiff = tiff
+        self._fd: int | None = None
+        self._strict_tiff: Any = None
+        self._checked_tiles: set[tuple[int, int]] = set()
+        self.smallest_level_image: np.ndarray | None = None
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """Level-0 ``(width, height)``."""
+        return self.level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    @property
+    def slide_id(self) -> str:
+        """The file name without its extension, used to key regions and name output folders."""
+        return slide_id_of(self.path)
+
+    def best_level(self, downsample: float) -> int:
+        """The coarsest level whose downsample is at most ``downsample`` (its resolution still suffices)."""
+        best = 0
+        for level, ds in enumerate(self.level_downsamples):
+            if ds <= downsample * 1.001:
+                best = level
+        return best
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """Read one region; see :meth:`read_regions`."""
+        return self.read_regions([location], level, size)[0]
+
+    def read_regions(
+        self,
+        locations: Sequence[tuple[int, int]],
+        level: int,
+        size: tuple[int, int],
+        num_workers: int = 2,
+    ) -> list[np.ndarray]:
+        """Read regions of equal size at one level, in parallel, as ``(h, w, 3)`` uint8 RGB arrays.
+
+        Args:
+            locations: top-left ``(x, y)`` of each region in level-0 pixels.
+            level: pyramid level to read from.
+            size: ``(width, height)`` of each region in pixels of ``level``.
+            num_workers: threads decoding at once.
+
+        Pixels outside the slide are background white.
+
+        Raises:
+            SlideReadError: the backend failed or the file's pixel data is corrupt.
+        """
+        w, h = int(size[0]), int(size[1])
+        ds = self.level_downsamples[level]
+        lw, lh = self.level_dimensions[level]
+        regions = [np.full((h, w, 3), WHITE, dtype=np.uint8) for _ in locations]
+        # Clip each window to the level; windows of the same clipped size are read in one batch.
+        groups: dict[tuple[int, int], list[tuple[int, tuple[int, int], tuple[int, int]]]] = {}
+        for i, (x, y) in enumerate(locations):
+            x0, y0 = int(np.floor(x / ds)), int(np.floor(y / ds))
+            cx0, cy0 = max(0, x0), max(0, y0)
+            cx1, cy1 = min(lw, x0 + w), min(lh, y0 + h)
+            if cx0 < cx1 and cy0 < cy1:
+                read_at = (int(round(cx0 * ds)), int(round(cy0 * ds)))
+                groups.setdefault((cx1 - cx0, cy1 - cy0), []).append((i, read_at, (cx0 - x0, cy0 - y0)))
+        try:
+            for (cw, ch), members in groups.items():
+                read_at = [m[1] for m in members]
+                if self.backend == "cucim":
+                    pieces = self._read_cucim(read_at, level, (cw, ch), num_workers)
+                else:
+                    reader = self._read_openslide if self.backend == "openslide" else self._read_tifffile
+                    with ThreadPoolExecutor(max(1, num_workers)) as pool:
+                        pieces = list(
+                            pool.map(reader, read_at, [level] * len(read_at), [(cw, ch)] * len(read_at))
+                        )
+                for (i, _, (ox, oy)), piece in zip(members, pieces):
+                    regions[i][oy : oy + ch, ox : ox + cw] = piece
+        except SlideReadError:
+            raise
+        except Exception as exc:
+            raise SlideReadError(self.path, f"cannot read pixels ({type(exc).__name__}: {exc})") from None
+        return regions
+
+    def _read_cucim(
+        self, locations: list[tuple[int, int]], level: int, size: tuple[int, int], num_workers: int
+    ) -> list[np.ndarray]:
+        """Windows inside the level, through cuCIM's batched multi-location ``read_region``."""
+        self._check_jpeg_tiles(locations, level, size)
+        if len(locations) == 1:
+            arrays = [
+                np.asarray(self._handle.read_region(location=locations[0], size=size, level=level))[None]
+            ]
+        else:
+            batches = self._handle.read_region(
+                location=locations,
+                size=size,
+                level=level,
+                num_workers=max(1, num_workers),
+                batch_size=len(locations),
+            )
+            arrays = [np.asarray(b) for b in batches]
+        regions = [np.ascontiguousarray(r[..., :3]) for batch in arrays for r in batch]
+        for i, (region, loc) in enumerate(zip(regions, locations)):
+            if not region.any():
+                # cuCIM returns zeros silently for corrupt JPEG tiles: decode those tiles strictly.
+                regions[i] = self._read_tifffile(loc, level, size)
+        return regions
+
+    def _check_jpeg_tiles(self, locations: list[tuple[int, int]], level: int, size: tuple[int, int]) -> None:
+        """Check the marker structure of every JPEG tile the windows touch, each tile once per slide."""
+        assert self._tiff is not None
+        lvl = self._tiff.levels[level]
+        if lvl.compression != 7:
+            return
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        ds = self.level_downsamples[level]
+        for x, y in locations:
+            x0, y0 = int(round(x / ds)), int(round(y / ds))
+            x1, y1 = min(lvl.width, x0 + size[0]), min(lvl.height, y0 + size[1])
+            for index, _, _ in touched_chunks(lvl, x0, y0, x1, y1):
+                if (level, index) in self._checked_tiles:
+                    continue
+                offset, count = lvl.offsets[index], lvl.bytecounts[index]
+                head = os.pread(self._fd, min(count, 4096), offset)
+                tail = os.pread(self._fd, min(count, 64), offset + count - min(count, 64))
+                problem = jpeg_stream_problem(head, tail)
+                if problem is not None:
+                    raise SlideReadError(self.path, f"corrupt data: {problem} (tile {index}, level {level})")
+                self._checked_tiles.add((level, index))
+
+    def _read_openslide(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        rgba = np.asarray(self._handle.read_region(location, level, size))
+        rgb = rgba[..., :3].astype(np.uint16)
+        alpha = rgba[..., 3:4].astype(np.uint16)
+        # OpenSlide returns premultiplied RGBA; composite on white.
+        return (rgb + (255 - alpha)).clip(0, 255).astype(np.uint8)
+
+    def _read_tifffile(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """Decode only the tiles (or strips) of ``level`` that the region touches."""
+        assert self._tiff is not None
+        lvl = self._tiff.levels[level]
+        ds = self.level_downsamples[level]
+        w, h = size
+        x0, y0 = int(round(location[0] / ds)), int(round(location[1] / ds))
+        x1, y1 = min(lvl.width, x0 + w), min(lvl.height, y0 + h)
+        out = np.full((h, w, 3), WHITE, dtype=np.uint8)
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        tw, th = lvl.chunk_width, lvl.chunk_height
+        across = -(-lvl.width // tw)
+        page = self._tiff_page(level)
+        for ty in range(y0 // th, (y1 - 1) // th + 1):
+            for tx in range(x0 // tw, (x1 - 1) // tw + 1):
+                index = ty * across + tx
+                data = os.pread(self._fd, lvl.bytecounts[index], lvl.offsets[index])
+                try:
+                    tile = page.decode(data, index, jpegtables=page.jpegtables)[0]
+                except Exception as exc:
+                    raise SlideReadError(
+                        self.path, f"corrupt tile {index} at level {level} ({type(exc).__name__}: {exc})"
+                    ) from None
+                if tile is None:
+                    raise SlideReadError(self.path, f"tile {index} at level {level} holds no data")
+                tile = tile.reshape(tile.shape[-3:])[..., :3]
+                tx0, ty0 = tx * tw, ty * th
+                sx0, sy0 = max(x0, tx0), max(y0, ty0)
+                sx1, sy1 = min(x1, tx0 + tile.shape[1]), min(y1, ty0 + tile.shape[0])
+                out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = tile[
+                    sy0 - ty0 : sy1 - ty0, sx0 - tx0 : sx1 - tx0
+                ]
+        return out
+
+    def _tiff_page(self, level: int) -> Any:
+        """The tifffile page of ``level`` (the tifffile backend's handle is a ``TiffFile``)."""
+        import tifffile
+
+        assert self._tiff is not None
+        tif = self._handle
+        if not isinstance(tif, tifffile.TiffFile):
+            if self._strict_tiff is None:
+                self._strict_tiff = tifffile.TiffFile(self.path)
+            tif = self._strict_tiff
+        return tif.pages[self._tiff.levels[level].page_index]
+
+    def read_level(self, level: int) -> np.ndarray:
+        """A whole level as one ``(h, w, 3)`` uint8 image (use it for small levels only)."""
+        w, h = self.level_dimensions[level]
+        return self.read_region((0, 0), level, (w, h))
+
+    def close(self) -> None:
+        """Release the file handles."""
+        for handle in (self._handle, self._strict_tiff):
+            close = getattr(handle, "close", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Slide({self.path!r}, backend={self.backend!r}, levels={self.level_dimensions})"
+
+
+def _check_file(path: str) -> bytes:
+    if not os.path.exists(path):
+        raise SlideReadError(path, "file does not exist")
+    if not os.path.isfile(path):
+        raise SlideReadError(path, "not a regular file")
+    if os.path.getsize(path) == 0:
+        raise SlideReadError(path, "file is empty (0 bytes)")
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4)
+    except OSError as exc:
+        raise SlideReadError(path, f"cannot open file ({exc.strerror})") from None
+
+
+def _open_with(path: str, backend: str, tiff: TiffInfo | None) -> Slide:
+    """Open ``path`` with one backend through MONAI's WSIReader and wrap it as a :class:`Slide`."""
+    from monai.data import WSIReader
+
+    if backend == "cucim":
+        handle = WSIReader(backend="cucim").read(path)
+        dims = [tuple(d) for d in handle.resolutions["level_dimensions"]]
+    elif backend == "openslide":
+        handle = WSIReader(backend="openslide").read(path)
+        dims = list(handle.level_dimensions)
+    else:
+        assert tiff is not None
+        handle = WSIReader(backend="tifffile").read(path)
+        dims = [(lvl.width, lvl.height) for lvl in tiff.levels]
+    mpp = tiff.mpp if tiff is not None else None
+    if mpp is None and backend == "openslide":
+        with contextlib.suppress(KeyError, ValueError):
+            mpp = float(handle.properties["openslide.mpp-x"])
+    return Slide(path, backend, handle, dims, mpp, tiff)
+
+
+def _unusable_reason(backend: str, is_tiff: bool, tiff: TiffInfo | None, path: str) -> str | None:
+    """Why ``backend`` must not be tried on this file, or ``None`` when it may."""
+    if backend == "cucim":
+        if not cucim_available():
+            return "cuCIM is not installed"
+        if tiff is None:
+            return "cuCIM reads only TIFF-based slides"
+        if not tiff.cucim_safe:
+            codes = sorted({lvl.compression for lvl in tiff.levels})
+            return f"cuCIM is not used for TIFF compression {codes} (it can crash on it)"
+    elif backend == "openslide":
+        import openslide
+
+        if openslide.OpenSlide.detect_format(path) is None:
+            return "OpenSlide does not recognise the format"
+    elif not is_tiff:
+        return "tifffile reads only TIFF files"
+    return None
+
+
+def open_slide(path: str | os.PathLike, backend: str = "auto") -> Slide:
+    """Open a slide with the first backend that can read it safely, and check it is usable.
+
+    Args:
+        path: slide file (SVS, pyramidal TIFF, or any format OpenSlide reads).
+        backend: ``auto`` (cuCIM, then OpenSlide, then tifffile) or one of those names to force it.
+
+    Returns:
+        The opened :class:`Slide`; its smallest level has been decoded once as a check.
+
+    Raises:
+        SlideReadError: the file is missing, empty, truncated, corrupt, not 8-bit RGB, or no backend reads it.
+        ValueError: ``backend`` is not a known name.
+    """
+    path = os.fspath(path)
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    magic = _check_file(path)
+    is_tiff = magic in _TIFF_MAGIC
+    tiff = inspect_tiff(path) if is_tiff else None
+    if tiff is not None:
+        check_pixel_format(path, tiff)
+        if tiff.problems:
+            raise SlideReadError(path, "; ".join(tiff.problems))
+    candidates = BACKENDS if backend == "auto" else (backend,)
+    reasons: list[str] = []
+    for name in candidates:
+        reason = _unusable_reason(name, is_tiff, tiff, path)
+        if reason is not None:
+            reasons.append(reason)
+            continue
+        try:
+            slide = _open_with(path, name, tiff)
+        except Exception as exc:
+            reasons.append(f"{name} failed ({type(exc).__name__}: {exc})")
+            continue
+        try:
+            w, h = slide.level_dimensions[-1]
+            smallest = slide.read_region((0, 0), slide.level_count - 1, (min(w, 8192), min(h, 8192)))
+        except SlideReadError as exc:
+            slide.close()
+            raise SlideReadError(path, exc.problem) from None
+        if (w, h) == smallest.shape[1::-1]:
+            slide.smallest_level_image = smallest
+        logger.debug("opened %s with %s", path, name)
+        return slide
+    if not is_tiff and backend == "auto" and all("recognise" in r or "TIFF" in r for r in reasons):
+        raise SlideReadError(path, f"not a slide: no backend reads this format (file starts with {magic!r})")
+    raise SlideReadError(path, "; ".join(reasons))

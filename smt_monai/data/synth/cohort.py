@@ -1,0 +1,385 @@
+"""Synthetic slides and cohorts: the files the ``smt-monai synth`` command writes.
+
+A cohort directory holds::
+
+    images/slide_000.tiff          pyramidal JPEG TIFF, level 0 at ``mpp`` um/px
+    annotations/slide_000.geojson  QuPath GeoJSON: "Tumor" polygons, and "Mimic" ones for analysis only
+    datalist.json                  MONAI decathlon datalist: training / validation / testing lists of
+                                   {"image", "label", "annotation"}, paths relative to the directory
+    labels.csv                     image,label,split
+    cohort.json                    generation options and per-slide metadata (regions, levels, seeds)
+
+Splits are stratified by label. Slide ``i`` has its own seed derived from the cohort seed and ``i``, so a
+slide's bytes do not depend on the number of worker processes or on the other slides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from smt_monai.data.annotations import polygon_feature, write_geojson
+from smt_monai.data.synth.pyramid import write_pyramid
+from smt_monai.data.synth.render import Appearance, TileRenderer, fit_mimic_separation
+from smt_monai.data.synth.scene import MIMIC, TUMOUR, LayoutOptions, make_scene
+
+CLASS_COLOURS = {TUMOUR: (200, 0, 0), MIMIC: (0, 150, 200)}
+SPLITS = ("training", "validation", "testing")
+
+
+@dataclass(frozen=True)
+class SlideOptions:
+    """Everything about a synthetic slide except its size, seed and label.
+
+    Args:
+        layout: tissue and suspicious-region layout.
+        look: cell-level appearance.
+        mpp: micrometres per pixel at level 0 (written to the resolution tags).
+        jpeg_quality: JPEG quality of the tiles.
+        border: width in px of a black scanner border along the slide edges (0: none).
+    """
+
+    layout: LayoutOptions = field(default_factory=LayoutOptions)
+    look: Appearance = field(default_factory=Appearance)
+    mpp: float = 0.25
+    jpeg_quality: int = 90
+    border: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.mpp > 0:
+            raise ValueError(f"mpp must be positive, got {self.mpp}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must lie in [1, 100], got {self.jpeg_quality}")
+        if self.border < 0:
+            raise ValueError(f"border must be >= 0, got {self.border}")
+
+
+def make_slide(
+    path: str | os.PathLike,
+    size: int,
+    seed: int,
+    positive: bool,
+    options: SlideOptions | None = None,
+    annotation_path: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Write one synthetic slide and its annotation.
+
+    Args:
+        path: TIFF to write.
+        size: side of the square slide in level-0 px (at least 1024).
+        seed: the slide's seed: the same seed (and options) gives the same bytes.
+        positive: whether the slide holds tumour.
+        options: slide options (defaults if ``None``).
+        annotation_path: GeoJSON to write (default: ``path`` with suffix ``.geojson``).
+        progress: show a progress bar over tile rows.
+
+    Returns:
+        Metadata: ``image``, ``annotation`` (paths as given), ``label``, ``seed``, ``width``, ``height``,
+        ``mpp``, ``levels`` (``[width, height]`` per level), ``downsamples``, ``tissue_fraction`` and
+        ``regions`` (class, centre, radius, area and bounding box of each suspicious region, level-0 px).
+    """
+    options = options or SlideOptions()
+    if size < 1024:
+        raise ValueError(f"a synthetic slide must be at least 1024 px wide, got {size}")
+    path = Path(path)
+    annotation_path = Path(annotation_path) if annotation_path is not None else path.with_suffix(".geojson")
+    scene = make_scene(size, seed, positive, options.layout)
+    renderer = TileRenderer(scene, options.look, border=options.border)
+
+    def render(x0: int, y0: int) -> tuple[np.ndarray, int | None]:
+        return renderer.render(x0, y0)
+
+    description = f"smt-monai synthetic whole-slide image|mpp = {options.mpp}|seed = {seed}"
+    shapes = write_pyramid(
+        path,
+        size,
+        size,
+        render,
+        mpp=options.mpp,
+        quality=options.jpeg_quality,
+        description=description,
+        progress=progress,
+    )
+    features = [polygon_feature(r.blob.polygon(), r.kind, CLASS_COLOURS[r.kind]) for r in scene.regions]
+    write_geojson(annotation_path, features)
+    regions = []
+    for r in scene.regions:
+        outline = r.blob.polygon()
+        regions.append(
+            {
+                "class": r.kind,
+                "centre": [round(c, 2) for c in r.blob.centre],
+                "radius": round(r.blob.radius, 2),
+                "area": round(r.blob.area, 1),
+                "bbox": np.round(np.concatenate([outline.min(0), outline.max(0)]), 2).tolist(),
+            }
+        )
+    return {
+        "image": str(path),
+        "annotation": str(annotation_path),
+        "label": int(positive),
+        "seed": int(seed),
+        "width": size,
+        "height": size,
+        "mpp": options.mpp,
+        "levels": [list(s) for s in shapes],
+        "downsamples": [size / s[0] for s in shapes],
+        "tissue_fraction": round(scene.tissue_fraction, 4),
+        "regions": regions,
+    }
+
+
+def slide_seed(cohort_seed: int, index: int) -> int:
+    """Seed of slide ``index`` of a cohort, independent of the cohort's other slides."""
+    return int(np.random.SeedSequence([cohort_seed, index]).generate_state(1, dtype=np.uint32)[0])
+
+
+def stratified_split(labels: np.ndarray, fractions: tuple[float, float, float], seed: int) -> np.ndarray:
+    """Split index (0 training, 1 validation, 2 testing) of each slide, stratified by label.
+
+    Within each label, the counts are the fractions of its size rounded by largest remainder, and which
+    slides go where is a seeded shuffle.
+    """
+    fractions_ = np.asarray(fractions, dtype=np.float64) / sum(fractions)
+    rng = np.random.default_rng([seed, 1])
+    split = np.zeros(len(labels), dtype=np.int64)
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        exact = fractions_ * len(members)
+        counts = np.floor(exact).astype(np.int64)
+        for i in np.argsort(-(exact - counts), kind="stable")[: len(members) - counts.sum()]:
+            counts[i] += 1
+        split[members] = np.repeat(np.arange(3), counts)
+    return split
+
+
+def _make_slide_job(job: dict[str, Any]) -> dict[str, Any]:
+    return make_slide(**job)
+
+
+def make_cohort(
+    out_dir: str | os.PathLike,
+    num_slides: int,
+    size: int,
+    seed: int,
+    positive_fraction: float = 0.5,
+    split: tuple[float, float, float] = (0.6, 0.2, 0.2),
+    options: SlideOptions | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Write a cohort of synthetic slides (see the module docstring for the files).
+
+    Args:
+        out_dir: output directory (created if needed).
+        num_slides: number of slides.
+        size: side of each slide in level-0 px.
+        seed: cohort seed.
+        positive_fraction: fraction of slides with tumour (rounded to whole slides).
+        split: training / validation / testing fractions, applied per label.
+        options: slide options (defaults if ``None``).
+        workers: processes (default: CPU count, at most ``num_slides``; 1 runs in this process).
+        progress: show a progress bar.
+
+    Returns:
+        Path of ``datalist.json``.
+    """
+    options = options or SlideOptions()
+    if num_slides < 1:
+        raise ValueError(f"num_slides must be >= 1, got {num_slides}")
+    if not 0.0 <= positive_fraction <= 1.0:
+        raise ValueError(f"positive_fraction must lie in [0, 1], got {positive_fraction}")
+    if len(split) != 3 or min(split) < 0 or sum(split) <= 0:
+        raise ValueError(f"split must be three non-negative fractions, got {split}")
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "annotations").mkdir(parents=True, exist_ok=True)
+
+    rng = np.random.default_rng([seed, 0])
+    labels = np.zeros(num_slides, dtype=np.int64)
+    labels[rng.permutation(num_slides)[: round(num_slides * positive_fraction)]] = 1
+    splits = stratified_split(labels, split, seed)
+    digits = max(3, len(str(num_slides - 1)))
+    names = [f"slide_{i:0{digits}d}" for i in range(num_slides)]
+    jobs = [
+        {
+            "path": out / "images" / f"{name}.tiff",
+            "annotation_path": out / "annotations" / f"{name}.geojson",
+            "size": size,
+            "seed": slide_seed(seed, i),
+            "positive": bool(labels[i]),
+            "options": options,
+            "progress": progress and num_slides == 1,
+        }
+        for i, name in enumerate(names)
+    ]
+    if options.look.mimic_separation is None:  # fit once here rather than in every worker
+        look = replace(options.look, mimic_separation=fit_mimic_separation(options.look))
+        options = replace(options, look=look)
+    workers = max(1, min(workers or os.cpu_count() or 1, num_slides))
+    metadata: list[dict[str, Any]] = [{} for _ in jobs]
+    bar = tqdm(total=num_slides, desc="synthetic slides", unit="slide", disable=not progress)
+    if workers == 1:
+        for i, job in enumerate(jobs):
+            metadata[i] = make_slide(**job)
+            bar.update()
+    else:
+        # forkserver: workers start from a clean process that has imported this module once (fork would
+        # copy whatever threads the caller runs; spawn would import everything again in every worker)
+        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        context = multiprocessing.get_context(method)
+        if method == "forkserver":
+            context.set_forkserver_preload([__name__])
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            futures = {pool.submit(_make_slide_job, job): i for i, job in enumerate(jobs)}
+            for future in as_completed(futures):
+                metadata[futures[future]] = future.result()
+                bar.update()
+    bar.close()
+
+    entries: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLITS}
+    rows = []
+    for i, meta in enumerate(metadata):
+        image = Path(meta["image"]).relative_to(out).as_posix()
+        annotation = Path(meta["annotation"]).relative_to(out).as_posix()
+        meta.update(image=image, annotation=annotation, split=SPLITS[splits[i]])
+        entries[SPLITS[splits[i]]].append({"image": image, "label": int(labels[i]), "annotation": annotation})
+        rows.append((image, int(labels[i]), SPLITS[splits[i]]))
+    datalist = {
+        "name": "smt-monai synthetic cohort",
+        "description": "Synthetic H&E-like slides: tumour and benign mimic regions look alike at low "
+        "magnification and differ in nuclear detail at level 0.",
+        "labels": {"0": "negative", "1": "tumour"},
+        "numTraining": len(entries["training"]),
+        "numValidation": len(entries["validation"]),
+        "numTest": len(entries["testing"]),
+        **entries,
+    }
+    path = out / "datalist.json"
+    path.write_text(json.dumps(datalist, indent=2) + "\n")
+    with open(out / "labels.csv", "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["image", "label", "split"])
+        writer.writerows(rows)
+    cohort = {
+        "seed": seed,
+        "size": size,
+        "positive_fraction": positive_fraction,
+        "split": list(split),
+        "options": asdict(options),
+        "slides": metadata,
+    }
+    (out / "cohort.json").write_text(json.dumps(cohort, indent=2) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line: ``smt-monai synth``
+
+
+def _pair(kind: type) -> Any:
+    def parse(text: str) -> tuple:
+        parts = text.replace(",", " ").split()
+        if len(parts) != 2:
+            raise argparse.ArgumentTypeError(f"expected two values MIN,MAX, got {text!r}")
+        return tuple(kind(p) for p in parts)
+
+    return parse
+
+
+def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``synth`` options to ``parser`` (for the ``smt-monai synth`` subcommand)."""
+    defaults = LayoutOptions()
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--num-slides", type=int, default=48, help="number of slides (default: 48)")
+    parser.add_argument("--size", type=int, default=16384, help="slide side in level-0 px (default: 16384)")
+    parser.add_argument("--seed", type=int, default=0, help="cohort seed (default: 0)")
+    parser.add_argument("--positive-fraction", type=float, default=0.5, help="fraction of tumour slides")
+    parser.add_argument(
+        "--split",
+        type=float,
+        nargs=3,
+        default=(0.6, 0.2, 0.2),
+        metavar=("TRAIN", "VAL", "TEST"),
+        help="split fractions per label (default: 0.6 0.2 0.2)",
+    )
+    parser.add_argument(
+        "--regions",
+        type=_pair(int),
+        default=defaults.suspicious_regions,
+        metavar="MIN,MAX",
+        help="suspicious regions (tumour or mimic) per slide (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--region-radius",
+        type=_pair(float),
+        default=defaults.region_radius,
+        metavar="MIN,MAX",
+        help="region radius as a fraction of the slide side (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--tumour-probability",
+        type=float,
+        default=defaults.tumour_probability,
+        help="in positive slides, chance that a suspicious region is tumour (default: %(default)s)",
+    )
+    parser.add_argument("--mpp", type=float, default=0.25, help="um per px at level 0 (default: 0.25)")
+    parser.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality (default: 90)")
+    parser.add_argument("--border", type=int, default=0, help="black scanner border width in px (default: 0)")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    """Run ``smt-monai synth`` with parsed arguments; returns the exit status (2 on invalid options)."""
+    start = time.perf_counter()
+    try:
+        options = SlideOptions(
+            layout=LayoutOptions(
+                suspicious_regions=args.regions,
+                region_radius=args.region_radius,
+                tumour_probability=args.tumour_probability,
+            ),
+            mpp=args.mpp,
+            jpeg_quality=args.jpeg_quality,
+            border=args.border,
+        )
+        datalist = make_cohort(
+            args.out,
+            args.num_slides,
+            args.size,
+            args.seed,
+            args.positive_fraction,
+            tuple(args.split),
+            options=options,
+            workers=args.workers,
+            progress=not args.quiet,
+        )
+    except ValueError as err:
+        print(f"smt-monai synth: error: {err}", file=sys.stderr)
+        return 2
+    minutes = (time.perf_counter() - start) / 60
+    print(f"wrote {args.num_slides} slides of {args.size} px and {datalist} in {minutes:.1f} min")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point: ``python -m smt_monai.data.synth``."""
+    parser = add_synth_arguments(
+        argparse.ArgumentParser(prog="smt-monai synth", description=__doc__.split("\n")[0])
+    )
+    return run_synth(parser.parse_args(argv))

@@ -1,0 +1,185 @@
+"""The SMT trainer: MONAI's ``Trainer`` whose iteration runs the three-layer cascade (Sec. 3.2-3.3, Eq. 7).
+
+One iteration: layer 1 on the batch's cached tissue squares, top-K by ``q`` (plus the weak-supervision extra
+benign region), reads of the focused regions at the next magnification, layer 2, top-K, reads, layer 3, the
+score-bank update (Eq. 2), the losses of Eq. 7, one backward and one optimiser step. The tensor logic is
+:func:`smt_monai.focus.cascade.cascade_step`; this module adds the I/O, the schedule state that the
+handlers set (``num_layers``, ``lambda_fwd``, ``lambda_bwd``), robustness to broken slides, and gradient
+averaging across processes under ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from monai.engines import Trainer
+from torch.utils.data import DataLoader
+
+from smt_monai.data.errors import SlideReadError
+from smt_monai.engines.region_io import AnnotationOverlap, BatchRegionReader
+from smt_monai.focus.bank import ScoreBank
+from smt_monai.focus.cascade import cascade_step
+from smt_monai.losses.combined import SMTLoss
+from smt_monai.networks.normalization import normalize_he
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; the message names the iteration and the slides of the batch."""
+
+
+def smt_param_groups(network: torch.nn.Module, lrs: Sequence[float] = (0.002, 0.002, 0.01)) -> list[dict]:
+    """Optimiser parameter groups with the paper's per-layer learning rates (layers 1-2: 0.002, 3: 0.01)."""
+    if len(lrs) != 3:
+        raise ValueError(f"lrs needs one learning rate per layer (3), got {len(lrs)}")
+    layers = (network.layer1, network.layer2, network.layer3)
+    return [{"params": list(layer.parameters()), "lr": float(lr)} for layer, lr in zip(layers, lrs)]
+
+
+def average_gradients(network: torch.nn.Module) -> None:
+    """Average gradients over all processes (``torchrun``); missing gradients count as zeros.
+
+    The cascade calls the three layers separately and a layer may be inactive, which DDP's wrapper does
+    not support; an explicit all-reduce of every parameter, in a fixed order, does the same job.
+    """
+    world = dist.get_world_size()
+    for param in network.parameters():
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+        param.grad /= world
+
+
+class SMTTrainer(Trainer):
+    """Ignite engine (via MONAI's ``Trainer``) that trains SMT on batches of slides.
+
+    Args:
+        device: where the network runs.
+        max_epochs: epochs to train.
+        train_data_loader: loader of layer-1 items (``smt_monai.data.dataset.layer1_dataset``).
+        network: an ``SMT`` module.
+        optimizer: optimiser over ``smt_param_groups(network)``.
+        loss_function: the Eq. 7 objective.
+        score_bank: the Eq. 2 score bank.
+        reader: reader of the focused regions.
+        num_focus: ``K``.
+        extra_benign: add the weak-supervision extra benign region (Sec. 3.3).
+        label_overlap: tumour-overlap fraction that makes a region positive (annotated slides).
+        epoch_length: iterations per epoch (default: the loader's length).
+        train_handlers: handlers to attach (MONAI's ``handlers`` argument).
+        amp: bfloat16 autocast on GPU.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        max_epochs: int,
+        train_data_loader: DataLoader,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_function: SMTLoss,
+        score_bank: ScoreBank,
+        reader: BatchRegionReader,
+        num_focus: int = 4,
+        extra_benign: bool = True,
+        label_overlap: float = 0.1,
+        epoch_length: int | None = None,
+        train_handlers: Sequence | None = None,
+        amp: bool = False,
+    ) -> None:
+        super().__init__(
+            device=torch.device(device),
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            handlers=train_handlers,
+            amp=amp,
+            decollate=False,
+        )
+        self.network = network
+        self.optimizer = optimizer
+        self.loss_function = loss_function
+        self.score_bank = score_bank
+        self.reader = reader
+        self.overlap = AnnotationOverlap()
+        self.num_focus = num_focus
+        self.extra_benign = extra_benign
+        self.label_overlap = label_overlap
+        self.state.num_layers = 3
+        self.state.lambda_fwd = [1.0, 1.0, 1.0]
+        self.state.lambda_bwd = [0.1, 0.1]
+        self.state.skipped_slides = []
+
+    def _iteration(self, engine: SMTTrainer, batchdata: dict[str, Any]) -> dict[str, float]:
+        keep = [i for i, error in enumerate(batchdata["error"]) if not error]
+        for i in set(range(len(batchdata["error"]))) - set(keep):
+            self._skip(batchdata["path"][i], batchdata["error"][i])
+        self.network.train()
+        while keep:
+            try:
+                step = self._forward(batchdata, keep)
+            except SlideReadError as exc:
+                failed = [i for i in keep if batchdata["path"][i] == exc.path]
+                if not failed:
+                    raise
+                self._skip(exc.path, str(exc))
+                keep = [i for i in keep if i not in failed]
+                continue
+            return self._backward(step, [batchdata["path"][i] for i in keep])
+        return {"skipped_batch": 1.0}
+
+    def _skip(self, path: str, reason: str) -> None:
+        logger.warning("epoch %d: skipping slide %s: %s", self.state.epoch, path, reason)
+        self.state.skipped_slides.append((self.state.epoch, path))
+
+    def _forward(self, batchdata: dict[str, Any], keep: list[int]) -> Any:
+        rows = torch.as_tensor(keep)
+        paths = [batchdata["path"][i] for i in keep]
+        images = normalize_he(batchdata["image"][rows].to(self.state.device))
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.state.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            return cascade_step(
+                self.network,
+                images,
+                batchdata["box"][rows],
+                torch.as_tensor(batchdata["label"])[rows],
+                [batchdata["slide_id"][i] for i in keep],
+                lambda index, boxes: self.reader.bind(paths)(index, boxes).to(self.state.device),
+                self.loss_function,
+                self.score_bank,
+                self.state.lambda_fwd,
+                self.state.lambda_bwd,
+                num_focus=self.num_focus,
+                num_layers=self.state.num_layers,
+                extra_benign=self.extra_benign,
+                region_overlap=self.overlap.bind([batchdata["annotation"][i] for i in keep]),
+                label_overlap=self.label_overlap,
+            )
+
+    def _backward(self, step: Any, paths: list[str]) -> dict[str, float]:
+        total = step.losses["total"]
+        if not math.isfinite(total.item()):
+            raise TrainingDivergedError(
+                f"loss is {total.item()} at epoch {self.state.epoch}, iteration {self.state.iteration}; "
+                f"slides: {', '.join(paths)}"
+            )
+        total.backward()
+        if dist.is_available() and dist.is_initialized():
+            average_gradients(self.network)
+        self.optimizer.step()
+        output = {name: float(value.detach()) for name, value in step.losses.items()}
+        output["loss"] = output["total"]
+        for layer, (out, labels) in enumerate(zip(step.outputs, step.labels), start=1):
+            output[f"accuracy{layer}"] = float((out.probs.argmax(dim=1).cpu() == labels).float().mean())
+        for layer, value in enumerate(self.state.lambda_fwd, start=1):
+            output[f"lambda_fwd{layer}"] = float(value)
+        for layer, value in enumerate(self.state.lambda_bwd, start=1):
+            output[f"lambda_bwd{layer}"] = float(value)
+        output["active_layers"] = float(self.state.num_layers)
+        return output

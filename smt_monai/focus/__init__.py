@@ -1,0 +1,20 @@
+"""SMT focusing: Eq. 2 scores, the score bank, top-K selection with next-layer labels, the cascade step."""
+
+from smt_monai.focus.bank import ScoreBank
+from smt_monai.focus.cascade import CascadeStep, RegionOverlap, RegionReader, cascade_step
+from smt_monai.focus.score import focusing_score, minmax_normalize, positive_mass
+from smt_monai.focus.selection import Selection, next_labels, select_regions
+
+__all__ = [
+    "CascadeStep",
+    "RegionOverlap",
+    "RegionReader",
+    "ScoreBank",
+    "Selection",
+    "cascade_step",
+    "focusing_score",
+    "minmax_normalize",
+    "next_labels",
+    "positive_mass",
+    "select_regions",
+]

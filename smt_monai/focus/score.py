@@ -1,0 +1,61 @@
+"""The focusing score: Eq. 2's instantaneous gradient score and Eq. 3's min-max normalisation."""
+
+from __future__ import annotations
+
+import torch
+
+
+def positive_mass(probs: torch.Tensor) -> torch.Tensor:
+    """``sum_{c>0} p_c``, the probability of the positive classes (Eq. 2, Eq. 4); class 0 is negative.
+
+    Args:
+        probs: ``(..., C)`` class probabilities.
+
+    Returns:
+        ``(...)`` positive probability mass.
+    """
+    return probs[..., 1:].sum(dim=-1)
+
+
+def focusing_score(probs: torch.Tensor, attn: torch.Tensor, retain_graph: bool = True) -> torch.Tensor:
+    """Instantaneous focusing score ``g`` of Eq. 2, one value per patch.
+
+    ``g_i = sum_heads sum_j d(sum_{c>0} p_c) / d alpha_{j,i}``: how much input token ``i`` drives the positive
+    mass through every output token ``j`` of the first block. The gradient of the batch sum equals each
+    sample's own gradient because the samples of a layer never interact (no batch norm). The class token
+    (index 0) is dropped. ``g`` is computed with ``torch.autograd.grad`` and is a constant (no graph).
+
+    Args:
+        probs: ``(B, C)`` probabilities of the layer (``LayerOutput.probs``).
+        attn: ``(B, heads, T, T)`` first-block attention of the same forward (``LayerOutput.attn``),
+            ``T = 1 + grid**2``.
+        retain_graph: keep the autograd graph so that the training step can still backpropagate its losses
+            afterwards (default True; pass False when ``g`` is the last use of the graph).
+
+    Returns:
+        ``(B, grid**2)`` scores in patch (row-major) order.
+
+    Raises:
+        RuntimeError: if ``attn`` carries no graph (the layer ran under ``torch.no_grad``/inference mode).
+    """
+    if not attn.requires_grad:
+        raise RuntimeError("focusing_score needs the attention with its graph: run the layer with grad on")
+    (grad,) = torch.autograd.grad(positive_mass(probs).sum(), attn, retain_graph=retain_graph)
+    return grad.sum(dim=(1, 2))[:, 1:]
+
+
+def minmax_normalize(scores: torch.Tensor) -> torch.Tensor:
+    """``S~`` of Eq. 3: min-max normalise the scores of each region over its patches (last dim) to ``[0, 1]``.
+
+    A region whose scores are all equal holds no evidence for any patch; it maps to all zeros (the limit
+    of Eq. 3's numerator), never to NaN.
+
+    Args:
+        scores: ``(..., N)`` accumulated scores ``S``.
+
+    Returns:
+        ``(..., N)`` normalised scores.
+    """
+    low = scores.amin(dim=-1, keepdim=True)
+    span = scores.amax(dim=-1, keepdim=True) - low
+    return (scores - low) / torch.where(span > 0, span, torch.ones_like(span))

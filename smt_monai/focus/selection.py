@@ -1,0 +1,103 @@
+"""Forward focusing (Sec. 3.2) and weak supervision (Sec. 3.3): which patches the next layer magnifies, and
+with which labels it trains."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from smt_monai.data.geometry import child_boxes
+
+
+class Selection(NamedTuple):
+    """The regions one layer hands to the next.
+
+    Attributes:
+        index: ``(B, K')`` long patch indices (row-major) in each parent region; the top-K by ``q`` first,
+            in decreasing ``q`` (``t_1 .. t_K`` of Sec. 3.1), then the extra benign patch if requested.
+        boxes: ``(B, K', 3)`` float64 level-0 boxes ``(x, y, size)`` of the next layer's regions.
+        focusable: ``(B, K')`` bool, False for the extra benign region, which is never focused further.
+    """
+
+    index: torch.Tensor
+    boxes: torch.Tensor
+    focusable: torch.Tensor
+
+
+def select_regions(
+    parent_boxes: torch.Tensor | np.ndarray,
+    q: torch.Tensor,
+    num_focus: int,
+    grid: int,
+    benign_score: torch.Tensor | None = None,
+) -> Selection:
+    """Top-K patches by the focusing prediction ``q`` (at training and inference), as next-layer regions.
+
+    With ``benign_score`` (the normalised score ``S~`` of Eq. 3, in weakly supervised training), one more
+    patch is appended per region: the one with the lowest ``S~`` among those not in the top-K, magnified as
+    an extra benign sample for the next layer only (Sec. 3.3).
+
+    Args:
+        parent_boxes: ``(B, 3)`` level-0 boxes of the regions the layer read.
+        q: ``(B, grid**2)`` focusing predictions of the layer.
+        num_focus: ``K``, patches magnified per region.
+        grid: patches per side of a layer input.
+        benign_score: optional ``(B, grid**2)`` normalised scores ``S~``.
+
+    Returns:
+        ``Selection`` with ``K' = K`` (or ``K + 1`` with ``benign_score``) regions per parent, on the CPU.
+
+    Raises:
+        ValueError: if ``K`` (plus the benign patch) exceeds ``grid**2`` or shapes disagree.
+    """
+    num_patches = grid * grid
+    extra = benign_score is not None
+    if q.dim() != 2 or q.shape[1] != num_patches:
+        raise ValueError(f"expected q of shape (B, {num_patches}), got {tuple(q.shape)}")
+    if not 1 <= num_focus <= num_patches - int(extra):
+        raise ValueError(f"cannot select {num_focus} patches (+{int(extra)} benign) of {num_patches}")
+    parent = torch.as_tensor(parent_boxes, dtype=torch.float64).cpu()
+    index = torch.topk(q.detach().cpu(), num_focus, dim=1).indices
+    focusable = torch.ones(q.shape[0], num_focus, dtype=torch.bool)
+    if benign_score is not None:
+        score = benign_score.detach().cpu().to(torch.float64).scatter(1, index, float("inf"))
+        index = torch.cat([index, score.argmin(dim=1, keepdim=True)], dim=1)
+        focusable = torch.cat([focusable, torch.zeros(q.shape[0], 1, dtype=torch.bool)], dim=1)
+    return Selection(index, child_boxes(parent, index, grid), focusable)
+
+
+def next_labels(
+    slide_labels: torch.Tensor,
+    focusable: torch.Tensor,
+    overlap: torch.Tensor | None = None,
+    label_overlap: float = 0.1,
+) -> torch.Tensor:
+    """Labels of the next layer's regions (Sec. 3.1, 3.3; method-notes "Selection").
+
+    * A region of an annotated slide is positive (it takes the slide label) when its tumour-overlap fraction
+      reaches ``label_overlap`` (``label_overlap = 0`` means any overlap > 0), otherwise 0. For a negative
+      slide (label 0) that is 0 either way.
+    * A region of a slide without annotation (``overlap`` is None, or NaN for that region) takes the slide
+      label (weak supervision, Sec. 3.3), except the extra benign region, which is labelled 0. Where an
+      annotation exists it decides for the extra region too, since it is the ground truth.
+
+    Args:
+        slide_labels: ``(B,)`` long slide labels (0 negative).
+        focusable: ``(B, K')`` bool from ``Selection.focusable``.
+        overlap: optional ``(B, K')`` float fractions of each region covered by tumour, NaN where unknown;
+            computed by the caller from the annotation.
+        label_overlap: overlap threshold of a positive region.
+
+    Returns:
+        ``(B, K')`` long labels.
+    """
+    slide = slide_labels.to(torch.long).cpu()[:, None].expand(focusable.shape)
+    labels = torch.where(focusable.cpu(), slide, torch.zeros_like(slide))
+    if overlap is not None:
+        overlap = overlap.cpu()
+        hit = overlap >= label_overlap if label_overlap > 0 else overlap > 0
+        annotated = torch.where(hit, slide, torch.zeros_like(slide))
+        labels = torch.where(torch.isnan(overlap), labels, annotated)
+    return labels

@@ -1,0 +1,119 @@
+"""Slide-level validation metrics as Ignite metrics (what peers report; method-notes "Metrics").
+
+Each metric reads the evaluator's per-batch output: ``label`` ``(B,)`` (-1 when unknown), ``layer_probs``
+``(B, layers, C)`` (each layer's own aggregated slide prediction; the last layer's is SMT's), and the focus
+outcomes ``hit`` / ``precise`` ``(B,)`` (NaN where not applicable: negative or unannotated slides).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.metrics import Metric
+from monai.metrics import compute_roc_auc
+
+
+def balanced_accuracy(labels: np.ndarray, predictions: np.ndarray) -> float:
+    """Mean recall over the classes present in ``labels``."""
+    classes = np.unique(labels)
+    if not len(classes):
+        return float("nan")
+    return float(np.mean([(predictions[labels == c] == c).mean() for c in classes]))
+
+
+def quadratic_weighted_kappa(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> float:
+    """Cohen's kappa with quadratic weights (PANDA's grading metric)."""
+    observed = np.zeros((num_classes, num_classes))
+    np.add.at(observed, (labels, predictions), 1)
+    expected = np.outer(observed.sum(1), observed.sum(0)) / max(observed.sum(), 1)
+    grid = np.arange(num_classes)
+    weights = (grid[:, None] - grid[None, :]) ** 2 / max((num_classes - 1) ** 2, 1)
+    denominator = (weights * expected).sum()
+    return float(1.0 - (weights * observed).sum() / denominator) if denominator > 0 else 1.0
+
+
+def roc_auc(labels: np.ndarray, probs: np.ndarray) -> float:
+    """ROC AUC of the positive mass ``sum_{c>0} p_c`` against ``label > 0`` (MONAI's implementation)."""
+    positive = (labels > 0).astype(np.float32)
+    if positive.min() == positive.max():
+        return float("nan")
+    score = probs[:, 1:].sum(axis=1)
+    return float(compute_roc_auc(torch.as_tensor(score), torch.as_tensor(positive)))
+
+
+class _SlideMetric(Metric):
+    """Accumulates the evaluator's per-slide outputs over an epoch; subclasses reduce them."""
+
+    required_output_keys = ("label", "layer_probs", "hit", "precise")
+
+    def __init__(
+        self, layer: int = -1, output_transform=lambda x: x, device: str | torch.device = "cpu"
+    ) -> None:
+        self.layer = layer
+        super().__init__(output_transform=output_transform, device=device)
+
+    def reset(self) -> None:
+        self._labels: list[np.ndarray] = []
+        self._probs: list[np.ndarray] = []
+        self._hits: list[np.ndarray] = []
+        self._precise: list[np.ndarray] = []
+
+    def update(self, output: Sequence[Any]) -> None:
+        """``output``: ``(label, layer_probs, hit, precise)``, taken from the evaluator's output dict."""
+        labels, layer_probs, hit, precise = (np.asarray(v) for v in output)
+        known = labels >= 0
+        self._labels.append(labels[known])
+        self._probs.append(layer_probs[known][:, self.layer] if len(layer_probs) else np.zeros((0, 2)))
+        self._hits.append(hit)
+        self._precise.append(precise)
+
+    def _collected(self) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.concatenate(self._labels) if self._labels else np.zeros(0, dtype=int)
+        probs = np.concatenate(self._probs) if self._probs else np.zeros((0, 2))
+        return labels.astype(int), probs
+
+
+class BalancedAccuracy(_SlideMetric):
+    """Slide-level balanced accuracy of one layer's own prediction (default: the last layer, i.e. SMT's)."""
+
+    def compute(self) -> float:
+        labels, probs = self._collected()
+        return balanced_accuracy(labels, probs.argmax(axis=1)) if len(labels) else float("nan")
+
+
+class SlideAUC(_SlideMetric):
+    """Slide-level ROC AUC of one layer's positive mass."""
+
+    def compute(self) -> float:
+        labels, probs = self._collected()
+        return roc_auc(labels, probs) if len(labels) else float("nan")
+
+
+class QuadraticKappa(_SlideMetric):
+    """Quadratic weighted kappa of the slide grade (meaningful when ``num_classes`` > 2)."""
+
+    def compute(self) -> float:
+        labels, probs = self._collected()
+        if not len(labels):
+            return float("nan")
+        return quadratic_weighted_kappa(labels, probs.argmax(axis=1), probs.shape[1])
+
+
+class FocusRate(_SlideMetric):
+    """On annotated positive slides: ``hit`` rate (tumour overlaps a layer-3 region) or ``precision`` (the
+    layer-3 region with the highest P(positive) overlaps tumour)."""
+
+    def __init__(self, kind: str = "hit", output_transform=lambda x: x) -> None:
+        if kind not in ("hit", "precision"):
+            raise ValueError(f"kind must be 'hit' or 'precision', got {kind!r}")
+        self.kind = kind
+        super().__init__(output_transform=output_transform)
+
+    def compute(self) -> float:
+        values = self._hits if self.kind == "hit" else self._precise
+        flat = np.concatenate(values) if values else np.zeros(0)
+        flat = flat[~np.isnan(flat)]
+        return float(flat.mean()) if len(flat) else float("nan")

@@ -1,0 +1,16 @@
+"""SMT losses: Eq. 1 (classification), 3 (focus), 4 (recheck), 5-6 (embedding distillation), 7 (combined)."""
+
+from smt_monai.losses.classification import ClassificationLoss
+from smt_monai.losses.combined import TERMS, SMTLoss
+from smt_monai.losses.distillation import EmbeddingDistillationLoss
+from smt_monai.losses.focus import FocusLoss
+from smt_monai.losses.recheck import RecheckLoss
+
+__all__ = [
+    "TERMS",
+    "ClassificationLoss",
+    "EmbeddingDistillationLoss",
+    "FocusLoss",
+    "RecheckLoss",
+    "SMTLoss",
+]

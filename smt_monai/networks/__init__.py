@@ -1,0 +1,25 @@
+"""SMT networks: the per-layer ViT with focusing predictor, the three-layer SMT module and its presets."""
+
+from smt_monai.networks.attention import AttentionWithWeights
+from smt_monai.networks.blocks import AttentionExposingBlock, EncoderBlock
+from smt_monai.networks.layer import FocusPredictor, LayerOutput, SMTLayer
+from smt_monai.networks.normalization import HE_OD_SCALE, normalize_he
+from smt_monai.networks.smt import PRESETS, SMT, SMTConfig, smt_paper, smt_tiny
+from smt_monai.networks.stem import PatchStem
+
+__all__ = [
+    "HE_OD_SCALE",
+    "PRESETS",
+    "SMT",
+    "AttentionExposingBlock",
+    "AttentionWithWeights",
+    "EncoderBlock",
+    "FocusPredictor",
+    "LayerOutput",
+    "PatchStem",
+    "SMTConfig",
+    "SMTLayer",
+    "normalize_he",
+    "smt_paper",
+    "smt_tiny",
+]

@@ -1,0 +1,127 @@
+"""The Self-reform Multilayer Transformer: three ``SMTLayer``s with separate parameters (Sec. 3.2, Fig. 2).
+
+All three layers share one architecture (``SMTConfig``) but not their weights: ``layer1`` reads the tissue
+thumbnail, ``layer2`` the magnified regions of ``layer1``'s top-K patches, ``layer3`` those of ``layer2``'s.
+Layers 1 and 2 carry a focusing predictor; layer 3 does not. The cascade itself (selection, region reads)
+lives outside the network, which only maps images to ``LayerOutput``s.
+
+Presets follow timm: ``smt_paper()`` (depth 12, 6 heads, width 384, grid 8, patch 256, as the paper) and
+``smt_tiny()`` (width 64, depth 2, 4 heads, grid 4, patch 16) for tests and CPU demos; ``SMT(preset=...)``
+is the same with a string, which is what a bundle config uses.
+
+TorchScript: ``torch.jit.script(SMT(...))`` works; the scripted module runs any layer with
+``forward(x, layer)`` and exposes the layers as ``.layer1``, ``.layer2``, ``.layer3``.
+"""
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from smt_monai.networks.layer import LayerOutput, SMTLayer
+
+
+@dataclasses.dataclass(frozen=True)
+class SMTConfig:
+    """Architecture of every SMT layer; defaults are the paper's (Sec. 4.1) and the ``paper`` preset.
+
+    Attributes:
+        grid: patches per side of a layer input (paper: 8, or 16 for CAMELYON16/HCC).
+        patch_size: pixels per side of a patch (paper: 256).
+        num_classes: classes of every head (class 0 negative).
+        embed_dim: token width.
+        depth: transformer blocks per layer.
+        num_heads: attention heads.
+        mlp_ratio: MLP width as a multiple of ``embed_dim``.
+        in_channels: input channels.
+        dropout_rate: dropout in attention and MLPs.
+        stem_pool: patch stem average-pooling factor (see ``PatchStem``).
+        stem_channels: channels of the stem's strided convolutions.
+        stem_strides: strides of the stem's strided convolutions.
+        focus_grad_to_encoder: whether the losses on ``q`` reach the encoders (default False).
+    """
+
+    grid: int = 8
+    patch_size: int = 256
+    num_classes: int = 2
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    in_channels: int = 3
+    dropout_rate: float = 0.0
+    stem_pool: int = 4
+    stem_channels: Sequence[int] = (32, 128)
+    stem_strides: Sequence[int] = (4, 4)
+    focus_grad_to_encoder: bool = False
+
+    def __post_init__(self) -> None:
+        # Configs arrive from YAML/JSON with lists; keep the frozen config hashable and comparable.
+        object.__setattr__(self, "stem_channels", tuple(self.stem_channels))
+        object.__setattr__(self, "stem_strides", tuple(self.stem_strides))
+
+
+PRESETS: dict[str, SMTConfig] = {
+    "paper": SMTConfig(),
+    "tiny": SMTConfig(
+        grid=4,
+        patch_size=16,
+        embed_dim=64,
+        depth=2,
+        num_heads=4,
+        stem_pool=2,
+        stem_channels=(16, 32),
+        stem_strides=(2, 2),
+    ),
+}
+
+
+class SMT(nn.Module):
+    """Three SMT layers built from one config.
+
+    Args:
+        preset: name of the base config in ``PRESETS`` (``"paper"`` or ``"tiny"``).
+        config: a full config instead of a preset (``preset`` is then ignored).
+        **overrides: ``SMTConfig`` fields that replace the base config's, e.g. ``grid=16, num_classes=6``.
+
+    Raises:
+        ValueError: if ``preset`` is unknown.
+        TypeError: if an override is not an ``SMTConfig`` field.
+    """
+
+    def __init__(self, preset: str = "paper", config: SMTConfig | None = None, **overrides: Any):
+        super().__init__()
+        if config is None:
+            if preset not in PRESETS:
+                raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+            config = PRESETS[preset]
+        config = dataclasses.replace(config, **overrides)
+        self.config = config
+        self.grid = config.grid
+        self.input_size = config.grid * config.patch_size
+        layer_kwargs = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        self.layer1 = SMTLayer(**layer_kwargs, focus=True)
+        self.layer2 = SMTLayer(**layer_kwargs, focus=True)
+        self.layer3 = SMTLayer(**layer_kwargs, focus=False)
+
+    def forward(self, x: torch.Tensor, layer: int = 1) -> LayerOutput:
+        """Run layer ``layer`` (1, 2 or 3) on normalised images ``x`` of shape ``(B, 3, side, side)``."""
+        if layer == 1:
+            return self.layer1(x)
+        if layer == 2:
+            return self.layer2(x)
+        if layer == 3:
+            return self.layer3(x)
+        raise ValueError(f"layer must be 1, 2 or 3, got {layer}")
+
+
+def smt_paper(**overrides: Any) -> SMT:
+    """The paper's SMT: depth 12, 6 heads, width 384, grid 8, patch 256 (``overrides`` as in ``SMT``)."""
+    return SMT(preset="paper", **overrides)
+
+
+def smt_tiny(**overrides: Any) -> SMT:
+    """A tiny SMT for tests and CPU demos: width 64, depth 2, 4 heads, grid 4, patch 16."""
+    return SMT(preset="tiny", **overrides)

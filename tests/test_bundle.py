@@ -1,0 +1,280 @@
+"""The bundle through ``monai.bundle``, as the model zoo's CI runs bundles: train, resume, evaluate, infer,
+export, and the checks a user hits first (metadata, datalist problems)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_OVERRIDES, write_cohort
+from monai.bundle import ConfigWorkflow
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "bundle" / "configs"
+
+
+def workflow(config: str, run_id: str, **overrides) -> ConfigWorkflow:
+    flow = ConfigWorkflow(
+        config_file=str(CONFIGS / config),
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=str(CONFIGS / "logging.conf"),
+        run_id=run_id,
+        workflow_type=None,
+        **{**TINY_OVERRIDES, **overrides},
+    )
+    flow.initialize()
+    return flow
+
+
+def part(flow: ConfigWorkflow, config_id: str):
+    """A component of an initialised workflow (e.g. ``train#trainer``)."""
+    return flow.parser.get_parsed_content(config_id)
+
+
+def bundle_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "monai.bundle", *args], capture_output=True, text=True, cwd=ROOT
+    )
+
+
+def overrides_cli(**values) -> list[str]:
+    out = []
+    for key, value in {**TINY_OVERRIDES, **values}.items():
+        out += [f"--{key}", json.dumps(value) if isinstance(value, list) else str(value)]
+    return out
+
+
+def test_metadata_verifies_against_the_schema() -> None:
+    result = bundle_cli(
+        "verify_metadata",
+        "--meta_file",
+        str(CONFIGS / "metadata.json"),
+        "--filepath",
+        str(ROOT / "tests" / "data" / "meta_schema_20240725.json"),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "metadata is verified with no error" in result.stdout + result.stderr
+
+
+def test_datalist_problems_fail_at_start_listing_all(tmp_path: Path) -> None:
+    datalist = write_cohort(tmp_path / "data", count=4, splits=(2, 1, 1))
+    content = json.loads(datalist.read_text())
+    content["training"].append({"image": "nowhere.tif", "label": 1})
+    content["training"].append({"image": "slide_0.tif"})
+    datalist.write_text(json.dumps(content))
+    result = bundle_cli(
+        "run",
+        "training",
+        "--config_file",
+        str(CONFIGS / "train.yaml"),
+        "--dataset_dir",
+        str(datalist.parent),
+        "--output_dir",
+        str(tmp_path / "run"),
+    )
+    assert result.returncode != 0
+    assert "nowhere.tif" in result.stderr and "missing key 'label'" in result.stderr
+    assert "2 problem(s)" in result.stderr
+
+
+@pytest.mark.slow
+def test_train_interrupt_resume_matches_uninterrupted(tmp_path: Path) -> None:
+    datalist = write_cohort(tmp_path / "data")
+    common = {
+        "dataset_dir": str(datalist.parent),
+        "start_epoch": [1, 2, 2],
+        "ramp_epochs": 1,
+        "num_workers": 1,
+    }
+
+    full = workflow("train.yaml", "training", output_dir=str(tmp_path / "full"), max_epochs=3, **common)
+    full.run()
+    assert part(full, "train#trainer").state.epoch == 3
+
+    first = workflow("train.yaml", "training", output_dir=str(tmp_path / "cut"), max_epochs=2, **common)
+    first.run()
+    saved_network = {k: v.clone() for k, v in part(first, "network").state_dict().items()}
+    saved_bank = part(first, "score_bank").state_dict()
+    assert sorted(p.name for p in (tmp_path / "cut").glob("checkpoint_epoch=*.pt")) == [
+        "checkpoint_epoch=2.pt"
+    ]
+
+    resumed = workflow(
+        "train.yaml", "training", output_dir=str(tmp_path / "cut"), max_epochs=3, resume=True, **common
+    )
+    trainer = part(resumed, "train#trainer")
+    restored: dict = {}
+    from ignite.engine import Events
+
+    @trainer.on(Events.EPOCH_STARTED(once=3))
+    def _snapshot(engine) -> None:
+        restored["network"] = {k: v.clone() for k, v in part(resumed, "network").state_dict().items()}
+        restored["bank"] = part(resumed, "score_bank").state_dict()
+        restored["momentum"] = len(part(resumed, "optimizer").state)
+
+    resumed.run()
+    assert trainer.state.epoch == part(full, "train#trainer").state.epoch == 3
+    assert trainer.state.iteration == part(full, "train#trainer").state.iteration
+    for key, value in saved_network.items():
+        torch.testing.assert_close(restored["network"][key], value)
+    assert restored["bank"]["keys"] == saved_bank["keys"]
+    torch.testing.assert_close(restored["bank"]["scores"], saved_bank["scores"])
+    assert restored["momentum"] > 0  # SGD momentum buffers came back with the optimiser
+    assert sorted(p.name for p in (tmp_path / "cut").glob("checkpoint_epoch=*.pt")) == [
+        "checkpoint_epoch=3.pt"
+    ]
+    events = list((tmp_path / "full").glob("events.out.tfevents.*"))
+    assert events, "TensorBoard event files are written"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for event_file in events:
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    for tag in ("cls1", "cls3", "ret1", "emb1", "focus2", "lambda_fwd2", "lambda_bwd1", "accuracy3", "loss"):
+        assert tag in tags, tag
+    for tag in ("balanced_accuracy", "balanced_accuracy_layer1", "auc", "focus_precision", "focus_hit_rate"):
+        assert tag in tags, tag
+
+
+@pytest.mark.slow
+def test_evaluate_infer_and_export_from_the_command_line(tmp_path: Path) -> None:
+    datalist = write_cohort(tmp_path / "data")
+    run = tmp_path / "run"
+    result = bundle_cli(
+        "run",
+        "training",
+        "--config_file",
+        str(CONFIGS / "train.yaml"),
+        "--dataset_dir",
+        str(datalist.parent),
+        "--output_dir",
+        str(run),
+        *overrides_cli(max_epochs=2, start_epoch=[1, 1, 1]),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run / "model.pt").exists()
+
+    evaluation = tmp_path / "eval"
+    result = bundle_cli(
+        "run",
+        "evaluating",
+        "--config_file",
+        str(CONFIGS / "evaluate.yaml"),
+        "--datalist",
+        str(datalist),
+        "--ckpt_path",
+        str(run / "model.pt"),
+        "--output_dir",
+        str(evaluation),
+        *overrides_cli(),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    for key in ("balanced_accuracy", "auc", "balanced_accuracy_layer1", "focus_hit_rate", "focus_precision"):
+        assert key in metrics
+    assert metrics["num_slides"] == 2 and metrics["seconds_per_slide"] > 0
+
+    exported = tmp_path / "model.ts"
+    result = bundle_cli(
+        "ckpt_export",
+        "network_def",
+        "--filepath",
+        str(exported),
+        "--ckpt_file",
+        str(run / "model.pt"),
+        "--meta_file",
+        str(CONFIGS / "metadata.json"),
+        "--config_file",
+        str(CONFIGS / "inference.yaml"),
+        *overrides_cli(),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs = {}
+    for name, model in (("eager", run / "model.pt"), ("script", exported)):
+        result = bundle_cli(
+            "run",
+            "inference",
+            "--config_file",
+            str(CONFIGS / "inference.yaml"),
+            "--datalist",
+            str(datalist),
+            "--ckpt_path",
+            str(model),
+            "--output_dir",
+            str(tmp_path / name),
+            *overrides_cli(),
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[name] = (tmp_path / name / "predictions.csv").read_text().splitlines()
+    strip = [lambda rows: [",".join(r.split(",")[:7]) for r in rows]][0]
+    assert strip(outputs["eager"]) == strip(outputs["script"])
+    assert len(outputs["eager"]) == 3  # header + the 2 testing slides
+
+
+def test_nan_loss_stops_training_naming_iteration_and_slides(tmp_path: Path) -> None:
+    from smt_monai.engines import TrainingDivergedError
+
+    datalist = write_cohort(tmp_path / "data", count=4, splits=(2, 1, 1))
+    flow = workflow(
+        "train.yaml",
+        "training",
+        dataset_dir=str(datalist.parent),
+        output_dir=str(tmp_path / "run"),
+        max_epochs=1,
+        val_interval=5,
+    )
+    with torch.no_grad():
+        part(flow, "network").layer1.head.weight.fill_(float("nan"))
+    with pytest.raises(RuntimeError) as info:  # monai.bundle wraps what the run raises
+        flow.run()
+    cause = info.value.__cause__
+    assert isinstance(cause, TrainingDivergedError)
+    assert re.search(r"iteration 1; slides: .*slide_\d\.tif", str(cause))
+
+
+def test_unreadable_slide_is_skipped_not_fatal(tmp_path: Path) -> None:
+    datalist = write_cohort(tmp_path / "data", count=4, splits=(3, 1, 0))
+    broken = datalist.parent / "slide_2.tif"
+    broken.write_bytes(broken.read_bytes()[:2000])  # truncated after the header
+    flow = workflow(
+        "train.yaml",
+        "training",
+        dataset_dir=str(datalist.parent),
+        output_dir=str(tmp_path / "run"),
+        max_epochs=1,
+        val_interval=5,
+    )
+    flow.run()
+    trainer = part(flow, "train#trainer")
+    assert trainer.state.epoch == 1
+    assert [path for _, path in trainer.state.skipped_slides] == [str(broken)]
+    assert np.isfinite(trainer.state.output["loss"])
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_on_cpu(tmp_path: Path) -> None:
+    datalist = write_cohort(tmp_path / "data")
+    run = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "monai.bundle", "run",
+        "training", "--config_file", f"['{CONFIGS / 'train.yaml'}','{CONFIGS / 'multi_gpu_train.yaml'}']",
+        "--dataset_dir", str(datalist.parent), "--output_dir", str(run),
+        *overrides_cli(max_epochs=2, start_epoch=[1, 1, 2], ramp_epochs=1),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    assert (run / "checkpoint_epoch=2.pt").exists() and (run / "model.pt").exists()
+    assert (run / "score_bank.pt").exists()
+    writers = {p.name.split(".")[4] for p in run.glob("events.out.tfevents.*")}
+    assert len(writers) == 1, "only rank 0 writes TensorBoard events"
+    assert "[1/1]" in log  # 4 training slides, 2 processes, batch 2: one iteration per process and epoch
+    assert log.count("Epoch[2] Metrics") == 1  # validation on rank 0 only

@@ -1,0 +1,92 @@
+"""Datalists and slide lists: relative paths, every problem listed at once, CSV / folder / text lists."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from smt_monai.data.datalist import DatalistError, load_datalist, load_slide_list
+
+
+def _touch(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+    return path
+
+
+def test_relative_paths_resolve_against_dataset_dir(tmp_path: Path) -> None:
+    _touch(tmp_path / "data" / "a.tif")
+    listing = tmp_path / "lists" / "datalist.json"
+    listing.parent.mkdir()
+    listing.write_text(json.dumps({"training": [{"image": "a.tif", "label": 1}]}))
+    entries = load_datalist(listing, "training", dataset_dir=tmp_path / "data")
+    assert entries == [{"image": str(tmp_path / "data" / "a.tif"), "label": 1}]
+
+
+def test_every_problem_is_listed(tmp_path: Path) -> None:
+    _touch(tmp_path / "ok.tif")
+    listing = tmp_path / "datalist.json"
+    listing.write_text(
+        json.dumps(
+            {
+                "training": [
+                    {"image": "ok.tif", "label": 0},
+                    {"label": 1},
+                    {"image": "gone.tif", "label": 1},
+                    {"image": "ok.tif"},
+                    {"image": "ok.tif", "label": 1, "annotation": "nope.geojson"},
+                ]
+            }
+        )
+    )
+    with pytest.raises(DatalistError) as info:
+        load_datalist(listing, "training")
+    message = str(info.value)
+    assert "4 problem(s)" in message
+    for part in ("entry 1: missing key 'image'", "gone.tif", "entry 3", "nope.geojson"):
+        assert part in message
+
+
+def test_missing_split_and_bad_json(tmp_path: Path) -> None:
+    listing = tmp_path / "datalist.json"
+    listing.write_text(json.dumps({"training": []}))
+    with pytest.raises(DatalistError, match="no split 'testing'"):
+        load_datalist(listing, "testing")
+    listing.write_text("{not json")
+    with pytest.raises(DatalistError, match="not valid JSON"):
+        load_datalist(listing)
+    with pytest.raises(DatalistError, match="does not exist"):
+        load_datalist(tmp_path / "none.json")
+
+
+def test_slide_lists_of_every_kind(tmp_path: Path) -> None:
+    for name in ("b.svs", "a.tif", "notes.txt"):
+        _touch(tmp_path / "slides" / name)
+    folder = load_slide_list(tmp_path / "slides")
+    assert [Path(e["image"]).name for e in folder] == ["a.tif", "b.svs"]
+
+    csv_file = tmp_path / "list.csv"
+    csv_file.write_text("image,label\nslides/a.tif,1\nslides/missing.svs,\n")
+    rows = load_slide_list(csv_file)
+    assert rows == [
+        {"image": str(tmp_path / "slides/a.tif"), "label": 1},
+        {"image": str(tmp_path / "slides/missing.svs")},
+    ]
+
+    text = tmp_path / "list.txt"
+    text.write_text("# slides\nslides/b.svs\n\n/abs/x.svs\n")
+    assert [e["image"] for e in load_slide_list(text)] == [str(tmp_path / "slides/b.svs"), "/abs/x.svs"]
+
+    listing = tmp_path / "d.json"
+    listing.write_text(
+        json.dumps({"testing": [{"image": "slides/a.tif", "label": 0}], "external": ["slides/b.svs"]})
+    )
+    assert load_slide_list(listing)[0]["label"] == 0
+    assert load_slide_list(listing, datalist_key="external")[0]["image"].endswith("b.svs")
+
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_text("path\nx.svs\n")
+    with pytest.raises(DatalistError, match="'image' column"):
+        load_slide_list(bad_csv)

@@ -1,0 +1,162 @@
+"""Tests of smt_monai.focus: the Eq. 2 score (against finite differences), Eq. 3 normalisation, the score
+bank, top-K selection with the extra benign region, and next-layer labels."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from smt_monai.data.geometry import child_boxes
+from smt_monai.focus import (
+    ScoreBank,
+    focusing_score,
+    minmax_normalize,
+    next_labels,
+    positive_mass,
+    select_regions,
+)
+from smt_monai.networks import smt_tiny
+
+GRID, SIDE = 4, 64
+
+
+def test_focusing_score_matches_finite_differences() -> None:
+    """g_i = sum_{h,j} dP/d alpha_{j,i}: perturbing column i of alpha (all heads, all j) by delta changes the
+    positive mass by delta * g_i to first order."""
+    torch.manual_seed(0)
+    layer = smt_tiny(num_classes=3).layer1.double().eval()
+    x = torch.randn(2, 3, SIDE, SIDE, dtype=torch.float64)
+    out = layer(x)
+    g = focusing_score(out.probs, out.attn)
+    assert g.shape == (2, GRID * GRID) and g.dtype == torch.float64
+
+    column: list[int] = []
+    delta = 1e-6
+    hook = layer.first_block.attn.attn_drop.register_forward_hook(
+        lambda module, inputs, alpha: alpha + delta * _column_mask(alpha, column[0])
+    )
+    try:
+        with torch.no_grad():
+            for token in range(1, 1 + GRID * GRID):
+                column[:] = [token]
+                plus = positive_mass(layer(x).probs)
+                delta = -delta
+                minus = positive_mass(layer(x).probs)
+                delta = -delta
+                fd = (plus - minus) / (2 * delta)
+                torch.testing.assert_close(fd, g[:, token - 1], rtol=1e-5, atol=1e-9)
+    finally:
+        hook.remove()
+    assert g.abs().max() > 1e-6
+
+
+def _column_mask(alpha: torch.Tensor, token: int) -> torch.Tensor:
+    mask = torch.zeros_like(alpha)
+    mask[..., token] = 1.0
+    return mask
+
+
+def test_focusing_score_keeps_graph_and_needs_grad() -> None:
+    model = smt_tiny()
+    out = model.layer1(torch.randn(2, 3, SIDE, SIDE))
+    focusing_score(out.probs, out.attn)
+    out.logits.sum().backward()  # retain_graph=True lets the training step backpropagate afterwards
+    assert model.layer1.head.weight.grad is not None
+    with torch.no_grad():
+        frozen = model.layer1(torch.randn(1, 3, SIDE, SIDE))
+    with pytest.raises(RuntimeError, match="grad"):
+        focusing_score(frozen.probs, frozen.attn)
+
+
+def test_minmax_normalize() -> None:
+    s = torch.tensor([[1.0, 3.0, 2.0], [-1.0, -1.0, -1.0]])
+    out = minmax_normalize(s)
+    torch.testing.assert_close(out, torch.tensor([[0.0, 1.0, 0.5], [0.0, 0.0, 0.0]]))
+    assert not torch.isnan(out).any()
+
+
+def test_score_bank_ensemble() -> None:
+    bank = ScoreBank(eps=0.9)
+    g1, g2 = torch.tensor([[1.0, 2.0], [4.0, 0.0]]), torch.tensor([[3.0, 1.0]])
+    s = bank.update(["a", "b"], g1)
+    torch.testing.assert_close(s, 0.1 * g1)  # first observation: S(0) = 0
+    s = bank.update(["a"], g2)
+    torch.testing.assert_close(s, 0.9 * 0.1 * g1[:1] + 0.1 * g2)
+    torch.testing.assert_close(bank.get(["b", "a"]), torch.stack([0.1 * g1[1], s[0]]))
+    assert len(bank) == 2 and "a" in bank and "c" not in bank
+    bank.update(["c", "c"], g2.expand(2, 2))  # a key repeated in a batch is updated once per row
+    torch.testing.assert_close(bank.get(["c"]), 0.9 * 0.1 * g2 + 0.1 * g2)
+    with pytest.raises(KeyError):
+        bank.get(["missing"])
+    with pytest.raises(ValueError, match="scores per region"):
+        bank.update(["d"], torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="expected g"):
+        bank.update(["d", "e"], torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="eps"):
+        ScoreBank(eps=1.0)
+
+
+def test_score_bank_state_dict_round_trip() -> None:
+    bank = ScoreBank()
+    for i in range(40):  # grows past the initial capacity
+        bank.update([f"k{i}"], torch.full((1, 4), float(i)))
+    buffer = io.BytesIO()
+    torch.save(bank.state_dict(), buffer)
+    buffer.seek(0)
+    restored = ScoreBank()
+    restored.load_state_dict(torch.load(buffer))
+    keys = [f"k{i}" for i in range(40)]
+    torch.testing.assert_close(restored.get(keys), bank.get(keys))
+    capped = ScoreBank(max_entries=5)
+    capped.load_state_dict(bank.state_dict())
+    assert len(capped) == 5 and "k39" in capped and "k34" not in capped
+
+
+def test_score_bank_lru_cap_and_dtype() -> None:
+    bank = ScoreBank(max_entries=2, dtype=torch.bfloat16)
+    g = torch.full((1, 3), 1e-9)
+    bank.update(["a"], g)
+    bank.update(["b"], g)
+    bank.get(["a"])  # "a" becomes the most recently used
+    bank.update(["c"], g)
+    assert "b" not in bank and "a" in bank and "c" in bank and len(bank) == 2
+    assert bank.get(["c"])[0, 0].item() == pytest.approx(1e-10, rel=1e-2)  # bfloat16 keeps tiny gradients
+    assert bank.state_dict()["scores"].dtype == torch.bfloat16
+
+
+def test_select_regions_top_k_and_benign() -> None:
+    q = torch.tensor([[0.1, 0.9, 0.8, 0.2], [0.7, 0.1, 0.2, 0.3]])
+    parent = torch.tensor([[0.0, 0.0, 200.0], [1000.0, 500.0, 40.0]], dtype=torch.float64)
+    sel = select_regions(parent, q, num_focus=2, grid=2)
+    assert sel.index.tolist() == [[1, 2], [0, 3]]
+    assert sel.focusable.all() and sel.boxes.dtype == torch.float64
+    torch.testing.assert_close(
+        sel.boxes[0], torch.tensor([[100.0, 0.0, 100.0], [0.0, 100.0, 100.0]], dtype=torch.float64)
+    )
+    torch.testing.assert_close(sel.boxes, child_boxes(parent, sel.index, 2))
+
+    # The lowest S~ of row 0 is patch 1, which is in the top-K: the benign patch is the next lowest (3).
+    s_norm = torch.tensor([[0.5, 0.0, 1.0, 0.2], [1.0, 0.3, 0.0, 0.6]])
+    sel = select_regions(parent.numpy(), q, num_focus=2, grid=2, benign_score=s_norm)
+    assert sel.index.tolist() == [[1, 2, 3], [0, 3, 2]]
+    assert sel.focusable.tolist() == [[True, True, False]] * 2
+    np.testing.assert_allclose(sel.boxes[1, 2].numpy(), [1000.0, 520.0, 20.0])
+    with pytest.raises(ValueError, match="cannot select"):
+        select_regions(parent, q, num_focus=4, grid=2, benign_score=s_norm)
+    with pytest.raises(ValueError, match="expected q"):
+        select_regions(parent, q, num_focus=1, grid=3)
+
+
+def test_next_labels() -> None:
+    slide = torch.tensor([1, 0, 2])
+    focusable = torch.tensor([[True, True, False]] * 3)
+    # Weak supervision: slide label, extra benign region 0.
+    assert next_labels(slide, focusable).tolist() == [[1, 1, 0], [0, 0, 0], [2, 2, 0]]
+    nan = float("nan")
+    overlap = torch.tensor([[0.1, 0.05, 0.5], [0.9, 0.0, 0.0], [nan, nan, nan]])
+    assert next_labels(slide, focusable, overlap).tolist() == [[1, 0, 1], [0, 0, 0], [2, 2, 0]]
+    any_overlap = next_labels(slide, focusable, overlap, label_overlap=0.0)
+    assert any_overlap.tolist() == [[1, 1, 1], [0, 0, 0], [2, 2, 0]]
+    strict = next_labels(slide, focusable, overlap, label_overlap=0.2)
+    assert strict.tolist() == [[0, 0, 1], [0, 0, 0], [2, 2, 0]]

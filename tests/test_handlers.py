@@ -1,0 +1,121 @@
+"""Handlers on bare Ignite engines: staged activation, loss-weight ramp, score-bank persistence, metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine, Events
+
+from smt_monai.focus import ScoreBank
+from smt_monai.handlers import (
+    BalancedAccuracy,
+    FocusRate,
+    LossWeightRamp,
+    MetricsJSONWriter,
+    QuadraticKappa,
+    ScoreBankPersistence,
+    SlideAUC,
+    StagedLayerActivation,
+)
+from smt_monai.handlers.metrics import balanced_accuracy, quadratic_weighted_kappa
+
+
+def _record(engine: Engine, *names: str) -> list:
+    seen: list = []
+    engine.add_event_handler(
+        Events.EPOCH_STARTED, lambda e: seen.append(tuple(getattr(e.state, n) for n in names))
+    )
+    return seen
+
+
+def test_staged_activation_and_ramp_follow_the_epoch() -> None:
+    engine = Engine(lambda e, b: None)
+    StagedLayerActivation(start_epoch=[1, 3, 5]).attach(engine)
+    LossWeightRamp(start_epoch=[1, 3, 5], ramp_epochs=2, fwd_max=1.0, bwd_max=0.1).attach(engine)
+    seen = _record(engine, "num_layers", "lambda_fwd", "lambda_bwd")
+    engine.run([0], max_epochs=6)
+    assert [s[0] for s in seen] == [1, 1, 2, 2, 3, 3]
+    assert seen[0][1] == pytest.approx([0.5, 0.0, 0.0])
+    assert seen[2][1] == pytest.approx([1.0, 0.5, 0.0]) and seen[2][2] == pytest.approx([0.05, 0.0])
+    assert seen[5][1] == pytest.approx([1.0, 1.0, 1.0]) and seen[5][2] == pytest.approx([0.1, 0.1])
+
+
+def test_schedule_arguments_are_validated() -> None:
+    with pytest.raises(ValueError):
+        StagedLayerActivation(start_epoch=[2, 3, 4])
+    with pytest.raises(ValueError):
+        StagedLayerActivation(start_epoch=[1, 5, 3])
+    with pytest.raises(ValueError):
+        LossWeightRamp(ramp_epochs=-1)
+
+
+def test_score_bank_is_saved_each_epoch_and_restored_on_resume(tmp_path: Path) -> None:
+    bank = ScoreBank(eps=0.5)
+    engine = Engine(lambda e, b: bank.update([f"slide@{e.state.epoch}"], torch.ones(1, 4)))
+    ScoreBankPersistence(bank, tmp_path / "bank.pt").attach(engine)
+    engine.run([0], max_epochs=2)
+    restored = ScoreBank(eps=0.5)
+    fresh = Engine(lambda e, b: None)
+    ScoreBankPersistence(restored, tmp_path / "bank.pt", resume=True).attach(fresh)
+    fresh.run([0], max_epochs=1)
+    assert len(restored) == 2
+    torch.testing.assert_close(restored.get(["slide@2"]), bank.get(["slide@2"]))
+    assert not list(tmp_path.glob(".*tmp*"))  # written atomically, nothing left behind
+
+
+def test_bank_merge_unites_keys() -> None:
+    a, b = ScoreBank(), ScoreBank()
+    a.update(["x", "y"], torch.ones(2, 4))
+    b.update(["y", "z"], torch.full((2, 4), 3.0))
+    a.merge_state_dict(b.state_dict())
+    assert len(a) == 3
+    torch.testing.assert_close(a.get(["y"]), b.get(["y"]))
+
+
+def test_metric_functions_by_hand() -> None:
+    labels = np.array([0, 0, 0, 1])
+    assert balanced_accuracy(labels, np.array([0, 0, 1, 1])) == pytest.approx((2 / 3 + 1) / 2)
+    assert quadratic_weighted_kappa(np.array([0, 1, 2]), np.array([0, 1, 2]), 3) == pytest.approx(1.0)
+    assert quadratic_weighted_kappa(np.array([0, 2]), np.array([2, 0]), 3) < 0
+
+
+def test_metrics_on_an_engine_and_metrics_json(tmp_path: Path) -> None:
+    batches = [
+        {
+            "label": np.array([1, 0]),
+            "layer_probs": np.array([[[0.5, 0.5], [0.2, 0.8]], [[0.4, 0.6], [0.9, 0.1]]]),
+            "hit": np.array([1.0, np.nan]),
+            "precise": np.array([0.0, np.nan]),
+            "seconds": np.array([0.5, 1.5]),
+        },
+        {
+            "label": np.array([1]),
+            "layer_probs": np.array([[[0.7, 0.3], [0.3, 0.7]]]),
+            "hit": np.array([1.0]),
+            "precise": np.array([1.0]),
+            "seconds": np.array([1.0]),
+        },
+    ]
+    engine = Engine(lambda e, b: b)
+    BalancedAccuracy().attach(engine, "balanced_accuracy")
+    BalancedAccuracy(layer=0).attach(engine, "balanced_accuracy_layer1")
+    SlideAUC().attach(engine, "auc")
+    QuadraticKappa().attach(engine, "kappa")
+    FocusRate("hit").attach(engine, "focus_hit_rate")
+    FocusRate("precision").attach(engine, "focus_precision")
+    MetricsJSONWriter(tmp_path / "out" / "metrics.json").attach(engine)
+    engine.run(batches)
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["balanced_accuracy"] == pytest.approx(1.0)
+    # layer 1 gets every slide wrong (its tie 0.5/0.5 goes to class 0)
+    assert metrics["balanced_accuracy_layer1"] == pytest.approx(0.0)
+    assert metrics["auc"] == pytest.approx(1.0)
+    assert metrics["focus_hit_rate"] == pytest.approx(1.0)
+    assert metrics["focus_precision"] == pytest.approx(0.5)
+    assert metrics["num_slides"] == 3 and metrics["seconds_per_slide"] == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        FocusRate("recall")
