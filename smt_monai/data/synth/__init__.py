@@ -9,6 +9,7 @@ but not decide; the last layer must. See :mod:`.render` for how the two are made
 """
 
 from smt_monai.data.synth.cohort import (
+    SYNTH_HELP,
     SlideOptions,
     add_synth_arguments,
     main,
@@ -23,6 +24,7 @@ from smt_monai.data.synth.scene import MIMIC, TUMOUR, LayoutOptions, Scene, make
 
 __all__ = [
     "MIMIC",
+    "SYNTH_HELP",
     "TUMOUR",
     "Appearance",
     "LayoutOptions",

@@ -36,6 +36,10 @@ from smt_monai.data.synth.render import Appearance, TileRenderer, fit_mimic_sepa
 from smt_monai.data.synth.scene import MIMIC, TUMOUR, LayoutOptions, make_scene
 
 CLASS_COLOURS = {TUMOUR: (200, 0, 0), MIMIC: (0, 150, 200)}
+SYNTH_HELP = (
+    "write a synthetic cohort: pyramidal JPEG TIFF slides whose tumour looks like benign mimics at low "
+    "magnification, QuPath GeoJSON annotations, a MONAI datalist.json and labels.csv"
+)
 SPLITS = ("training", "validation", "testing")
 
 
@@ -98,16 +102,12 @@ def make_slide(
     annotation_path = Path(annotation_path) if annotation_path is not None else path.with_suffix(".geojson")
     scene = make_scene(size, seed, positive, options.layout)
     renderer = TileRenderer(scene, options.look, border=options.border)
-
-    def render(x0: int, y0: int) -> tuple[np.ndarray, int | None]:
-        return renderer.render(x0, y0)
-
-    description = f"smt-monai synthetic whole-slide image|mpp = {options.mpp}|seed = {seed}"
+    description = f"smt-monai synthetic whole-slide image|mpp = {options.mpp}"  # nothing about the label
     shapes = write_pyramid(
         path,
         size,
         size,
-        render,
+        renderer.render,
         mpp=options.mpp,
         quality=options.jpeg_quality,
         description=description,
@@ -200,6 +200,8 @@ def make_cohort(
     options = options or SlideOptions()
     if num_slides < 1:
         raise ValueError(f"num_slides must be >= 1, got {num_slides}")
+    if size < 1024:
+        raise ValueError(f"a synthetic slide must be at least 1024 px wide, got {size}")
     if not 0.0 <= positive_fraction <= 1.0:
         raise ValueError(f"positive_fraction must lie in [0, 1], got {positive_fraction}")
     if len(split) != 3 or min(split) < 0 or sum(split) <= 0:
@@ -307,7 +309,9 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--num-slides", type=int, default=48, help="number of slides (default: 48)")
     parser.add_argument("--size", type=int, default=16384, help="slide side in level-0 px (default: 16384)")
     parser.add_argument("--seed", type=int, default=0, help="cohort seed (default: 0)")
-    parser.add_argument("--positive-fraction", type=float, default=0.5, help="fraction of tumour slides")
+    parser.add_argument(
+        "--positive-fraction", type=float, default=0.5, help="fraction of tumour slides (default: 0.5)"
+    )
     parser.add_argument(
         "--split",
         type=float,
@@ -379,7 +383,5 @@ def run_synth(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry point: ``python -m smt_monai.data.synth``."""
-    parser = add_synth_arguments(
-        argparse.ArgumentParser(prog="smt-monai synth", description=__doc__.split("\n")[0])
-    )
+    parser = add_synth_arguments(argparse.ArgumentParser(prog="smt-monai synth", description=SYNTH_HELP))
     return run_synth(parser.parse_args(argv))

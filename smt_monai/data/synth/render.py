@@ -3,7 +3,7 @@
 A tile depends only on its position, so a slide of any size streams with constant memory:
 
 - Smooth things (tissue outline, region outlines, stain tone) are bilinear interpolations of the scene's
-  low-resolution fields, done per tile as two small matrix products.
+  low-resolution fields.
 - Nuclei sit on a fixed periodic Poisson-disc pattern (minimum centre distance ``spacing``). Every pattern
   point gets its random marks (is it occupied, size, shape, ink, ...) from a hash of its absolute position
   and the slide seed, so a nucleus that straddles two tiles is drawn identically in both.
@@ -460,25 +460,25 @@ class TileRenderer:
         tx, ty = scene.pattern_offset
         self.offset = (tx % PATTERN_PERIOD, ty % PATTERN_PERIOD)
         self.tex_offset = (int(tx) % TEXTURE, int(ty) % TEXTURE)
-        s = scene.stain.astype(np.float32)
-        stroma = STROMA + 4.0 * s[3:6]
-        cytoplasm = CYTOPLASM + 4.0 * s[3:6]
+        s = scene.stain.astype(np.float32)  # this slide's staining: hematoxylin, eosin, colour shift
+        stroma = STROMA + 4.0 * s[2:5]
+        cytoplasm = CYTOPLASM + 4.0 * s[2:5]
         # A tile's colour is the sum of six planes (see render()) times these colours.
         self.colours = np.stack(
             [
                 GLASS,
                 stroma,
                 cytoplasm - stroma,
-                -EOSIN * (1.0 + 0.15 * s[2]),
+                -EOSIN * (1.0 + 0.15 * s[1]),
                 -HEMATOXYLIN * (1.0 + 0.08 * s[0]),
                 np.full(3, self.look.noise, dtype=np.float32),
             ]
         ).astype(np.float32)
         self._interps: dict[tuple[int, int], tuple[int, int, np.ndarray, np.ndarray]] = {}
-        self._glass: dict[int, np.ndarray] = {}
+        self._glass: dict[tuple[int, int], np.ndarray] = {}
 
     # -- fields ------------------------------------------------------------------------------------------
-    def _interp(self, start: int, size: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    def _interp(self, start: int, size: int) -> tuple[int, int, np.ndarray, np.ndarray]:
         """Bilinear interpolation of grid nodes to pixel centres ``start .. start + size``: first node,
         number of nodes, each pixel's node (relative to the first) and weight of the next node."""
         key = (start, size)

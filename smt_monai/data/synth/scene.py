@@ -72,7 +72,8 @@ class Blob:
         return self._boundary(np.where(rho > 0, dx / safe, 1.0), dy / safe) - rho
 
     def polygon(self, vertices: int = 128) -> np.ndarray:
-        """``(vertices, 2)`` outline in level-0 px (x, y), counter-clockwise in image coordinates."""
+        """``(vertices, 2)`` outline in level-0 px (x, y), by increasing angle (counter-clockwise with the y
+        axis up, as GeoJSON asks of outer rings)."""
         theta = np.linspace(0.0, 2.0 * math.pi, vertices, endpoint=False)
         r = self.boundary(theta)
         return np.stack([self.centre[0] + r * np.cos(theta), self.centre[1] + r * np.sin(theta)], axis=1)
@@ -95,8 +96,8 @@ class LayoutOptions:
         tissue_fraction: range of the slide area the tissue aims to cover.
         suspicious_regions: smallest and largest number of suspicious regions per slide (tumour plus mimic),
             drawn the same way for positive and negative slides.
-        region_radius: range of a suspicious region's radius, as a fraction of the slide side. The default
-            keeps a region at least 4 px across at downsample 64 on a 4096-px slide.
+        region_radius: range of a suspicious region's radius, as a fraction of the slide side. The smallest
+            default region is about 4 px across at downsample 64 on a 4096-px slide (15 px on 16384).
         tumour_probability: in a positive slide, the chance that each suspicious region is tumour (at least
             one always is).
     """
@@ -137,7 +138,9 @@ class Scene:
     ``fields[f]`` holds field ``f`` at grid nodes ``(i, j)`` placed at level-0 ``(x, y) = (j, i) * step``:
     the signed distances (px, positive inside) to the tissue, to the tumour regions and to the mimic
     regions, and a smooth stain-tone variation in [-1, 1]. The renderer interpolates them bilinearly. The
-    grid also covers the padding of the last row and column of 256-px tiles.
+    grid also covers the padding of the last row and column of 256-px tiles. ``tone_seed`` seeds the tone
+    field, ``pattern_offset`` shifts the nucleus pattern and the textures, and ``stain`` (five values in
+    [-1, 1]) varies this slide's hematoxylin, eosin and colour.
     """
 
     width: int
@@ -165,11 +168,11 @@ class Scene:
         shapes += [(FIELD_TUMOUR if r.kind == TUMOUR else FIELD_MIMIC, r.blob) for r in self.regions]
         for index, blob in shapes:
             # evaluate around the blob only; farther nodes keep FAR, which only needs to be negative
-            reach = blob.extent + 8 * step
-            j0, j1 = (max(0, int((blob.centre[0] + s * reach) / step) + d) for s, d in ((-1, 0), (1, 2)))
-            i0, i1 = (max(0, int((blob.centre[1] + s * reach) / step) + d) for s, d in ((-1, 0), (1, 2)))
-            gy, gx = np.mgrid[i0 : min(i1, ny), j0 : min(j1, nx)].astype(np.float64) * step
-            window = out[index, i0 : i0 + gy.shape[0], j0 : j0 + gy.shape[1]]
+            (cx, cy), reach = blob.centre, blob.extent + 8 * step
+            j0, j1 = max(0, int((cx - reach) / step)), min(nx, int((cx + reach) / step) + 2)
+            i0, i1 = max(0, int((cy - reach) / step)), min(ny, int((cy + reach) / step) + 2)
+            gy, gx = np.mgrid[i0:i1, j0:j1].astype(np.float64) * step
+            window = out[index, i0:i1, j0:j1]
             np.maximum(window, blob.signed_distance(gx, gy), out=window)
         out[FIELD_TONE] = _smooth_noise(np.random.default_rng(self.tone_seed), (ny, nx), GRID_CELLS / 24)
         return out
@@ -306,7 +309,7 @@ def make_scene(
     blobs = _place_regions(rng, width, height, tissue_at, options)
     tone_seed = int(rng.integers(1 << 62))
     pattern_offset = (float(rng.uniform(0, 1 << 20)), float(rng.uniform(0, 1 << 20)))
-    stain = rng.uniform(-1.0, 1.0, 6)
+    stain = rng.uniform(-1.0, 1.0, 5)
 
     # Label-dependent draws last: the layout above is the same distribution for both labels.
     if positive:

@@ -1,0 +1,144 @@
+"""Bundle inference on a slide list with broken files: every output, atomic writes, resume, exit codes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_OVERRIDES, write_cohort
+
+from smt_monai.data import open_slide
+from smt_monai.networks import SMT
+
+ROOT = Path(__file__).resolve().parents[1]
+INFERENCE = ROOT / "bundle" / "configs" / "inference.yaml"
+
+
+@pytest.fixture(scope="module")
+def model_and_list(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[Path]]:
+    """A random tiny SMT checkpoint and a slide list mixing good slides with every kind of broken file."""
+    folder = tmp_path_factory.mktemp("inference")
+    datalist = write_cohort(folder / "data", count=4, splits=(0, 0, 4))
+    torch.manual_seed(0)
+    model = SMT(preset="tiny", grid=TINY_OVERRIDES["grid"], patch_size=TINY_OVERRIDES["patch_size"])
+    torch.save(model.state_dict(), folder / "model.pt")
+    data = datalist.parent
+    (data / "empty.svs").write_bytes(b"")
+    (data / "notes.svs").write_text("this is not a slide\n")
+    truncated = (data / "slide_0.tif").read_bytes()
+    (data / "truncated.tif").write_bytes(truncated[: len(truncated) // 3])
+    names = [
+        "slide_0.tif",
+        "missing.svs",
+        "slide_1.tif",
+        "empty.svs",
+        "truncated.tif",
+        "notes.svs",
+        "slide_2.tif",
+    ]
+    listing = folder / "slides.txt"
+    listing.write_text("\n".join(f"data/{n}" for n in names) + "\n")
+    return folder / "model.pt", listing, [data / n for n in names]
+
+
+def run_inference(listing: Path, model: Path, out: Path, **extra: str) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", str(INFERENCE),
+            "--datalist", str(listing), "--ckpt_path", str(model), "--output_dir", str(out)]  # fmt: skip
+    for key, value in {**TINY_OVERRIDES, **extra}.items():
+        if key != "batch_size":
+            args += [f"--{key}", str(value)]
+    return subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_slide_list_with_broken_files(model_and_list: tuple[Path, Path, list[Path]], tmp_path: Path) -> None:
+    model, listing, slides = model_and_list
+    out = tmp_path / "out"
+    result = run_inference(listing, model, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    with open(out / "predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["image"] for r in rows] == [str(p) for p in slides]  # one row per slide, input order
+    status = {Path(r["image"]).name: r for r in rows}
+    for good in ("slide_0.tif", "slide_1.tif", "slide_2.tif"):
+        row = status[good]
+        assert row["status"] == "ok" and row["error"] == "" and row["backend"]
+        assert abs(float(row["prob_0"]) + float(row["prob_1"]) - 1) < 1e-4
+        assert float(row["total_s"]) >= float(row["compute_s"]) > 0 and float(row["read_s"]) > 0
+    reasons = {"missing.svs": "does not exist", "empty.svs": "empty", "truncated.tif": "truncated",
+               "notes.svs": "not a slide"}  # fmt: skip
+    for name, reason in reasons.items():
+        row = status[name]
+        assert row["status"] == "error" and reason in row["error"] and name in row["error"], row
+        assert "\n" not in row["error"] and row["prediction"] == ""
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["slides"], summary["ok"], summary["error"]) == (7, 3, 4)
+    assert summary["mean_seconds_per_slide"] > 0
+
+    for good in ("slide_0", "slide_1", "slide_2"):
+        folder = out / good
+        with open_slide(slides[[p.stem for p in slides].index(good)]) as slide:
+            width, height = slide.dimensions
+            mpp = slide.mpp
+        check_geojson(json.loads((folder / "focus.geojson").read_text()), width, height, k=2)
+        assert (folder / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        focus_map = nib.load(folder / "focus_map.nii.gz")
+        assert focus_map.shape[:2] == (TINY_OVERRIDES["grid"],) * 2
+        assert 0 <= float(focus_map.get_fdata().min()) and float(focus_map.get_fdata().max()) <= 1
+        ring = np.array(
+            json.loads((folder / "focus.geojson").read_text())["features"][0]["geometry"]["coordinates"][0]
+        )
+        clipped_side = (ring.max(axis=0) - ring.min(axis=0)).max()
+        step = focus_map.affine[0, 0]  # one patch of the layer-1 square, in mm
+        assert mpp and focus_map.header.get_xyzt_units()[0] == "mm"
+        assert step == pytest.approx(focus_map.affine[1, 1])
+        assert step * TINY_OVERRIDES["grid"] == pytest.approx(clipped_side * mpp / 1000, rel=0.35)
+    assert not list(out.rglob(".*tmp*")), "no temporary files are left behind"
+
+    # a rerun with the same OUT skips the finished slides and rewrites the tables
+    rerun = run_inference(listing, model, out)
+    assert rerun.returncode == 0
+    assert json.loads((out / "summary.json").read_text())["resumed"] == 3
+
+
+def check_geojson(collection: dict, width: int, height: int, k: int) -> None:
+    """Boxes of all three layers lie inside the slide and nest: layer 3 in layer 2 in layer 1."""
+    assert collection["type"] == "FeatureCollection"
+    by_layer: dict[int, list] = {1: [], 2: [], 3: []}
+    for feature in collection["features"]:
+        props = feature["properties"]
+        ring = np.array(feature["geometry"]["coordinates"][0])
+        x0, y0 = ring.min(axis=0)
+        x1, y1 = ring.max(axis=0)
+        assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+        assert {"layer", "rank", "focus", "probability"} <= set(props)
+        assert props["classification"]["name"].startswith("SMT layer")
+        by_layer[props["layer"]].append(((x0, y0, x1, y1), props))
+    assert [len(by_layer[layer]) for layer in (1, 2, 3)] == [1, k, k * k]
+    for layer in (2, 3):
+        for box, props in by_layer[layer]:
+            parent = by_layer[layer - 1][props["parent"]][0]
+            assert parent[0] <= box[0] and parent[1] <= box[1] and box[2] <= parent[2] and box[3] <= parent[3]
+            assert 0 <= props["focus"] <= 1 and 0 <= props["probability"] <= 1
+        assert sorted(p["rank"] for _, p in by_layer[layer]) == sorted(
+            list(range(k)) * (len(by_layer[layer]) // k)
+        )
+
+
+def test_all_broken_exits_1_with_the_reason(
+    model_and_list: tuple[Path, Path, list[Path]], tmp_path: Path
+) -> None:
+    model, _, slides = model_and_list
+    listing = tmp_path / "broken.csv"
+    listing.write_text("image\n" + "\n".join(str(p) for p in slides if "slide_" not in p.name) + "\n")
+    result = run_inference(listing, model, tmp_path / "out")
+    assert result.returncode == 1
+    assert "no slide succeeded" in result.stdout + result.stderr
+    assert (tmp_path / "out" / "predictions.csv").exists()

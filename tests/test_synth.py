@@ -1,0 +1,444 @@
+"""Synthetic cohort: file format as cuCIM, OpenSlide and tifffile see it, determinism, layout, datalist, CLI,
+and the property SMT needs: suspicious regions stand out at low magnification, but tumour and mimic can
+only be told apart at level 0."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pytest
+import tifffile
+from matplotlib.path import Path as MplPath
+
+from smt_monai.data.annotations import TumourAnnotation
+from smt_monai.data.synth import (
+    MIMIC,
+    TUMOUR,
+    Appearance,
+    LayoutOptions,
+    SlideOptions,
+    add_synth_arguments,
+    make_cohort,
+    make_scene,
+    make_slide,
+    run_synth,
+    slide_seed,
+    stratified_split,
+)
+from smt_monai.data.synth.pyramid import level_shapes, reduce4
+from smt_monai.data.synth.render import PATTERN_PERIOD, poisson_disc_pattern
+from smt_monai.data.synth.scene import FIELD_MIMIC, FIELD_TISSUE, FIELD_TUMOUR
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A 4096-px positive slide."""
+    return make_slide(tmp_path_factory.mktemp("slide") / "s.tiff", 4096, seed=11, positive=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# File format
+
+
+def test_level_shapes_go_down_to_under_1024() -> None:
+    assert level_shapes(16384, 16384) == [(16384, 16384), (4096, 4096), (1024, 1024), (256, 256)]
+    assert level_shapes(100000, 100000)[-1] == (391, 391)
+    assert level_shapes(5000, 3000) == [(5000, 3000), (1250, 750), (313, 188)]
+
+
+def test_tifffile_sees_a_tiled_jpeg_pyramid_with_resolution(slide: dict) -> None:
+    with tifffile.TiffFile(slide["image"]) as tif:
+        pages = tif.pages
+        assert [p.shape for p in pages] == [(4096, 4096, 3), (1024, 1024, 3), (256, 256, 3)]
+        assert [int(p.subfiletype) for p in pages] == [0, 1, 1]
+        for page in pages:
+            assert page.compression == tifffile.COMPRESSION.JPEG
+            assert (page.tilelength, page.tilewidth) == (256, 256)
+            assert page.photometric == tifffile.PHOTOMETRIC.YCBCR
+        assert pages[0].resolutionunit == tifffile.RESUNIT.CENTIMETER
+        assert pages[0].resolution == pytest.approx((1e4 / 0.25, 1e4 / 0.25))
+        assert pages[2].resolution == pytest.approx((1e4 / 4.0, 1e4 / 4.0))
+        assert [level.shape for level in tif.series[0].levels] == [
+            (4096, 4096, 3),
+            (1024, 1024, 3),
+            (256, 256, 3),
+        ]
+    assert slide["levels"] == [[4096, 4096], [1024, 1024], [256, 256]]
+    assert slide["downsamples"] == [1.0, 4.0, 16.0]
+
+
+def test_openslide_sees_levels_downsamples_and_mpp(slide: dict) -> None:
+    with openslide.OpenSlide(slide["image"]) as s:
+        assert s.level_count == 3
+        assert s.level_dimensions == ((4096, 4096), (1024, 1024), (256, 256))
+        assert s.level_downsamples == pytest.approx((1.0, 4.0, 16.0))
+        assert float(s.properties["openslide.mpp-x"]) == pytest.approx(0.25)
+        assert float(s.properties["openslide.mpp-y"]) == pytest.approx(0.25)
+        assert s.properties["openslide.vendor"] == "generic-tiff"
+
+
+def test_cucim_sees_levels_downsamples_and_mpp(slide: dict) -> None:
+    cucim = pytest.importorskip("cucim")
+    image = cucim.CuImage(slide["image"])
+    res = image.resolutions
+    assert res["level_count"] == 3
+    assert [tuple(d) for d in res["level_dimensions"]] == [(4096, 4096), (1024, 1024), (256, 256)]
+    assert list(res["level_downsamples"]) == pytest.approx([1.0, 4.0, 16.0])
+    assert image.spacing()[:2] == pytest.approx([0.25, 0.25])
+    assert image.spacing_units()[:2] == ["micrometer", "micrometer"]
+    region = np.asarray(image.read_region((0, 0), (256, 256), level=1))
+    with openslide.OpenSlide(slide["image"]) as s:
+        expected = np.asarray(s.read_region((0, 0), 1, (256, 256)).convert("RGB"))
+    assert np.abs(region.astype(int) - expected).max() <= 2  # same JPEG, decoders may round differently
+
+
+def test_each_level_is_the_area_average_of_level_0(slide: dict) -> None:
+    with tifffile.TiffFile(slide["image"]) as tif:
+        level0 = tif.pages[0].asarray()
+        level1 = tif.pages[1].asarray()
+        level2 = tif.pages[2].asarray()
+    # JPEG noise only: compare block means, which JPEG keeps well
+    for reduced, level in ((reduce4(level0), level1), (reduce4(reduce4(level0)), level2)):
+        diff = reduced.astype(float) - level.astype(float)
+        assert abs(diff.mean()) < 0.5
+        assert np.abs(diff).mean() < 3.0
+
+
+def test_same_seed_same_bytes(tmp_path: Path) -> None:
+    a = make_slide(tmp_path / "a.tiff", 2048, seed=5, positive=True)
+    b = make_slide(tmp_path / "b.tiff", 2048, seed=5, positive=True)
+    c = make_slide(tmp_path / "c.tiff", 2048, seed=6, positive=True)
+    assert sha256(a["image"]) == sha256(b["image"])
+    assert sha256(a["annotation"]) == sha256(b["annotation"])
+    assert sha256(a["image"]) != sha256(c["image"])
+
+
+def test_odd_size_and_scanner_border(tmp_path: Path) -> None:
+    options = SlideOptions(border=8, mpp=0.5)
+    meta = make_slide(tmp_path / "odd.tiff", 1500, seed=1, positive=False, options=options)
+    assert meta["levels"] == [[1500, 1500], [375, 375]]
+    with openslide.OpenSlide(meta["image"]) as s:
+        assert s.level_dimensions == ((1500, 1500), (375, 375))
+        assert float(s.properties["openslide.mpp-x"]) == pytest.approx(0.5)
+        edge = np.asarray(s.read_region((0, 700), 0, (8, 8)).convert("RGB"))
+        inner = np.asarray(s.read_region((1480, 700), 0, (8, 8)).convert("RGB"))
+    assert edge.mean() < 40 and inner.mean() > 200  # border black, glass white next to it
+
+
+def test_nucleus_pattern_keeps_its_minimum_distance_across_the_wrap() -> None:
+    spacing = 16.0
+    points = poisson_disc_pattern(spacing)
+    # near saturation: about 0.55 of the plane covered by discs of diameter ``spacing``
+    assert len(points) * np.pi * (spacing / 2) ** 2 / PATTERN_PERIOD**2 > 0.5
+    # all pairs within 64 px of the corner where four periodic copies meet, wrapped into one window
+    shifted = (points + 32.0) % PATTERN_PERIOD
+    near = shifted[(shifted < 64).all(axis=1)]
+    d = np.hypot(*(near[:, None, :] - near[None, :, :]).transpose(2, 0, 1))
+    assert len(near) > 5 and d[np.triu_indices(len(near), 1)].min() >= spacing
+    window = points[(points < 400).all(axis=1)]
+    d = np.hypot(*(window[:, None, :] - window[None, :, :]).transpose(2, 0, 1))
+    assert d[np.triu_indices(len(window), 1)].min() >= spacing
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Layout
+
+
+def test_tumour_only_in_positive_slides(slide: dict) -> None:
+    for seed in range(40):
+        assert all(r.kind == MIMIC for r in make_scene(4096, seed, positive=False).regions)
+        assert any(r.kind == TUMOUR for r in make_scene(4096, seed, positive=True).regions)
+    assert any(r["class"] == TUMOUR for r in slide["regions"])
+    ann = TumourAnnotation.from_file(slide["annotation"])
+    tumours = [r for r in slide["regions"] if r["class"] == TUMOUR]
+    assert len(ann.polygons) == len(tumours)
+    centres = np.array([[*r["centre"], 1.0] for r in tumours]) - [0.5, 0.5, 0]
+    assert ann.overlap_fraction(centres).tolist() == [1.0] * len(tumours)
+
+
+def ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
+    grid = np.sort(np.concatenate([a, b]))
+    cdf = lambda x: np.searchsorted(np.sort(x), grid, side="right") / len(x)  # noqa: E731
+    return float(np.abs(cdf(a) - cdf(b)).max())
+
+
+def test_suspicious_regions_have_the_same_count_and_area_distribution_whatever_the_label() -> None:
+    def stats(positive: bool, seeds: range) -> tuple[np.ndarray, np.ndarray]:
+        scenes = [make_scene(2048, s, positive) for s in seeds]
+        counts = np.array([len(s.regions) for s in scenes])
+        areas = np.array([sum(r.blob.area for r in s.regions) / 2048**2 for s in scenes])
+        return counts, areas
+
+    pos_counts, pos_areas = stats(True, range(0, 300))
+    neg_counts, neg_areas = stats(False, range(1000, 1300))
+    assert set(pos_counts) == set(neg_counts) == {2, 3, 4}
+    assert abs(pos_counts.mean() - neg_counts.mean()) < 0.15
+    assert ks_statistic(pos_areas, neg_areas) < 0.16  # 0.1% critical value for n = m = 300
+    # same seed, either label: the very same layout
+    for seed in range(10):
+        a, b = make_scene(2048, seed, True), make_scene(2048, seed, False)
+        assert [r.blob for r in a.regions] == [r.blob for r in b.regions]
+
+
+def test_layout_scales_with_the_slide_and_stays_visible_at_downsample_64() -> None:
+    for seed in range(20):
+        small, large = make_scene(4096, seed, True), make_scene(16384, seed, True)
+        np.testing.assert_allclose(
+            [r.blob.radius / 4096 for r in small.regions], [r.blob.radius / 16384 for r in large.regions]
+        )
+        assert min(r.blob.radius for r in small.regions) / 64 >= 1.5  # at least 3 px across
+        assert 0.2 <= small.tissue_fraction <= 0.5
+
+
+def test_layout_options_set_numbers_and_sizes() -> None:
+    options = LayoutOptions(suspicious_regions=(5, 5), region_radius=(0.02, 0.02), tumour_probability=1.0)
+    scene = make_scene(4096, 3, True, options)
+    assert len(scene.regions) == 5 and all(r.kind == TUMOUR for r in scene.regions)
+    assert all(r.blob.radius <= 0.02 * 4096 + 1e-9 for r in scene.regions)
+    with pytest.raises(ValueError, match="suspicious_regions"):
+        LayoutOptions(suspicious_regions=(3, 2))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cohort, datalist, CLI
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cohort of ten 1024-px slides, written in this process."""
+    out = tmp_path_factory.mktemp("cohort")
+    assert (
+        make_cohort(out, num_slides=10, size=1024, seed=3, workers=1, progress=False) == out / "datalist.json"
+    )
+    return out
+
+
+def test_cohort_datalist_labels_and_splits(cohort: Path) -> None:
+    datalist = json.loads((cohort / "datalist.json").read_text())
+    entries = {name: datalist[name] for name in ("training", "validation", "testing")}
+    assert (datalist["numTraining"], datalist["numValidation"], datalist["numTest"]) == (6, 2, 2)
+    for name, items in entries.items():
+        labels = sorted(e["label"] for e in items)
+        assert labels == {"training": [0, 0, 0, 1, 1, 1], "validation": [0, 1], "testing": [0, 1]}[name]
+        for e in items:
+            assert set(e) == {"image", "label", "annotation"}
+            assert not Path(e["image"]).is_absolute() and (cohort / e["image"]).is_file()
+            assert (cohort / e["annotation"]).is_file()
+            ann = TumourAnnotation.from_file(cohort / e["annotation"])
+            assert ann.empty == (e["label"] == 0)
+    with open(cohort / "labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 10 and set(rows[0]) == {"image", "label", "split"}
+    by_image = {e["image"]: (e["label"], name) for name, items in entries.items() for e in items}
+    assert {r["image"]: (int(r["label"]), r["split"]) for r in rows} == by_image
+
+
+def test_monai_reads_the_datalist(cohort: Path) -> None:
+    from monai.data import load_decathlon_datalist
+
+    loaded = load_decathlon_datalist(
+        cohort / "datalist.json", is_segmentation=False, data_list_key="validation"
+    )
+    assert len(loaded) == 2
+    assert all(Path(e["image"]).is_file() and Path(e["annotation"]).is_file() for e in loaded)
+
+
+@pytest.mark.slow
+def test_worker_processes_write_the_same_bytes(cohort: Path, tmp_path: Path) -> None:
+    """Slides do not depend on the number of processes (each has its own seed)."""
+    make_cohort(tmp_path, num_slides=10, size=1024, seed=3, workers=2, progress=False)
+    slides = json.loads((cohort / "cohort.json").read_text())["slides"]
+    for i, meta in enumerate(json.loads((tmp_path / "cohort.json").read_text())["slides"]):
+        assert meta["seed"] == slide_seed(3, i) == slides[i]["seed"]
+        assert sha256(tmp_path / meta["image"]) == sha256(cohort / slides[i]["image"])
+
+
+def test_stratified_split_counts() -> None:
+    labels = np.array([0] * 7 + [1] * 3)
+    split = stratified_split(labels, (0.6, 0.2, 0.2), seed=0)
+    assert [int(((split == s) & (labels == 0)).sum()) for s in range(3)] == [4, 2, 1]
+    assert [int(((split == s) & (labels == 1)).sum()) for s in range(3)] == [2, 1, 0]
+
+
+def test_cli_arguments(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    parser = add_synth_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(
+        ["--out", str(tmp_path / "c"), "--num-slides", "2", "--size", "1024", "--seed", "1", "--quiet"]
+        + ["--regions", "3,3", "--region-radius", "0.04,0.05", "--workers", "1"]
+    )
+    assert run_synth(args) == 0
+    cohort = json.loads((tmp_path / "c" / "cohort.json").read_text())
+    assert [len(s["regions"]) for s in cohort["slides"]] == [3, 3]
+    assert sorted(s["label"] for s in cohort["slides"]) == [0, 1]
+    bad = parser.parse_args(
+        ["--out", str(tmp_path / "d"), "--num-slides", "1", "--size", "1024", "--mpp", "-1"]
+    )
+    assert run_synth(bad) == 2
+    assert "mpp" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Low magnification finds suspicious regions but cannot tell tumour from mimic; level 0 can
+
+
+def tile_features(tiles: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Per tile: mean and standard deviation of each channel, gradient energy of each channel, and the
+    fraction of pixels darker than each luminance threshold."""
+    t = tiles.astype(np.float64)
+    grad = ((np.diff(t, axis=1) ** 2).mean(axis=(1, 2)) + (np.diff(t, axis=2) ** 2).mean(axis=(1, 2))) ** 0.5
+    lum = t.mean(axis=-1)
+    dark = np.stack([(lum < v).mean(axis=(1, 2)) for v in thresholds], axis=1)
+    return np.concatenate([t.mean(axis=(1, 2)), t.std(axis=(1, 2)), grad, dark], axis=1)
+
+
+def balanced_accuracy_cv(x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int = 5) -> float:
+    """Cross-validated balanced accuracy of a class-balanced linear discriminant (pooled covariance, equal
+    priors, a little ridge), folds by group (a region never in training and test at once)."""
+    rng = np.random.default_rng(0)
+    fold_of = {}
+    for label in (0, 1):
+        for i, g in enumerate(rng.permutation(np.unique(groups[y == label]))):
+            fold_of[g] = i % folds
+    fold = np.array([fold_of[g] for g in groups])
+    pred = np.zeros(len(y), dtype=int)
+    for f in range(folds):
+        train, test = fold != f, fold == f
+        mu, sd = x[train].mean(0), x[train].std(0) + 1e-9
+        z = (x - mu) / sd
+        m0, m1 = z[train & (y == 0)].mean(0), z[train & (y == 1)].mean(0)
+        cov = 0.5 * (np.cov(z[train & (y == 0)].T) + np.cov(z[train & (y == 1)].T)) + 1e-2 * np.eye(
+            x.shape[1]
+        )
+        w = np.linalg.solve(cov, m1 - m0)
+        pred[test] = ((z[test] - (m0 + m1) / 2) @ w > 0).astype(int)
+    return 0.5 * ((pred[y == 1] == 1).mean() + (pred[y == 0] == 0).mean())
+
+
+LEAK_LAYOUT = LayoutOptions(suspicious_regions=(4, 4), region_radius=(0.07, 0.09), tumour_probability=0.5)
+LEAK_SIZE = 16384
+
+
+def leak_seeds(count: int) -> list[int]:
+    """Seeds of positive slides with two tumour and two mimic regions, so that every slide gives as many
+    tiles of each (slide-level stain variation then says nothing about the class)."""
+    seeds = (
+        s
+        for s in range(100, 1000)
+        if sum(r.kind == TUMOUR for r in make_scene(LEAK_SIZE, s, True, LEAK_LAYOUT).regions) == 2
+    )
+    return [next(seeds) for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def leak_tiles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, np.ndarray]]:
+    """Tiles of 256 level-0 px inside tumour and mimic regions (as many of each per slide) and in normal
+    tissue, from three positive 16384-px slides: at downsample 16 (a pyramid level, 16 x 16 px), at
+    downsample 64 (also a pyramid level, 4 x 4 px) and at level 0 (the middle 128 x 128 px). The group of a
+    tile is ``10 * slide seed + region index``."""
+    folder = tmp_path_factory.mktemp("leak")
+    # The slow drift of eosin across a slide (``tone``) is the same field whatever the class, but it gives
+    # each region its own shade; with a dozen regions, those shades would decide the classifier either way.
+    options = SlideOptions(layout=LEAK_LAYOUT, look=Appearance(tone=0.0))
+    rng = np.random.default_rng(1)
+    out: dict[str, dict[str, list]] = {
+        k: {"x": [], "cls": [], "group": []} for k in ("ds1", "ds16", "ds64", "normal16")
+    }
+    step = 256
+    origins = np.arange(0, LEAK_SIZE - step + 1, step)
+    corners = np.array(
+        [[x + dx, y + dy] for y in origins for x in origins for dx in (0, step) for dy in (0, step)]
+    )
+    grid = np.array([[x, y] for y in origins for x in origins])
+    for seed in leak_seeds(3):
+        meta = make_slide(folder / f"{seed}.tiff", LEAK_SIZE, seed, True, options)
+        with tifffile.TiffFile(meta["image"]) as tif:
+            ds16, ds64 = tif.pages[2].asarray(), tif.pages[3].asarray()
+        scene = make_scene(LEAK_SIZE, seed, True, LEAK_LAYOUT)
+        per_class: dict[str, list[tuple[int, np.ndarray]]] = {TUMOUR: [], MIMIC: []}
+        for n, region in enumerate(scene.regions):
+            centre = np.array(region.blob.centre)
+            inner = MplPath(centre + (region.blob.polygon() - centre) * 0.85)  # keep clear of the edge
+            inside = inner.contains_points(corners).reshape(-1, 4).all(axis=1)
+            per_class[region.kind].extend((seed * 10 + n, o) for o in grid[inside])
+        keep = min(len(v) for v in per_class.values())
+        with openslide.OpenSlide(meta["image"]) as s:
+            for cls, items in per_class.items():
+                for i in rng.permutation(len(items))[:keep]:
+                    group, (x, y) = items[i]
+                    centre = (
+                        int(x) + step // 4,
+                        int(y) + step // 4,
+                    )  # the middle 128 px are plenty at level 0
+                    level0 = np.asarray(s.read_region(centre, 0, (step // 2, step // 2)).convert("RGB"))
+                    for key, tile in (
+                        ("ds1", level0),
+                        ("ds16", ds16[y // 16 : (y + step) // 16, x // 16 : (x + step) // 16]),
+                        ("ds64", ds64[y // 64 : (y + step) // 64, x // 64 : (x + step) // 64]),
+                    ):
+                        out[key]["x"].append(tile)
+                        out[key]["cls"].append(cls)
+                        out[key]["group"].append(group)
+        # normal tissue: well inside tissue, far from any region
+        cx, cy = grid[:, 0] + step / 2, grid[:, 1] + step / 2
+        normal = (
+            (scene.sample(FIELD_TISSUE, cx, cy) > 2 * step)
+            & (scene.sample(FIELD_TUMOUR, cx, cy) < -2 * step)
+            & (scene.sample(FIELD_MIMIC, cx, cy) < -2 * step)
+        )
+        for x, y in grid[rng.permutation(np.flatnonzero(normal))[:keep]]:
+            out["normal16"]["x"].append(ds16[y // 16 : (y + step) // 16, x // 16 : (x + step) // 16])
+            out["normal16"]["cls"].append("normal")
+            out["normal16"]["group"].append(seed * 10 + 9)
+    return {k: {f: np.array(v) for f, v in d.items()} for k, d in out.items()}
+
+
+def leak_accuracy(data: dict[str, np.ndarray], other: dict[str, np.ndarray] | None = None) -> float:
+    """Balanced accuracy of tumour vs mimic tiles, or (with ``other``) of suspicious vs ``other`` tiles.
+
+    Tumour vs mimic: features are centred per slide first. Each slide gives as many tiles of each class, so
+    this removes the slide's stain without removing class information; otherwise, with a few slides, the
+    classifier learns which slide a tile comes from, and grouped cross-validation turns that into errors.
+    """
+    tiles, groups = data["x"], data["group"]
+    y = (data["cls"] == TUMOUR).astype(int)
+    if other is not None:
+        tiles, groups = np.concatenate([tiles, other["x"]]), np.concatenate([groups, other["group"]])
+        y = np.concatenate([np.ones(len(data["x"]), int), np.zeros(len(other["x"]), int)])
+    x = tile_features(tiles, np.percentile(tiles.mean(axis=-1), [5, 20, 50]))
+    if other is None:
+        for slide in np.unique(groups // 10):
+            x[groups // 10 == slide] -= x[groups // 10 == slide].mean(axis=0)
+    return balanced_accuracy_cv(x, y, groups)
+
+
+@pytest.mark.slow
+def test_enough_region_tiles_for_the_leak_tests(leak_tiles: dict) -> None:
+    data = leak_tiles["ds16"]
+    assert (data["cls"] == TUMOUR).sum() == (data["cls"] == MIMIC).sum() >= 100
+    assert len(np.unique(data["group"])) >= 10
+
+
+@pytest.mark.slow
+def test_suspicious_regions_stand_out_at_downsample_16(leak_tiles: dict) -> None:
+    assert leak_accuracy(leak_tiles["ds16"], leak_tiles["normal16"]) >= 0.95
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("level", ["ds16", "ds64"])
+def test_tumour_and_mimic_look_alike_at_low_magnification(leak_tiles: dict, level: str) -> None:
+    assert leak_accuracy(leak_tiles[level]) <= 0.65
+
+
+@pytest.mark.slow
+def test_tumour_and_mimic_differ_at_level_0(leak_tiles: dict) -> None:
+    assert leak_accuracy(leak_tiles["ds1"]) >= 0.95
