@@ -1,5 +1,6 @@
 """Slides: opening with backend fallback, tissue box, nested-region geometry, region reads, cohorts."""
 
+from smt_monai.data.annotations import TumourAnnotation
 from smt_monai.data.datalist import DatalistError, load_datalist, load_slide_list
 from smt_monai.data.dataset import LoadLayer1d, layer1_dataset
 from smt_monai.data.errors import SlideReadError
@@ -20,6 +21,7 @@ __all__ = [
     "Slide",
     "SlideCache",
     "SlideReadError",
+    "TumourAnnotation",
     "box_to_xyxy",
     "child_boxes",
     "iter_boxes",

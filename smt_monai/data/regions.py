@@ -31,10 +31,20 @@ def plan_read(slide: Slide, box: np.ndarray, out_side: int) -> tuple[int, tuple[
 
 
 def _resize(region: np.ndarray, out_side: int) -> np.ndarray:
+    """Area-resize a square region to ``out_side`` (bilinear when it must be enlarged).
+
+    Large reductions first average whole blocks (``Image.reduce``, much cheaper than a resampling filter
+    of the same support), then resample the small remainder with a box filter.
+    """
     if region.shape[0] == out_side and region.shape[1] == out_side:
         return region
-    resample = Image.Resampling.BOX if region.shape[0] >= out_side else Image.Resampling.BILINEAR
-    return np.asarray(Image.fromarray(region).resize((out_side, out_side), resample))
+    image = Image.fromarray(region)
+    if region.shape[0] < out_side:
+        return np.asarray(image.resize((out_side, out_side), Image.Resampling.BILINEAR))
+    factor = min(region.shape[0], region.shape[1]) // out_side
+    if factor >= 2:
+        image = image.reduce(factor)
+    return np.asarray(image.resize((out_side, out_side), Image.Resampling.BOX))
 
 
 def iter_boxes(

@@ -70,10 +70,19 @@ class PatchStem(nn.Module):
         remaining = patch_size // reduction
         layers.append(nn.Conv2d(c_in, embed_dim, kernel_size=remaining, stride=remaining))
         self.layers = nn.Sequential(*layers)
+        # Tokens at unit scale: what a patch shows must outweigh the position embeddings (std 0.02) from the
+        # first step, or every patch looks alike to the focusing predictor and training collapses to the
+        # class prior. He initialisation keeps the variance through the GELU convolutions; the LayerNorm
+        # normalises each token (and so keeps token i a function of patch i alone).
+        for layer in self.layers:
+            if isinstance(layer, nn.Conv2d):
+                nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+                nn.init.zeros_(layer.bias)
+        self.norm = nn.LayerNorm(embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embed ``(B, C, grid * patch_size, grid * patch_size)`` images as ``(B, grid**2, embed_dim)``.
 
         Tokens are in row-major patch order, the order ``smt_monai.data.geometry.child_boxes`` uses.
         """
-        return self.layers(x).flatten(2).transpose(1, 2)
+        return self.norm(self.layers(x).flatten(2).transpose(1, 2))
