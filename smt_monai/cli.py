@@ -56,7 +56,14 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return run_synth(args)
 
 
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from smt_monai.benchmark import run_benchmark
+
+    return run_benchmark(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from smt_monai.benchmark import add_benchmark_arguments
     from smt_monai.data.synth import add_synth_arguments
 
     parser = argparse.ArgumentParser(prog="smt-monai", description=__doc__)
@@ -69,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth = sub.add_parser("synth", help="write a synthetic pyramidal-TIFF cohort with annotations")
     add_synth_arguments(synth)
     synth.set_defaults(func=_cmd_synth)
+    benchmark = sub.add_parser("benchmark", help="SMT against dense tiling: speed, accuracy, ablations")
+    add_benchmark_arguments(benchmark)
+    benchmark.set_defaults(func=_cmd_benchmark)
     return parser
 
 

@@ -8,7 +8,8 @@ import torch
 from monai.networks.utils import convert_to_torchscript
 
 from smt_monai.networks import (
-    HE_OD_SCALE,
+    HE_OD_MEAN,
+    HE_OD_STD,
     PRESETS,
     SMT,
     PatchStem,
@@ -140,11 +141,14 @@ def test_normalize_he() -> None:
     image = torch.tensor([255, 0, 128], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 4, 4)
     out = normalize_he(image)
     assert out.dtype == torch.float32 and out.shape == (2, 3, 4, 4)
-    assert bool((out[:, 0] == 0).all())  # white background -> exactly 0
-    assert out[0, 1, 0, 0].item() == pytest.approx(math.log(256) / HE_OD_SCALE[1], rel=1e-6)
-    assert out[0, 2, 0, 0].item() == pytest.approx(-math.log(129 / 256) / HE_OD_SCALE[2], rel=1e-6)
-    white = normalize_he(torch.full((3, 8, 8), 255, dtype=torch.uint8))
-    assert bool((white == 0).all())
+    # white (R) is OD 0, black (G) OD ln 256, mid grey (B) OD ln(256 / 129); each then standardised
+    assert out[0, 0, 0, 0].item() == pytest.approx(-HE_OD_MEAN[0] / HE_OD_STD, rel=1e-6)
+    assert out[0, 1, 0, 0].item() == pytest.approx((math.log(256) - HE_OD_MEAN[1]) / HE_OD_STD, rel=1e-6)
+    assert out[0, 2, 0, 0].item() == pytest.approx(
+        (-math.log(129 / 256) - HE_OD_MEAN[2]) / HE_OD_STD, rel=1e-6
+    )
+    tissue = torch.tensor([223, 198, 220], dtype=torch.uint8).view(3, 1, 1)  # OD about HE_OD_MEAN
+    assert normalize_he(tissue).abs().max().item() < 0.2
     with pytest.raises(ValueError, match="RGB"):
         normalize_he(torch.zeros(4, 8, 8, dtype=torch.uint8))
 

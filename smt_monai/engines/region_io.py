@@ -49,15 +49,16 @@ class BatchRegionReader:
         self.paths = list(paths)
         return self
 
-    def _read_slide(self, slide: int, rows: np.ndarray, boxes: np.ndarray, workers: int) -> list:
+    def _read_slide(self, slide: int, rows: np.ndarray, boxes: np.ndarray, workers: int) -> Iterator:
         opened = self.cache.get(self.paths[slide])
-        return [
-            (rows[idx], images)
-            for idx, images in iter_boxes(opened, boxes[rows], self.out_side, workers, self.chunk_size)
-        ]
+        for idx, images in iter_boxes(opened, boxes[rows], self.out_side, workers, self.chunk_size):
+            yield rows[idx], torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
 
     def chunks(self, slide_index: np.ndarray, boxes: np.ndarray) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """``(row indices, (n, 3, side, side) uint8)`` chunks covering all rows (the ``RegionSource`` API).
+
+        One slide's chunks are yielded as they are read, so a consumer (through ``prefetch``) computes on
+        one chunk while the next is read; several slides are read in parallel, one thread each.
 
         Raises:
             SlideReadError: a slide of the batch failed; its path is in the message.
@@ -66,12 +67,14 @@ class BatchRegionReader:
         boxes = np.asarray(boxes, dtype=np.float64)
         slides = list(dict.fromkeys(slide_index.tolist()))
         per_slide = {s: np.flatnonzero(slide_index == s) for s in slides}
+        if len(slides) == 1:
+            yield from self._read_slide(slides[0], per_slide[slides[0]], boxes, self.num_workers)
+            return
         workers_each = max(1, self.num_workers // len(slides))
         with ThreadPoolExecutor(min(self.num_workers, len(slides))) as pool:
-            results = pool.map(lambda s: self._read_slide(s, per_slide[s], boxes, workers_each), slides)
+            results = pool.map(lambda s: list(self._read_slide(s, per_slide[s], boxes, workers_each)), slides)
             for result in results:
-                for rows, images in result:
-                    yield rows, torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+                yield from result
 
     def __call__(
         self, slide_index: torch.Tensor | np.ndarray, boxes: torch.Tensor | np.ndarray

@@ -98,7 +98,10 @@ class SlideListPredictor:
         self.progress = progress
         cache = SlideCache(backend, capacity=4)
         self.load_layer1 = LoadLayer1d(input_side, backend, cache=cache)
-        self.reader = BatchRegionReader(input_side, backend, num_workers, cache=cache)
+        # Chunks of K regions: layer 3 reads its K^2 regions in K chunks, one read ahead of the network.
+        self.reader = BatchRegionReader(
+            input_side, backend, num_workers, chunk_size=max(1, num_focus), cache=cache
+        )
 
     def _load(self, entry: Mapping[str, Any]) -> tuple[dict, float]:
         start = time.perf_counter()

@@ -3,12 +3,13 @@
 from smt_monai.networks.attention import AttentionWithWeights
 from smt_monai.networks.blocks import AttentionExposingBlock, EncoderBlock
 from smt_monai.networks.layer import FocusPredictor, LayerOutput, SMTLayer
-from smt_monai.networks.normalization import HE_OD_SCALE, normalize_he
+from smt_monai.networks.normalization import HE_OD_MEAN, HE_OD_STD, normalize_he
 from smt_monai.networks.smt import PRESETS, SMT, SMTConfig, smt_paper, smt_tiny
 from smt_monai.networks.stem import PatchStem
 
 __all__ = [
-    "HE_OD_SCALE",
+    "HE_OD_MEAN",
+    "HE_OD_STD",
     "PRESETS",
     "SMT",
     "AttentionExposingBlock",

@@ -1,0 +1,12 @@
+"""Baselines SMT is measured against: the dense tile-everything pipeline with attention-MIL pooling."""
+
+from smt_monai.baselines.dense import (
+    DenseEvaluator,
+    DenseMIL,
+    DenseTrainer,
+    predict_dense,
+    read_tiles,
+    tile_tissue,
+)
+
+__all__ = ["DenseEvaluator", "DenseMIL", "DenseTrainer", "predict_dense", "read_tiles", "tile_tissue"]

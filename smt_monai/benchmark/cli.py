@@ -1,0 +1,176 @@
+"""``smt-monai benchmark``: ``speed``, ``accuracy``, ``ablation``, ``report``, and ``all`` (the default).
+
+Each of the first three writes its figures to ``--json`` (stable keys, see the modules); ``report`` turns the
+three files into ``docs/benchmarks.md``. ``--quick`` shrinks every size (tiny SMT preset, small slides and
+cohort, two epochs) so that CI runs all of it in a few minutes; its figures only show that the code works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from smt_monai.benchmark.bundle_runs import parse_overrides
+
+QUICK_SMT = {
+    "preset": "tiny",
+    "grid": 4,
+    "patch_size": 16,
+    "max_epochs": 2,
+    "start_epoch": [1, 1, 2],
+    "ramp_epochs": 1,
+    "batch_size": 2,
+}
+"""SMT overrides of ``--quick``: the tiny preset, all layers trained within two epochs."""
+QUICK_DENSE = {"max_epochs": 1, "bag_size": 16}
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for CI (figures are meaningless)")
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/bench"), help="slides, cohorts, runs")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--focus", type=int, nargs="+", default=[4, 8], help="K values (default: 4 8)")
+
+
+def _speed(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--slide", default=None, help="time this slide instead of a synthetic one")
+    parser.add_argument("--size", type=int, default=None, help="synthetic slide side (default 60000)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="size sweep (20k 60k 100k)")
+    parser.add_argument("--preset", default=None, help="SMT preset to time (default paper)")
+    parser.add_argument("--patch-size", type=int, default=None, help="dense tile side (default 256)")
+    parser.add_argument("--max-tiles", type=int, default=None, help="dense tiles timed (default 2000)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure (default 3)")
+    parser.add_argument("--backend", default="auto", choices=["auto", "cucim", "openslide", "tifffile"])
+    parser.add_argument("--num-workers", type=int, default=2, help="reading threads (default 2)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast (GPU)")
+
+
+def _training(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-slides", type=int, default=None, help="cohort slides (default 48)")
+    parser.add_argument("--slide-size", type=int, default=None, help="cohort slide side (default 16384)")
+    parser.add_argument("--cohort-seed", type=int, default=0)
+    parser.add_argument(
+        "--smt", action="append", metavar="KEY=VALUE", help="train.yaml/evaluate.yaml override (repeatable)"
+    )
+    parser.add_argument("--dense", action="append", metavar="KEY=VALUE", help="train_dense.yaml override")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="ablation seeds (default 0 1 2)")
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8], help="K sweep (default 1 2 4 8)")
+
+
+def _report(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
+    parser.add_argument(
+        "--notes", type=Path, default=Path("docs/benchmarks/notes.md"), help="hand-written findings to append"
+    )
+
+
+def add_benchmark_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``benchmark`` subcommands to ``parser`` (for ``smt-monai benchmark``)."""
+    sub = parser.add_subparsers(dest="benchmark", required=False)
+    for name, parts, help_text in (
+        ("speed", (_common, _speed), "time SMT, dense and the I/O floor on one slide; memory per size"),
+        ("accuracy", (_common, _training), "SMT against dense on a held-out synthetic split"),
+        ("ablation", (_common, _training), "the paper's ablations and the K sweep"),
+        ("report", (_common, _report), "write docs/benchmarks.md from the JSON figures"),
+        ("all", (_common, _speed, _training, _report), "run everything, then the report (the default)"),
+    ):
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        for add in parts:
+            add(command)
+        if name in ("speed", "accuracy", "ablation"):
+            command.add_argument("--json", type=Path, default=None, help=f"output (default WORK/{name}.json)")
+        if name == "report":
+            for source in ("speed", "accuracy", "ablation"):
+                command.add_argument(f"--{source}-json", type=Path, default=None)
+    return parser
+
+
+def _pick(value: Any, quick: bool, quick_value: Any, full_value: Any) -> Any:
+    return value if value is not None else (quick_value if quick else full_value)
+
+
+def _save(data: dict[str, Any], path: Path, args: argparse.Namespace) -> None:
+    data["command"] = "smt-monai benchmark " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    data["quick"] = bool(args.quick)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    print(f"wrote {path}")
+
+
+def _run_speed(args: argparse.Namespace, path: Path) -> None:
+    from smt_monai.benchmark.speed import benchmark_speed
+
+    q = args.quick
+    data = benchmark_speed(
+        args.work_dir,
+        size=_pick(args.size, q, 2048, 60000),
+        slide=args.slide,
+        sizes=_pick(args.sizes, q, [1024, 2048], [20000, 60000, 100000]),
+        focus=args.focus,
+        preset=_pick(args.preset, q, "tiny", "paper"),
+        patch_size=_pick(args.patch_size, q, 16, 256),
+        max_tiles=_pick(args.max_tiles, q, 256, 2000),
+        repeats=_pick(args.repeats, q, 1, 3),
+        backend=args.backend,
+        num_workers=args.num_workers,
+        device=args.device,
+        amp=args.amp,
+    )
+    _save(data, path, args)
+
+
+def _training_settings(args: argparse.Namespace) -> dict[str, Any]:
+    q = args.quick
+    return {
+        "num_slides": _pick(args.num_slides, q, 8, 48),
+        "size": _pick(args.slide_size, q, 1024, 16384),
+        "seed": args.cohort_seed,
+        "smt_overrides": {**(QUICK_SMT if q else {}), **parse_overrides(args.smt)},
+    }
+
+
+def _run_accuracy(args: argparse.Namespace, path: Path) -> None:
+    from smt_monai.benchmark.accuracy import benchmark_accuracy
+
+    dense = {**(QUICK_DENSE if args.quick else {}), **parse_overrides(args.dense)}
+    settings = _training_settings(args)
+    data = benchmark_accuracy(args.work_dir, focus=args.focus, dense_overrides=dense, **settings)
+    _save(data, path, args)
+
+
+def _run_ablation(args: argparse.Namespace, path: Path) -> None:
+    from smt_monai.benchmark.ablation import benchmark_ablation
+
+    seeds = _pick(args.seeds, args.quick, [0], [0, 1, 2])
+    data = benchmark_ablation(args.work_dir, seeds=seeds, ks=args.ks, **_training_settings(args))
+    _save(data, path, args)
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    """Run the chosen benchmark subcommand (``all`` when none was given); returns the exit status."""
+    import torch
+
+    from smt_monai.benchmark.report import write_report
+
+    command = args.benchmark or "all"
+    if args.benchmark is None:  # plain ``smt-monai benchmark``: every option at its default
+        args = add_benchmark_arguments(argparse.ArgumentParser()).parse_args(["all"])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work: Path = args.work_dir
+    runners = {"speed": _run_speed, "accuracy": _run_accuracy, "ablation": _run_ablation}
+    if command in runners:
+        runners[command](args, args.json or work / f"{command}.json")
+        return 0
+    if command == "all":
+        for name, runner in runners.items():
+            runner(args, work / f"{name}.json")
+    sources = {name: getattr(args, f"{name}_json", None) or work / f"{name}.json" for name in runners}
+    out = write_report(args.out, sources["speed"], sources["accuracy"], sources["ablation"], args.notes)
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,288 @@
+"""``docs/benchmarks.md`` from the JSON figures of ``speed``, ``accuracy`` and ``ablation``, with its plots.
+
+Everything in the page comes from the JSON files (figures, machine, versions, commands), so rerunning the
+benchmarks and then ``report`` regenerates it; a benchmark that was not run is said to be missing rather
+than left out silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+TARGETS = {"dense_over_smt_k4": 300.0, "dense_over_smt_stretch_k4": 500.0, "smt_over_floor_k4": 2.0}
+ACCURACY_GAP_POINTS = 2.0
+MIN_TEST_SLIDES = 20
+"""Below this many test slides one slide moves balanced accuracy by more than the 2-point target."""
+
+
+def _load(path: str | os.PathLike | None) -> dict[str, Any] | None:
+    if path is None or not Path(path).exists():
+        return None
+    return json.loads(Path(path).read_text())
+
+
+def _f(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _provenance(name: str, data: dict[str, Any]) -> list[str]:
+    env = data.get("environment", {})
+    lines = [
+        f"- **{name}**: `{data.get('command', '?')}`"
+        + (" (**quick mode**: tiny sizes, figures meaningless)" if data.get("quick") else ""),
+        f"  - {env.get('cpu', '?')}, {env.get('cores', '?')} cores, {env.get('torch_threads', '?')} torch "
+        f"threads, device {env.get('device', '?')}{' (' + env['gpu'] + ')' if env.get('gpu') else ''}; "
+        f"Python {env.get('python', '?')}, torch {env.get('torch', '?')}, MONAI {env.get('monai', '?')}; "
+        f"load average at the end {env.get('load_average', '?')}",
+    ]
+    return lines
+
+
+def speed_section(speed: dict[str, Any], plot_dir: Path, doc_dir: Path) -> list[str]:
+    """Tables of per-slide time, ratios against the targets, the size sweep with memory, and its plot."""
+    focus = sorted(int(k[len("regions_k") :]) for k in speed if k.startswith("regions_k"))
+    lines = [
+        "## Speed",
+        "",
+        f"One slide of {speed['slide_width']} x {speed['slide_height']} px"
+        + (f" ({100 * speed['tissue_fraction']:.0f}% tissue)" if speed.get("tissue_fraction") else "")
+        + f", backend `{speed['backend']}`, {speed['num_workers']} reading threads, SMT preset "
+        f"`{speed['preset']}` ({speed['input_side']} px inputs), random weights, median of "
+        f"{speed['repeats']} runs after a warm-up. Every run opens the slide afresh.",
+        "",
+        "| method | regions / tiles | s / slide | network s | waiting for reads s | dense / this |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for k in focus:
+        lines.append(
+            f"| SMT, K = {k} | {speed[f'regions_k{k}']} | {_f(speed[f'smt_seconds_k{k}'])} | "
+            f"{_f(speed[f'smt_compute_seconds_k{k}'])} | {_f(speed[f'smt_read_wait_seconds_k{k}'])} | "
+            f"{_f(speed[f'dense_over_smt_k{k}'], 1)} |"
+        )
+    for k in focus:
+        lines.append(
+            f"| reading SMT's regions only (I/O floor), K = {k} | {speed[f'regions_k{k}']} | "
+            f"{_f(speed[f'floor_seconds_k{k}'])} | - | - | - |"
+        )
+    how = (
+        f"extrapolated from {speed['dense_tiles_timed']} timed tiles"
+        if speed["dense_extrapolated"]
+        else "all tiles timed"
+    )
+    lines += [
+        f"| dense ResNet-18 + attention MIL ({how}) | {speed['dense_tiles_total']} | "
+        f"{_f(speed['dense_seconds'], 1)} | {_f(speed['dense_compute'], 1)} (timed tiles) | "
+        f"{_f(speed['dense_read_wait'], 2)} (timed tiles) | 1 |",
+        "",
+        f"Dense costs {_f(1000 * speed['dense_seconds_per_tile'], 1)} ms per tile.",
+        "",
+    ]
+    for k in focus:
+        lines.append(
+            f"- K = {k}: dense / SMT = **{_f(speed[f'dense_over_smt_k{k}'], 1)}**, "
+            f"SMT / I/O floor = **{_f(speed[f'smt_over_floor_k{k}'], 2)}**"
+        )
+    ratio, floor = speed.get("dense_over_smt_k4"), speed.get("smt_over_floor_k4")
+    if ratio is not None and floor is not None:
+        lines += ["", "Targets (K = 4):", ""]
+        met = "met" if ratio >= TARGETS["dense_over_smt_k4"] else "**missed**"
+        lines.append(f"- dense / SMT >= 300 (stretch 500): {_f(ratio, 1)}, {met}")
+        met = "met" if floor <= TARGETS["smt_over_floor_k4"] else "**missed**"
+        lines.append(f"- SMT / I/O floor <= 2: {_f(floor, 2)}, {met}")
+    sizes = speed.get("by_size", [])
+    if sizes:
+        k = focus[0]
+        lines += [
+            "",
+            f"### Time and memory against slide size (K = {k})",
+            "",
+            "Dense time per size is the measured cost per tile times that slide's tissue tiles. Peak memory "
+            "is the resident set of a fresh process running SMT on that one slide (model included).",
+            "",
+            "| slide side px | tissue | SMT s | dense tiles | dense s (est.) | dense / SMT | model RSS MiB | "
+            "peak RSS MiB |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for p in sizes:
+            lines.append(
+                f"| {p['size']} | {_f(p.get('tissue_fraction'), 2)} | {_f(p[f'smt_seconds_k{k}'])} | "
+                f"{p['dense_tiles']} | {_f(p['dense_seconds'], 1)} | "
+                f"{_f(p['dense_seconds'] / p[f'smt_seconds_k{k}'], 1)} | {_f(p['model_rss_mb'], 0)} | "
+                f"{_f(p['peak_rss_mb'], 0)} |"
+            )
+        image = _plot_time_vs_size(sizes, k, plot_dir / "time_vs_size.png")
+        lines += ["", f"![time per slide against slide size]({os.path.relpath(image, doc_dir)})"]
+    return lines + [""]
+
+
+def accuracy_section(acc: dict[str, Any]) -> list[str]:
+    """SMT against dense on the held-out split."""
+    prefix = "balanced_accuracy_smt_k"
+    focus = sorted(int(k[len(prefix) :]) for k in acc if k.startswith(prefix))
+    lines = [
+        "## Accuracy",
+        "",
+        f"Synthetic cohort `{acc['cohort']}` ({acc['num_slides']} slides of {acc['slide_size']} px); both "
+        f"models trained on its training split and evaluated on its testing split "
+        f"({acc.get('num_test_slides', '?')} slides), which neither saw. SMT overrides: "
+        f"`{json.dumps(acc['smt_overrides'])}`; dense overrides: `{json.dumps(acc['dense_overrides'])}`.",
+        "",
+        "| model | balanced accuracy | AUC | layer-1 balanced accuracy | focus hit rate | focus precision | "
+        "s / slide |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for k in focus:
+        lines.append(
+            f"| SMT, K = {k} | {_f(acc[f'balanced_accuracy_smt_k{k}'])} | {_f(acc[f'auc_smt_k{k}'])} | "
+            f"{_f(acc.get(f'balanced_accuracy_layer1_smt_k{k}'))} | {_f(acc.get(f'focus_hit_rate_k{k}'))} | "
+            f"{_f(acc.get(f'focus_precision_k{k}'))} | {_f(acc.get(f'seconds_per_slide_smt_k{k}'))} |"
+        )
+    lines.append(
+        f"| dense | {_f(acc['balanced_accuracy_dense'])} | {_f(acc['auc_dense'])} | - | - | - | "
+        f"{_f(acc.get('seconds_per_slide_dense'))} |"
+    )
+    gap = acc.get("dense_minus_smt_points_k4")
+    if gap is not None and (acc.get("num_test_slides") or 0) < MIN_TEST_SLIDES:
+        lines += ["", f"Target (SMT within 2 points of dense): not judged, < {MIN_TEST_SLIDES} test slides."]
+    elif gap is not None:
+        met = "met" if gap <= ACCURACY_GAP_POINTS else "**missed**"
+        lines += ["", f"Target: SMT (K = 4) within 2 points of dense: dense - SMT = {gap:.1f} points, {met}."]
+    return lines + [""]
+
+
+def ablation_section(abl: dict[str, Any], plot_dir: Path, doc_dir: Path) -> list[str]:
+    """The variants (mean and standard deviation over seeds), the missing switches, and the K sweep."""
+    lines = [
+        "## Ablations (paper Table 2 and Figure 3)",
+        "",
+        f"Cohort `{abl['cohort']}`, seeds {abl['seeds']}, base overrides "
+        f"`{json.dumps(abl['smt_overrides'])}`; "
+        "mean +- standard deviation over seeds, testing split.",
+        "",
+        "| variant | overrides | balanced accuracy | AUC | focus hit rate | focus precision | "
+        "layer-1 bal. acc. |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+
+    def ms(entry: dict[str, Any]) -> str:
+        return "n/a" if entry["mean"] is None else f"{entry['mean']:.3f} +- {entry['std']:.3f}"
+
+    for name, v in abl["variants"].items():
+        lines.append(
+            f"| {name} | `{json.dumps(v['overrides'])}` | {ms(v['balanced_accuracy'])} | {ms(v['auc'])} | "
+            f"{ms(v['focus_hit_rate'])} | {ms(v['focus_precision'])} | {ms(v['balanced_accuracy_layer1'])} |"
+        )
+    lines += ["", "Not measurable yet (the trainer has no switch for them):", ""]
+    lines += [f"- {name}: needs `{need}`" for name, need in abl.get("missing", {}).items()]
+    sweep = abl.get("k_sweep", [])
+    if sweep:
+        lines += [
+            "",
+            "### Accuracy and time against K (default model)",
+            "",
+            "| K | regions | balanced accuracy | AUC | focus hit rate | s / slide |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for p in sweep:
+            lines.append(
+                f"| {p['k']} | {p['regions']} | {_f(p['balanced_accuracy'])} | {_f(p['auc'])} | "
+                f"{_f(p['focus_hit_rate'])} | {_f(p['seconds_per_slide'])} |"
+            )
+        image = _plot_accuracy_vs_k(sweep, plot_dir / "accuracy_vs_k.png")
+        lines += ["", f"![accuracy and time against K]({os.path.relpath(image, doc_dir)})"]
+    return lines + [""]
+
+
+def _plot_time_vs_size(points: list[dict[str, Any]], k: int, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [p["size"] / 1000 for p in points]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(sizes, [p[f"smt_seconds_k{k}"] for p in points], "o-", label=f"SMT, K = {k}")
+    ax.plot(sizes, [p["dense_seconds"] for p in points], "s--", label="dense (ResNet-18 + MIL)")
+    ax.set(xlabel="slide side (1000 px)", ylabel="seconds per slide", yscale="log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_accuracy_vs_k(points: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = [p["k"] for p in points]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for key, label in (("balanced_accuracy", "balanced accuracy"), ("auc", "AUC")):
+        ax.plot(ks, [p[key] if p[key] is not None else float("nan") for p in points], "o-", label=label)
+    ax.set(xlabel="K (regions focused per layer)", ylabel="score", xscale="log", ylim=(0, 1.05))
+    ax.set_xticks(ks, [str(k) for k in ks])
+    twin = ax.twinx()
+    twin.plot(ks, [p["seconds_per_slide"] for p in points], "k:", marker="x", label="s / slide")
+    twin.set_ylabel("seconds per slide")
+    lines, labels = ax.get_legend_handles_labels()
+    more, more_labels = twin.get_legend_handles_labels()
+    ax.legend(lines + more, labels + more_labels, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(
+    out: str | os.PathLike,
+    speed_json: str | os.PathLike | None,
+    accuracy_json: str | os.PathLike | None,
+    ablation_json: str | os.PathLike | None,
+    notes: str | os.PathLike | None = None,
+) -> Path:
+    """Write the benchmark page ``out`` (plots beside it in ``<out stem>/``); returns its path.
+
+    Args:
+        out: the Markdown file (``docs/benchmarks.md``).
+        speed_json, accuracy_json, ablation_json: the benchmarks' ``--json`` outputs (missing: said so).
+        notes: a Markdown file of hand-written findings inserted after the tables (optional).
+    """
+    out = Path(out)
+    plot_dir = out.parent / out.stem
+    speed, acc, abl = _load(speed_json), _load(accuracy_json), _load(ablation_json)
+    lines = [
+        "# Benchmarks",
+        "",
+        "SMT against the standard dense pipeline (every tissue tile at level 0 through ResNet-18, attention "
+        "MIL), on the same slides, reader and threads. Generated by `python scripts/benchmark.py` "
+        "(`smt-monai benchmark speed|accuracy|ablation|report`); do not edit by hand.",
+        "",
+        "## Runs",
+        "",
+    ]
+    for name, data in (("speed", speed), ("accuracy", acc), ("ablation", abl)):
+        lines += _provenance(name, data) if data else [f"- **{name}**: not run"]
+    lines.append("")
+    if speed:
+        lines += speed_section(speed, plot_dir, out.parent)
+    if acc:
+        lines += accuracy_section(acc)
+    if abl:
+        lines += ablation_section(abl, plot_dir, out.parent)
+    if notes is not None and Path(notes).exists():
+        lines += [Path(notes).read_text().rstrip(), ""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    return out
