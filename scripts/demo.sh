@@ -7,8 +7,8 @@ source "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
 OUT="${DEMO_DIR:-$ROOT/demo_output}"
 DATA="$OUT/cohort"
-# A CPU-sized SMT: the tiny preset (width 64, depth 2) on 256-px layer inputs of 8 x 8 patches.
-GEOMETRY=(--preset tiny --grid 8 --patch_size 32 --num_focus 4)
+# A CPU-sized SMT: the tiny preset (width 64, depth 2) on 256-px layer inputs of 4 x 4 patches.
+GEOMETRY=(--preset tiny --grid 4 --patch_size 64 --num_focus 4)
 
 if [ ! -f "$DATA/datalist.json" ]; then
   smt-monai synth --out "$DATA" --num-slides 12 --size 8192 --seed 7
@@ -21,7 +21,7 @@ echo
 echo "== training (a few epochs; see bundle/docs/README.md for a full run) =="
 python -m monai.bundle run training --config_file bundle/configs/train.yaml \
   --dataset_dir "$DATA" --output_dir "$OUT/model" "${GEOMETRY[@]}" \
-  --max_epochs "${DEMO_EPOCHS:-6}" --start_epoch "[1,2,3]" --ramp_epochs 2 --batch_size 4
+  --max_epochs "${DEMO_EPOCHS:-8}" --start_epoch "[1,2,3]" --ramp_epochs 2 --batch_size 2
 
 echo
 echo "== evaluation on the testing split =="
