@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from smt_monai.benchmark.bundle_runs import evaluate_smt, run_dir, train_smt
+from smt_monai.benchmark.bundle_runs import evaluate, run_dir, train
 from smt_monai.benchmark.fixtures import environment, synthetic_cohort
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -73,20 +73,20 @@ def benchmark_ablation(
         for s in seeds:
             overrides = {**base, **extra} if s == 0 else {**base, **extra, "seed": s}
             folder = run_dir(work_dir, datalist, "smt", overrides)
-            model = train_smt(datalist, folder / "train", overrides)
+            model = train("train.yaml", datalist, folder / "train", overrides)
             k = int(overrides.get("num_focus", 4))
             evaluation = {**overrides, "num_focus": k}
-            per_seed.append(evaluate_smt(datalist, model, folder / f"eval_k{k}", evaluation))
+            per_seed.append(evaluate("evaluate.yaml", datalist, model, folder / f"eval_k{k}", evaluation))
         out["variants"][name] = {
             "overrides": dict(extra),
             **{m: _summary([r.get(m) for r in per_seed]) for m in METRICS},
             "per_seed": per_seed,
         }
     folder = run_dir(work_dir, datalist, "smt", base)
-    model = train_smt(datalist, folder / "train", base)
+    model = train("train.yaml", datalist, folder / "train", base)
     out["k_sweep"] = []
     for k in ks:
-        metrics = evaluate_smt(datalist, model, folder / f"eval_k{k}", {**base, "num_focus": k})
+        metrics = evaluate("evaluate.yaml", datalist, model, folder / f"eval_k{k}", {**base, "num_focus": k})
         out["k_sweep"].append(
             {
                 "k": k,

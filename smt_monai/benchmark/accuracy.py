@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from smt_monai.benchmark.bundle_runs import evaluate_dense, evaluate_smt, run_dir, train_dense, train_smt
+from smt_monai.benchmark.bundle_runs import evaluate, run_dir, train
 from smt_monai.benchmark.fixtures import environment, synthetic_cohort
 
 SMT_METRICS = ("balanced_accuracy", "auc", "focus_hit_rate", "focus_precision", "balanced_accuracy_layer1")
@@ -53,7 +53,7 @@ def benchmark_accuracy(
     dense_overrides = {"patch_size": smt_overrides.get("patch_size", 256), **(dense_overrides or {})}
     datalist = synthetic_cohort(work_dir, num_slides, size, seed)
     smt_dir = run_dir(work_dir, datalist, "smt", smt_overrides)
-    model = train_smt(datalist, smt_dir / "train", smt_overrides)
+    model = train("train.yaml", datalist, smt_dir / "train", smt_overrides)
     out: dict[str, Any] = {
         "environment": environment(),
         "cohort": str(datalist.parent),
@@ -63,12 +63,14 @@ def benchmark_accuracy(
         "dense_overrides": dense_overrides,
     }
     for k in focus:
-        metrics = evaluate_smt(datalist, model, smt_dir / f"eval_k{k}", {**smt_overrides, "num_focus": k})
+        metrics = evaluate(
+            "evaluate.yaml", datalist, model, smt_dir / f"eval_k{k}", {**smt_overrides, "num_focus": k}
+        )
         out.update(smt_figures(metrics, k))
     out["num_test_slides"] = metrics.get("num_slides")
     dense_dir = run_dir(work_dir, datalist, "dense", dense_overrides)
-    dense_model = train_dense(datalist, dense_dir / "train", dense_overrides)
-    dense = evaluate_dense(datalist, dense_model, dense_dir / "eval", dense_overrides)
+    dense_model = train("train_dense.yaml", datalist, dense_dir / "train", dense_overrides)
+    dense = evaluate("evaluate_dense.yaml", datalist, dense_model, dense_dir / "eval", dense_overrides)
     out.update(
         balanced_accuracy_dense=dense["balanced_accuracy"],
         auc_dense=dense["auc"],

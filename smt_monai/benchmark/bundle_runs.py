@@ -34,51 +34,26 @@ def run_bundle(config: str, run_id: str, overrides: Mapping[str, Any]) -> None:
     flow.finalize()
 
 
-def train_smt(datalist: Path, out: Path, overrides: Mapping[str, Any]) -> Path:
-    """Train SMT with ``train.yaml`` (once per ``out``); returns the best ``model.pt``."""
+def train(config: str, datalist: Path, out: Path, overrides: Mapping[str, Any]) -> Path:
+    """Run ``training`` of ``config`` (``train.yaml`` or ``train_dense.yaml``) once per ``out``; returns
+    its best ``model.pt``."""
     model = out / "model.pt"
     if not model.exists():
         run_bundle(
-            "train.yaml",
-            "training",
-            {"dataset_dir": str(datalist.parent), "output_dir": str(out), **overrides},
+            config, "training", {"dataset_dir": str(datalist.parent), "output_dir": str(out), **overrides}
         )
     return model
 
 
-def evaluate_smt(datalist: Path, model: Path, out: Path, overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """``evaluate.yaml`` on the testing split (once per ``out``); returns its ``metrics.json``."""
+def evaluate(
+    config: str, datalist: Path, model: Path, out: Path, overrides: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Run ``evaluating`` of ``config`` (``evaluate.yaml`` or ``evaluate_dense.yaml``) on the testing split
+    once per ``out``; returns its ``metrics.json``."""
     metrics = out / "metrics.json"
     if not metrics.exists():
-        run_bundle(
-            "evaluate.yaml",
-            "evaluating",
-            {"datalist": str(datalist), "ckpt_path": str(model), "output_dir": str(out), **overrides},
-        )
-    return json.loads(metrics.read_text())
-
-
-def train_dense(datalist: Path, out: Path, overrides: Mapping[str, Any]) -> Path:
-    """Train the dense baseline with ``train_dense.yaml`` (once per ``out``); returns ``model.pt``."""
-    model = out / "model.pt"
-    if not model.exists():
-        run_bundle(
-            "train_dense.yaml",
-            "training",
-            {"dataset_dir": str(datalist.parent), "output_dir": str(out), **overrides},
-        )
-    return model
-
-
-def evaluate_dense(datalist: Path, model: Path, out: Path, overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """``evaluate_dense.yaml`` on the testing split (once per ``out``); returns its ``metrics.json``."""
-    metrics = out / "metrics.json"
-    if not metrics.exists():
-        run_bundle(
-            "evaluate_dense.yaml",
-            "evaluating",
-            {"datalist": str(datalist), "ckpt_path": str(model), "output_dir": str(out), **overrides},
-        )
+        overrides = {"datalist": str(datalist), "ckpt_path": str(model), "output_dir": str(out), **overrides}
+        run_bundle(config, "evaluating", overrides)
     return json.loads(metrics.read_text())
 
 

@@ -92,9 +92,7 @@ def run_smt(
     }
 
 
-def run_floor(
-    path: str, boxes: Sequence[np.ndarray], out_side: int, backend: str, num_workers: int
-) -> float:
+def run_floor(path: str, boxes: Sequence[np.ndarray], out_side: int, backend: str, num_workers: int) -> float:
     """Seconds to open ``path``, find its tissue box and read ``boxes`` (an array per layer), nothing else."""
     start = time.perf_counter()
     with open_slide(path, backend) as slide:

@@ -71,6 +71,8 @@ class SMTEvaluator(Evaluator):
             val_data_loader=val_data_loader,
             key_val_metric=key_val_metric,
             additional_metrics=additional_metrics,
+            # ties go to the later epoch: the best model is the most trained of the equally accurate ones
+            metric_cmp_fn=lambda current, best: current >= best,
             val_handlers=val_handlers,
             amp=amp,
             decollate=False,
