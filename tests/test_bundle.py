@@ -15,21 +15,14 @@ import torch
 from conftest import TINY_OVERRIDES, write_cohort
 from monai.bundle import ConfigWorkflow
 
+from smt_monai.benchmark.bundle_runs import bundle_workflow
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundle" / "configs"
 
 
 def workflow(config: str, run_id: str, **overrides) -> ConfigWorkflow:
-    flow = ConfigWorkflow(
-        config_file=str(CONFIGS / config),
-        meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=str(CONFIGS / "logging.conf"),
-        run_id=run_id,
-        workflow_type=None,
-        **{**TINY_OVERRIDES, **overrides},
-    )
-    flow.initialize()
-    return flow
+    return bundle_workflow(config, run_id, {**TINY_OVERRIDES, **overrides})
 
 
 def part(flow: ConfigWorkflow, config_id: str):

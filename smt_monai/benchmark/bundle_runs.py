@@ -17,8 +17,8 @@ from typing import Any
 CONFIGS = Path(__file__).resolve().parents[2] / "bundle" / "configs"
 
 
-def run_bundle(config: str, run_id: str, overrides: Mapping[str, Any]) -> None:
-    """Run ``run_id`` of ``bundle/configs/<config>`` with ``overrides`` (bundle ids to values)."""
+def bundle_workflow(config: str, run_id: str, overrides: Mapping[str, Any]) -> Any:
+    """The initialised ``ConfigWorkflow`` of ``run_id`` in ``bundle/configs/<config>`` with ``overrides``."""
     from monai.bundle import ConfigWorkflow
 
     flow = ConfigWorkflow(
@@ -30,6 +30,12 @@ def run_bundle(config: str, run_id: str, overrides: Mapping[str, Any]) -> None:
         **dict(overrides),
     )
     flow.initialize()
+    return flow
+
+
+def run_bundle(config: str, run_id: str, overrides: Mapping[str, Any]) -> None:
+    """Run ``run_id`` of ``bundle/configs/<config>`` with ``overrides`` (bundle ids to values)."""
+    flow = bundle_workflow(config, run_id, overrides)
     flow.run()
     flow.finalize()
 
