@@ -23,6 +23,7 @@ import contextlib
 import logging
 import os
 import re
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,18 +44,23 @@ _CUCIM_SAFE_COMPRESSION = {7, 33003, 33005}
 
 
 _CUCIM_IMPORT: list[Any] = []
+# cuCIM's import, its file opening and the first read of a slide are serialised: two threads doing these
+# at once crashed the process now and then (a segmentation fault while a CacheDataset opened slides on two
+# threads). Region reads of opened slides run in parallel.
+_CUCIM_LOCK = threading.RLock()
 
 
 def cucim_available() -> bool:
     """True when cuCIM imports (it is a Linux x86_64 dependency only)."""
-    if not _CUCIM_IMPORT:
-        try:
-            import cucim  # noqa: F401
+    with _CUCIM_LOCK:
+        if not _CUCIM_IMPORT:
+            try:
+                import cucim  # noqa: F401
 
-            _CUCIM_IMPORT.append(True)
-        except Exception:  # any failure to load native libraries means: not available
-            _CUCIM_IMPORT.append(False)
-    return bool(_CUCIM_IMPORT[0])
+                _CUCIM_IMPORT.append(True)
+            except Exception:  # any failure to load native libraries means: not available
+                _CUCIM_IMPORT.append(False)
+        return bool(_CUCIM_IMPORT[0])
 
 
 @dataclass
@@ -476,7 +482,8 @@ def _open_with(path: str, backend: str, tiff: TiffInfo | None) -> Slide:
     from monai.data import WSIReader
 
     if backend == "cucim":
-        handle = WSIReader(backend="cucim").read(path)
+        with _CUCIM_LOCK:
+            handle = WSIReader(backend="cucim").read(path)
         dims = [tuple(d) for d in handle.resolutions["level_dimensions"]]
     elif backend == "openslide":
         handle = WSIReader(backend="openslide").read(path)
@@ -550,7 +557,8 @@ def open_slide(path: str | os.PathLike, backend: str = "auto") -> Slide:
             continue
         try:
             w, h = slide.level_dimensions[-1]
-            smallest = slide.read_region((0, 0), slide.level_count - 1, (min(w, 8192), min(h, 8192)))
+            with _CUCIM_LOCK if name == "cucim" else contextlib.nullcontext():
+                smallest = slide.read_region((0, 0), slide.level_count - 1, (min(w, 8192), min(h, 8192)))
         except SlideReadError as exc:
             slide.close()
             raise SlideReadError(path, exc.problem) from None
