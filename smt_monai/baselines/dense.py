@@ -34,6 +34,7 @@ from smt_monai.data.regions import SlideCache, iter_boxes
 from smt_monai.data.slide import Slide
 from smt_monai.data.tissue import tissue_mask
 from smt_monai.handlers.metrics import balanced_accuracy, roc_auc
+from smt_monai.inference.model import load_network
 from smt_monai.networks.normalization import normalize_he
 from smt_monai.utils import atomic_path, prefetch
 
@@ -274,8 +275,7 @@ class DenseEvaluator:
     def run(self) -> dict[str, Any]:
         """Predict all slides; returns the metrics (also written to ``output_path``)."""
         if self.ckpt_path is not None:
-            state = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
-            self.network.load_state_dict(state)
+            load_network(self.network, self.ckpt_path, "checkpoint", self.device)
         self.network.to(self.device).eval()
         labels, probs, seconds = [], [], []
         cache = SlideCache(self.backend, capacity=2)

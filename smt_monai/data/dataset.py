@@ -84,11 +84,15 @@ def layer1_dataset(
     cache: bool = True,
     num_workers: int = 2,
     progress: bool = True,
+    slide_cache: SlideCache | None = None,
 ) -> CacheDataset:
-    """A dataset of layer-1 items; with ``cache`` every thumbnail is read once (``num_workers`` threads)."""
+    """A dataset of layer-1 items; with ``cache`` every thumbnail is read once (``num_workers`` threads).
+
+    ``slide_cache`` (shared with the engine's region reader) keeps slides open between the two.
+    """
     return CacheDataset(
         data=list(entries),
-        transform=LoadLayer1d(out_side, backend),
+        transform=LoadLayer1d(out_side, backend, cache=slide_cache),
         cache_rate=1.0 if cache else 0.0,
         num_workers=num_workers,
         progress=progress,

@@ -12,6 +12,28 @@ from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
 
+def checkpoints(folder: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(epoch, path)`` of each ``checkpoint_epoch=N.pt`` that ``CheckpointSaver`` wrote, oldest first."""
+    found = []
+    for path in Path(folder).glob("*checkpoint_epoch=*.pt"):
+        match = re.search(r"epoch=(\d+)", path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def last_checkpoint(folder: str | os.PathLike) -> str:
+    """The newest checkpoint in ``folder``.
+
+    Raises:
+        FileNotFoundError: there is none (``resume: true`` on a run that never saved).
+    """
+    found = checkpoints(folder)
+    if not found:
+        raise FileNotFoundError(f"resume: no checkpoint_epoch=N.pt in {folder}")
+    return str(found[-1][1])
+
+
 class TrainingCheckpoint:
     """Keep the last epoch's network, optimiser and trainer state in ``save_dir``, and resume from it.
 
@@ -43,8 +65,6 @@ class TrainingCheckpoint:
         self.map_location = map_location
 
     def attach(self, engine: Engine) -> None:
-        from smt_monai.engines import last_checkpoint
-
         objects = {"network": self.network, "optimizer": self.optimizer, "trainer": engine}
         if self.resume:
             path = last_checkpoint(self.save_dir)
@@ -57,7 +77,6 @@ class TrainingCheckpoint:
 
     def _prune(self, engine: Engine) -> None:
         """Remove checkpoints of earlier epochs (a resumed run's saver does not know of them)."""
-        for path in Path(self.save_dir).glob("*checkpoint_epoch=*.pt"):
-            match = re.search(r"epoch=(\d+)", path.name)
-            if match and int(match.group(1)) < engine.state.epoch:
+        for epoch, path in checkpoints(self.save_dir):
+            if epoch < engine.state.epoch:
                 path.unlink(missing_ok=True)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from smt_monai.data.dataset import LoadLayer1d
 from smt_monai.data.regions import SlideCache
+from smt_monai.data.slide import slide_id_of
 from smt_monai.engines.region_io import BatchRegionReader
 from smt_monai.handlers.metrics import balanced_accuracy, roc_auc
 from smt_monai.inference.cascade import SlidePrediction, predict_cascade
@@ -48,7 +49,7 @@ def output_folders(images: Sequence[str]) -> list[str]:
     seen: dict[str, int] = {}
     names = []
     for image in images:
-        base = Path(image).name.rsplit(".", 1)[0] or "slide"
+        base = slide_id_of(image) or "slide"
         seen[base] = seen.get(base, 0) + 1
         names.append(base if seen[base] == 1 else f"{base}_{seen[base]}")
     return names
