@@ -1,11 +1,12 @@
 """Time reading SMT's 1 + K + K^2 regions from one large slide, per backend, against the decoding floor.
 
-    python scripts/bench_io.py [--slide PATH | --size 40960] [--grid 8] [--patch-size 256]
+    python scripts/bench_io.py [--slide PATH | --size 40960] [--grid 8] [--patch-size 256] [--stem-pool 4]
 
 The regions follow SMT's geometry (layer 1 around the tissue, K patches of it for layer 2, K patches of
 each for layer 3; the patches are drawn at random since reading time does not depend on which are picked).
 Every backend reads the same regions through the project's read path (`smt_monai.data.read_boxes`, which
-also area-resizes each region to the layer input); MONAI's `CuCIMWSIReader.get_data`, one region at a time
+also area-resizes each region to the layer input as the bundle reads it, ``grid * patch_size / stem_pool``
+px a side); MONAI's `CuCIMWSIReader.get_data`, one region at a time
 and without resizing, is timed beside it, and the floor is decoding only the JPEG tiles the regions touch,
 with imagecodecs, on 1 and on 2 threads. The file is read once untimed first, so no row pays a cold cache.
 """
@@ -117,6 +118,7 @@ def main() -> None:
     parser.add_argument("--workdir", default="runs/bench_io", help="where the generated slide is kept")
     parser.add_argument("--grid", type=int, default=8)
     parser.add_argument("--patch-size", type=int, default=256)
+    parser.add_argument("--stem-pool", type=int, default=4, help="the patch stem's pooling (paper preset: 4)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--ks", type=int, nargs="+", default=[4, 8])
     args = parser.parse_args()
@@ -129,7 +131,7 @@ def main() -> None:
             Path(args.workdir).mkdir(parents=True, exist_ok=True)
             print(f"generating {path} ({args.size} x {args.size}) ...", flush=True)
             make_slide(path, size=args.size, seed=0, positive=True)
-    out_side = args.grid * args.patch_size
+    out_side = args.grid * args.patch_size // args.stem_pool  # the network's read_size
     with open_slide(path) as slide:
         print(f"slide {path}: {slide.dimensions[0]} x {slide.dimensions[1]}, levels {slide.level_dimensions}")
     backends = [b for b in BACKENDS if b != "cucim" or cucim_available()]

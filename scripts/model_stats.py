@@ -1,6 +1,7 @@
 """Print the parameter counts, FLOPs and CPU time of the SMT presets as a Markdown table (docs/networks.md).
 
-FLOPs are those of one layer forward on one input (layer 1, which has the focusing predictor), counted with
+FLOPs are those of one layer forward on one input as the readers deliver it (``read_size`` px, already pooled
+by ``stem_pool``; layer 1, which has the focusing predictor), counted with
 ``torch.utils.flop_counter.FlopCounterMode`` (a multiply-add is 2 FLOPs; matrix products and convolutions
 only, so pooling, softmax and normalisation are not counted). PyTorch's counter has no formula for the CPU
 fused-attention kernel, so one is supplied.
@@ -55,7 +56,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     print(
-        "| preset | grid x patch | input (px) | width / depth / heads | params SMT | params layer 1-2 "
+        "| preset | grid x patch | input read (px) | width / depth / heads | params SMT | params layer 1-2 "
         "| params layer 3 | GFLOPs / layer forward | of which stem | ms / layer forward "
         f"({args.threads} CPU threads) |"
     )
@@ -63,11 +64,11 @@ def main() -> None:
     for name, config in PRESETS.items():
         torch.manual_seed(0)
         model = SMT(config=config).eval()
-        x = torch.rand(1, config.in_channels, model.input_size, model.input_size)
+        x = torch.rand(1, config.in_channels, model.read_size, model.read_size)
         total, stem = layer_flops(model, x)
         params = [sum(p.numel() for p in getattr(model, f"layer{i}").parameters()) for i in (1, 2, 3)]
         print(
-            f"| {name} | {config.grid} x {config.patch_size} | {model.input_size} "
+            f"| {name} | {config.grid} x {config.patch_size} | {model.read_size} of {model.input_size} "
             f"| {config.embed_dim} / {config.depth} / {config.num_heads} | {sum(params) / 1e6:.2f} M "
             f"| {params[0] / 1e6:.2f} M | {params[2] / 1e6:.2f} M | {total / 1e9:.3f} | {stem / 1e9:.3f} "
             f"| {layer_time_ms(model, x, args.repeats):.1f} |"

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from smt_monai.data.geometry import region_key
-from smt_monai.focus import ScoreBank, cascade_step
+from smt_monai.focus import ScoreBank, cascade_step, class_attention, focusing_score
 from smt_monai.losses import TERMS, SMTLoss
 from smt_monai.networks import SMT, smt_tiny
+from smt_monai.networks.layer import LayerOutput
 
 K, BATCH, SIDE, GRID = 2, 2, 64, 4
 LAMBDA_FWD, LAMBDA_BWD = (1.0, 1.0, 1.0), (0.1, 0.1)
@@ -174,3 +175,101 @@ def test_annotations_and_no_extra_region() -> None:
     expected = [int(b[0] + b[2] / 2 < 3200.0) for b in boxes[:2].tolist()] + [0, 0]
     assert step.labels[1].tolist() == expected
     assert step.selections[0].focusable.all()
+
+
+def test_label_overlap_per_layer() -> None:
+    """Layer 2's regions are labelled with the first threshold, layer 3's with the second."""
+
+    def overlap(slide_index: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        return torch.where(boxes[:, 2] > 1000.0, 0.05, 0.5).to(torch.float64)  # layer 2: 0.05, layer 3: 0.5
+
+    labels = {}
+    for thresholds in ((0.01, 0.1), (0.1, 0.6), 0.3):
+        step = _step(smt_tiny().train(), ScoreBank(), RandomReader(), label_overlap=thresholds)
+        assert step.labels[1].tolist() == [1, 1, 0, 0, 0, 0]  # no annotation: slide labels
+        step = _step(
+            smt_tiny().train(), ScoreBank(), RandomReader(), region_overlap=overlap, label_overlap=thresholds
+        )
+        labels[thresholds] = (step.labels[1][:2].tolist(), step.labels[2][:2].tolist())
+    assert labels[(0.01, 0.1)] == ([1, 1], [1, 1])
+    assert labels[(0.1, 0.6)] == ([0, 0], [0, 0])
+    assert labels[0.3] == ([0, 0], [1, 1])
+    with pytest.raises(ValueError, match="label_overlap"):
+        _step(smt_tiny().train(), ScoreBank(), RandomReader(), label_overlap=(0.1, 0.2, 0.3))
+
+
+class PatchLocalLayer(torch.nn.Module):
+    """An SMT layer whose outputs depend on patch contents only, not on where the patches are: what it
+    computes is the same for any flip or quarter turn of its input once patch outputs are put back."""
+
+    def __init__(self, grid: int, focus: bool) -> None:
+        super().__init__()
+        self.grid, self.focus = grid, focus
+        self.scale = torch.nn.Parameter(torch.tensor(3.0))
+
+    def forward(self, x: torch.Tensor) -> LayerOutput:
+        means = torch.nn.functional.adaptive_avg_pool2d(x.mean(1), self.grid).flatten(1)  # (B, N)
+        tokens = torch.cat([means.new_zeros(len(x), 1), means], dim=1)  # class token first
+        attn = torch.softmax(self.scale * tokens, dim=1)[:, None, None, :].expand(-1, 1, tokens.shape[1], -1)
+        pooled = (attn[:, 0, 0] * tokens).sum(1, keepdim=True)
+        logits = torch.cat([-pooled, pooled], dim=1)
+        patch_embeddings = torch.stack([means, means.square()], dim=-1)
+        q = torch.sigmoid(self.scale * means) if self.focus else None
+        return LayerOutput(logits, logits.softmax(1), pooled.expand(-1, 2), patch_embeddings, q, attn)
+
+
+class PatchLocalSMT(torch.nn.Module):
+    grid = GRID
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer1, self.layer2 = PatchLocalLayer(GRID, True), PatchLocalLayer(GRID, True)
+        self.layer3 = PatchLocalLayer(GRID, False)
+
+
+def _box_reader(slide_index: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Images that depend on the box alone, so two runs that select the same boxes read the same pixels."""
+    images = []
+    for box in torch.as_tensor(boxes):
+        generator = torch.Generator().manual_seed(int(box.sum()) % 2**31)
+        images.append(torch.rand(3, SIDE, SIDE, generator=generator))
+    return torch.stack(images)
+
+
+def test_augmented_step_selects_and_scores_as_unaugmented() -> None:
+    """With a patch-local model the random flips and quarter turns change nothing the cascade decides:
+    same boxes at every layer, same score bank, same losses (so the patch outputs were mapped back)."""
+    model = PatchLocalSMT()
+    steps, banks = [], []
+    for augment in (False, True):
+        bank = ScoreBank(eps=0.9)
+        steps.append(_step(model, bank, _box_reader, augment=augment))
+        banks.append(bank.state_dict())
+    plain, augmented = steps
+    for a, b in zip(plain.boxes, augmented.boxes):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(plain.outputs, augmented.outputs):
+        torch.testing.assert_close(a.patch_embeddings, b.patch_embeddings)
+    assert banks[0]["keys"] == banks[1]["keys"]
+    torch.testing.assert_close(banks[1]["scores"], banks[0]["scores"])
+    for name, value in plain.losses.items():
+        torch.testing.assert_close(augmented.losses[name], value, msg=name)
+
+
+@pytest.mark.parametrize("source", ["score", "attention"])
+def test_focus_source_decides_the_top_k(source: str) -> None:
+    """The ablations of Table 2: top-K by the Eq. 2 score or by class attention instead of q; L_ret still
+    teaches q on the patches so chosen."""
+    torch.manual_seed(0)
+    model = smt_tiny().train()
+    step = _step(model, ScoreBank(eps=0.9), RandomReader(), focus_source=source)
+    first = step.outputs[0]
+    if source == "score":
+        ranking = focusing_score(first.probs, first.attn)
+    else:
+        ranking = class_attention(first.attn)
+    assert step.selections[0].index[:, :K].tolist() == torch.topk(ranking, K).indices.tolist()
+    assert step.selections[0].index[:, :K].tolist() != torch.topk(first.q, K).indices.tolist()
+    assert torch.isfinite(step.losses["ret1"])
+    with pytest.raises(ValueError, match="focus_source"):
+        _step(model, ScoreBank(), RandomReader(), focus_source="gradcam")

@@ -69,7 +69,7 @@ def test_app_writes_what_the_predictor_writes(cohort: tuple[Path, Path], tmp_pat
     reference = tmp_path / "reference"
     network = load_network(None, model, "torchscript", "cpu")
     SlideListPredictor(
-        network, load_slide_list(slides), reference, input_side=64, num_focus=2, progress=False
+        network, load_slide_list(slides), reference, input_side=32, num_focus=2, progress=False
     ).run()
 
     rows = read_rows(out / "predictions.csv")
@@ -105,8 +105,8 @@ def test_model_path_without_torchscript_is_refused(tmp_path: Path) -> None:
 def test_geometry_comes_from_the_model(cohort: tuple[Path, Path]) -> None:
     _, model = cohort
     network = torchscript_model(SDK_CORE.AppContext({"model": str(model)})).predictor
-    assert network_input_side(network) == 64
-    with pytest.raises(DeployError, match="input_size"):
+    assert network_input_side(network) == 32  # grid 4 x patch 16, read pooled by the tiny stem_pool 2
+    with pytest.raises(DeployError, match="read_size"):
         network_input_side(torch.jit.script(torch.nn.Linear(2, 2)))
 
 

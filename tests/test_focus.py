@@ -1,5 +1,6 @@
 """Tests of smt_monai.focus: the Eq. 2 score (against finite differences), Eq. 3 normalisation, the score
-bank, top-K selection with the extra benign region, and next-layer labels."""
+bank, top-K selection with the extra benign region, next-layer labels, and the flips / quarter turns of the
+training inputs with patch outputs mapped back."""
 
 import io
 
@@ -16,6 +17,7 @@ from smt_monai.focus import (
     positive_mass,
     select_regions,
 )
+from smt_monai.focus.dihedral import apply_transform, random_transforms, restore_patch_order, transform_batch
 from smt_monai.networks import smt_tiny
 
 GRID, SIDE = 4, 64
@@ -148,6 +150,23 @@ def test_select_regions_top_k_and_benign() -> None:
         select_regions(parent, q, num_focus=1, grid=3)
 
 
+def test_select_regions_explores_outside_the_top_k() -> None:
+    """explore=1: the K-th pick of every region is a random patch outside the top K - 1, each reachable;
+    the first K - 1 stay the top by q; the benign patch is still outside all picks."""
+    q = torch.linspace(1.0, 0.0, 9).expand(200, 9)  # patch i has the (i + 1)-th highest q
+    parent = torch.tensor([[0.0, 0.0, 90.0]], dtype=torch.float64).expand(200, 3)
+    generator = torch.Generator().manual_seed(0)
+    sel = select_regions(parent, q, 3, 3, benign_score=1.0 - q, explore=1.0, generator=generator)
+    assert (sel.index[:, :2] == torch.tensor([0, 1])).all()
+    assert set(sel.index[:, 2].tolist()) == set(range(2, 9))
+    assert (sel.index[:, 3] != sel.index[:, 2]).all()
+    assert select_regions(parent, q, 3, 3, explore=0.0).index[:, 2].eq(2).all()
+    explored = select_regions(parent, q, 3, 3, explore=0.25, generator=generator).index[:, 2] != 2
+    assert 0.1 < explored.float().mean() < 0.3  # about explore * 6/7 of the regions
+    with pytest.raises(ValueError, match="probability"):
+        select_regions(parent, q, 3, 3, explore=1.5)
+
+
 def test_next_labels() -> None:
     slide = torch.tensor([1, 0, 2])
     focusable = torch.tensor([[True, True, False]] * 3)
@@ -160,3 +179,29 @@ def test_next_labels() -> None:
     assert any_overlap.tolist() == [[1, 1, 1], [0, 0, 0], [2, 2, 0]]
     strict = next_labels(slide, focusable, overlap, label_overlap=0.2)
     assert strict.tolist() == [[0, 0, 1], [0, 0, 0], [2, 2, 0]]
+
+
+@pytest.mark.parametrize("transform", range(8))
+def test_restore_patch_order_inverts_each_transform(transform: int) -> None:
+    """A per-patch statistic of a transformed image, restored, is that of the untransformed patch."""
+    torch.manual_seed(transform)
+    image = torch.rand(1, 3, GRID * 8, GRID * 8)
+    means = torch.nn.functional.avg_pool2d(image.mean(1), 8).flatten(1)  # (1, grid**2), row-major
+    transforms = torch.tensor([transform])
+    moved = torch.nn.functional.avg_pool2d(transform_batch(image, transforms).mean(1), 8).flatten(1)
+    torch.testing.assert_close(restore_patch_order(moved, transforms, GRID), means)
+    embeddings = torch.stack([moved, -moved], dim=-1)  # (1, grid**2, 2): trailing dimensions follow
+    torch.testing.assert_close(restore_patch_order(embeddings, transforms, GRID)[..., 1], -means)
+
+
+def test_transforms_are_the_eight_symmetries_of_the_square() -> None:
+    image = torch.arange(16.0).reshape(1, 1, 4, 4)
+    views = {tuple(apply_transform(image, t).flatten().tolist()) for t in range(8)}
+    assert len(views) == 8
+    batch = image.expand(8, 1, 4, 4)
+    out = transform_batch(batch, torch.arange(8))
+    for t in range(8):
+        torch.testing.assert_close(out[t], apply_transform(image[0], t))
+    assert set(random_transforms(400, torch.Generator().manual_seed(0)).tolist()) == set(range(8))
+    with pytest.raises(ValueError, match="square"):
+        transform_batch(torch.zeros(1, 3, 4, 6), torch.zeros(1, dtype=torch.long))

@@ -1,4 +1,5 @@
-"""Bundle inference on a slide list with broken files: every output, atomic writes, resume, exit codes."""
+"""Bundle inference on a slide list with broken files: every output, atomic writes, resume, exit codes; and
+the inference cascade's choice of what to focus by."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ import torch
 from conftest import TINY_OVERRIDES, write_cohort
 
 from smt_monai.data import open_slide
-from smt_monai.networks import SMT
+from smt_monai.data.geometry import child_boxes
+from smt_monai.focus import class_attention, focusing_score
+from smt_monai.inference import predict_cascade
+from smt_monai.networks import SMT, normalize_he, smt_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 INFERENCE = ROOT / "bundle" / "configs" / "inference.yaml"
@@ -142,3 +146,35 @@ def test_all_broken_exits_1_with_the_reason(
     assert result.returncode == 1
     assert "no slide succeeded" in result.stdout + result.stderr
     assert (tmp_path / "out" / "predictions.csv").exists()
+
+
+@pytest.mark.parametrize("source", ["q", "score", "attention"])
+def test_predict_cascade_focuses_by_the_chosen_source(source: str) -> None:
+    """Top-K at inference by q, by the instantaneous Eq. 2 score, or by class attention (the ablations);
+    1 + K + K^2 regions either way, and layer 2's boxes are the chosen patches of layer 1."""
+    torch.manual_seed(0)
+    model = smt_tiny().eval()
+    side, k = model.input_size, 2
+    images = torch.randint(0, 256, (1, 3, side, side), dtype=torch.uint8)
+    box = np.array([[0.0, 0.0, 6400.0]])
+    reads: list[int] = []
+
+    def read(slide_index: np.ndarray, boxes: np.ndarray):
+        reads.append(len(boxes))
+        yield np.arange(len(boxes)), torch.randint(0, 256, (len(boxes), 3, side, side), dtype=torch.uint8)
+
+    prediction = predict_cascade(model, images, box, read, num_focus=k, focus_source=source)[0]
+    assert reads == [k, k * k]
+    out = model.layer1(normalize_he(images))
+    ranking = {
+        "q": out.q,
+        "score": focusing_score(out.probs, out.attn),
+        "attention": class_attention(out.attn),
+    }[source]
+    chosen = torch.topk(ranking.detach(), k).indices
+    np.testing.assert_allclose(prediction.boxes[1], child_boxes(torch.as_tensor(box), chosen, 4)[0].numpy())
+    np.testing.assert_allclose(
+        prediction.focus_map.ravel(), ranking.detach()[0].numpy(), rtol=1e-4, atol=1e-6
+    )
+    with pytest.raises(ValueError, match="focus_source"):
+        predict_cascade(model, images, box, read, num_focus=k, focus_source="saliency")

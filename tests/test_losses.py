@@ -122,6 +122,12 @@ def test_smt_loss_combination() -> None:
     assert set(out) == set(terms) | {"L_V", "L_F", "total"}
     paper = SMTLoss(focus_weight=(1.0, 1.0))(terms, lam_fwd, lam_bwd)
     assert paper["L_F"].item() == pytest.approx(l_f + 6)
+    no_ret = SMTLoss(recheck_weight=0.0)(terms, lam_fwd, lam_bwd)
+    assert no_ret["L_F"].item() == pytest.approx(l_f - 0.1 * 8 - 0.2 * 9)
+    assert no_ret["L_V"].item() == pytest.approx(l_v)
+    no_emb = SMTLoss(distillation_weight=0.0)(terms, lam_fwd, lam_bwd)
+    assert no_emb["L_V"].item() == pytest.approx(l_v - 0.1 * 4 - 0.2 * 5)
+    assert no_emb["L_F"].item() == pytest.approx(l_f)
     partial = SMTLoss()({"cls1": terms["cls1"], "focus1": terms["focus1"]}, lam_fwd, lam_bwd)
     assert partial["L_V"].item() == pytest.approx(1.0) and partial["L_F"].item() == 0.0
     with pytest.raises(ValueError, match="subset"):

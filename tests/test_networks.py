@@ -22,6 +22,7 @@ from smt_monai.networks import (
 
 GRID, PATCH = 4, 16
 SIDE = GRID * PATCH
+READ = SIDE // 2  # the tiny preset's stem_pool
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +49,33 @@ def test_layer_outputs(model: SMT) -> None:
             assert out.q is None
     with pytest.raises(ValueError, match="layer must be"):
         model(x, 4)
+    with pytest.raises(ValueError, match="expected 64 x 64 .* or 32 x 32"):
+        model(torch.randn(1, 3, 48, 48))
     with pytest.raises(ValueError, match="expected 64 x 64"):
-        model(torch.randn(1, 3, 32, 32))
+        model(torch.randn(1, 3, 64, 32))
+
+
+def test_pooled_inputs_match_full_resolution(model: SMT) -> None:
+    """A ``read_size`` input, the ``input_size`` one average-pooled by ``stem_pool``, gives equal outputs."""
+    assert (model.input_size, model.read_size) == (SIDE, READ)
+    assert (model.layer1.input_size, model.layer1.read_size) == (SIDE, READ)
+    x = torch.randn(2, 3, SIDE, SIDE)
+    pooled = torch.nn.functional.avg_pool2d(x, model.config.stem_pool)
+    with torch.no_grad():
+        for layer in (1, 3):
+            full, read = model(x, layer), model(pooled, layer)
+            for name, a, b in zip(full._fields, full, read, strict=True):
+                if a is None:
+                    assert b is None, name
+                else:
+                    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_layers_have_separate_parameters(model: SMT) -> None:
     p1, p2, p3 = (dict(getattr(model, f"layer{i}").named_parameters()) for i in (1, 2, 3))
     assert not any(name.startswith("focus_head") for name in p3)
     shared = set(p1) & set(p2) & set(p3)
-    assert "stem.layers.1.weight" in shared and "first_block.attn.qkv.weight" in shared
+    assert "stem.layers.0.weight" in shared and "first_block.attn.qkv.weight" in shared
     for name in shared:
         assert p1[name].data_ptr() != p2[name].data_ptr() != p3[name].data_ptr()
     assert not torch.equal(p1["first_block.attn.qkv.weight"], p2["first_block.attn.qkv.weight"])
@@ -83,6 +102,8 @@ def test_paper_layer_forward() -> None:
         out = layer(torch.zeros(1, 3, 2048, 2048))
     assert out.q is not None and out.q.shape == (1, 64)
     assert out.attn.shape == (1, 6, 65, 65)
+    assert (layer.input_size, layer.read_size) == (2048, 512)
+    assert layer(torch.zeros(1, 3, 512, 512)).q.shape == (1, 64)
     assert callable(smt_paper)
 
 
@@ -124,7 +145,7 @@ def test_focus_grad_to_encoder(to_encoder: bool) -> None:
     out = layer(torch.randn(2, 3, SIDE, SIDE))
     assert out.q is not None
     grads = torch.autograd.grad(
-        out.q.sum(), [layer.stem.layers[1].weight, layer.focus_head.mlp[0].weight], allow_unused=True
+        out.q.sum(), [layer.stem.layers[0].weight, layer.focus_head.mlp[0].weight], allow_unused=True
     )
     assert grads[1] is not None
     assert (grads[0] is not None) == to_encoder
@@ -157,9 +178,11 @@ def test_torchscript_export_reproduces_every_layer(model: SMT, tmp_path) -> None
     path = tmp_path / "smt.ts"
     convert_to_torchscript(model, filename_or_obj=str(path))  # what `monai.bundle ckpt_export` runs
     loaded = torch.jit.load(str(path))
-    x = torch.randn(3, 3, SIDE, SIDE)
+    assert (loaded.grid, loaded.input_size, loaded.read_size) == (GRID, SIDE, READ)
+    assert (loaded.layer1.input_size, loaded.layer1.read_size) == (SIDE, READ)
     with torch.no_grad():
-        for layer in (1, 2, 3):
+        for layer, side in ((1, SIDE), (2, READ), (3, READ)):
+            x = torch.randn(3, 3, side, side)
             eager = model(x, layer)
             for exported in (loaded(x, layer), getattr(loaded, f"layer{layer}")(x)):
                 assert exported._fields == eager._fields

@@ -1,10 +1,12 @@
 """The paper's ablations (Table 2, Figure 3) on the synthetic cohort, through the bundle's switches.
 
 Variants are ``train.yaml`` overrides on top of the benchmark's SMT settings, each trained with several
-seeds and evaluated on the testing split: forward losses only (``lambda_bwd: 0`` switches L_emb and L_ret off
-together), forward + backward (the default), and the project's per-layer focus-loss weights against the
-paper's ``[1, 1]``. Variants the trainer has no switch for yet are listed in ``missing`` with the key they
-need. The K sweep evaluates the default model at K in {1, 2, 4, 8}: accuracy and seconds per slide.
+seeds and evaluated on the testing split (``focus_source`` also decides the evaluation's top-K): forward
+losses only (``lambda_bwd: 0`` switches L_emb and L_ret off) with the top-K by the focusing predictor ``q``,
+by the score ``S`` or by class attention; forward + ``L_ret`` or + ``L_emb`` alone (``distillation_weight`` /
+``recheck_weight: 0``); forward + backward (the default); and the project's per-layer focus-loss weights
+against the paper's ``[1, 1]``. The K sweep evaluates the default model at K in {1, 2, 4, 8}: accuracy and
+seconds per slide.
 """
 
 from __future__ import annotations
@@ -20,19 +22,15 @@ from smt_monai.benchmark.fixtures import environment, synthetic_cohort
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "forward + backward (default)": {},
-    "forward only (focus by q)": {"lambda_bwd": 0.0},
+    "forward only, focus by q": {"lambda_bwd": 0.0},
+    "forward only, focus by score S": {"lambda_bwd": 0.0, "focus_source": "score"},
+    "forward only, focus by attention": {"lambda_bwd": 0.0, "focus_source": "attention"},
+    "forward + L_ret": {"distillation_weight": 0.0},
+    "forward + L_emb": {"recheck_weight": 0.0},
     "paper focus weights [1, 1]": {"focus_weight": [1.0, 1.0]},
     "paper focus weights [1, 1], forward only": {"focus_weight": [1.0, 1.0], "lambda_bwd": 0.0},
 }
 """Ablation name -> ``train.yaml`` overrides."""
-
-MISSING: dict[str, str] = {
-    "forward only, focus by score S": "focus_source: score (select top-K by the score bank S, not q)",
-    "forward only, focus by attention": "focus_source: attention (top-K by class-token attention)",
-    "forward + L_ret": "lambda_ret / lambda_emb as separate maxima (today lambda_bwd weights both)",
-    "forward + L_emb": "lambda_ret / lambda_emb as separate maxima (today lambda_bwd weights both)",
-}
-"""Ablations of the paper the trainer cannot express yet -> the config switch each needs."""
 
 METRICS = ("balanced_accuracy", "auc", "focus_hit_rate", "focus_precision", "balanced_accuracy_layer1")
 
@@ -66,7 +64,6 @@ def benchmark_ablation(
         "seeds": list(seeds),
         "smt_overrides": base,
         "variants": {},
-        "missing": MISSING,
     }
     for name, extra in (variants or VARIANTS).items():
         per_seed = []

@@ -31,7 +31,7 @@ def peak_rss_mb() -> float:
 def measure(path: str, num_focus: int, preset: str, backend: str, num_workers: int) -> dict[str, float]:
     """Run SMT inference on ``path`` once and report the process's memory before and after."""
     network = SMT(preset=preset).eval()
-    side = network.input_size
+    side = network.read_size
     model_rss = psutil.Process().memory_info().rss / 2**20
     load = LoadLayer1d(side, backend)
     reader = BatchRegionReader(side, backend, num_workers, cache=load.cache)

@@ -48,13 +48,16 @@ def _provenance(name: str, data: dict[str, Any]) -> list[str]:
 def speed_section(speed: dict[str, Any], plot_dir: Path, doc_dir: Path) -> list[str]:
     """Tables of per-slide time, ratios against the targets, the size sweep with memory, and its plot."""
     focus = sorted(int(k[len("regions_k") :]) for k in speed if k.startswith("regions_k"))
+    sides = f"regions read at {speed['input_side']} px"
+    if speed.get("network_side", speed["input_side"]) != speed["input_side"]:
+        sides += f", the patch stem's pooled side of {speed['network_side']} px layer inputs"
     lines = [
         "## Speed",
         "",
         f"One slide of {speed['slide_width']} x {speed['slide_height']} px"
         + (f" ({100 * speed['tissue_fraction']:.0f}% tissue)" if speed.get("tissue_fraction") else "")
         + f", backend `{speed['backend']}`, {speed['num_workers']} reading threads, SMT preset "
-        f"`{speed['preset']}` ({speed['input_side']} px inputs), random weights, median of "
+        f"`{speed['preset']}` ({sides}), random weights, median of "
         f"{speed['repeats']} runs after a warm-up. Every run opens the slide afresh.",
         "",
         "| method | regions / tiles | s / slide | network s | waiting for reads s | dense / this |",
@@ -158,7 +161,7 @@ def accuracy_section(acc: dict[str, Any]) -> list[str]:
 
 
 def ablation_section(abl: dict[str, Any], plot_dir: Path, doc_dir: Path) -> list[str]:
-    """The variants (mean and standard deviation over seeds), the missing switches, and the K sweep."""
+    """The variants (mean and standard deviation over seeds) and the K sweep."""
     lines = [
         "## Ablations (paper Table 2 and Figure 3)",
         "",
@@ -179,8 +182,6 @@ def ablation_section(abl: dict[str, Any], plot_dir: Path, doc_dir: Path) -> list
             f"| {name} | `{json.dumps(v['overrides'])}` | {ms(v['balanced_accuracy'])} | {ms(v['auc'])} | "
             f"{ms(v['focus_hit_rate'])} | {ms(v['focus_precision'])} | {ms(v['balanced_accuracy_layer1'])} |"
         )
-    lines += ["", "Not measurable yet (the trainer has no switch for them):", ""]
-    lines += [f"- {name}: needs `{need}`" for name, need in abl.get("missing", {}).items()]
     sweep = abl.get("k_sweep", [])
     if sweep:
         lines += [

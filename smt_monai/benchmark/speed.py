@@ -6,8 +6,10 @@ layer-1 read are part of every figure (the operating system's file cache is warm
 
 - SMT: ``predict_cascade`` with random weights (time does not depend on them), the next layer's regions
   read in a background thread (``prefetch``) while the network works, as ``SlideListPredictor`` runs it,
-  without its output writers.
-- I/O floor: open, tissue box, and reading exactly the 1 + K + K^2 regions SMT read, nothing else.
+  without its output writers. Regions are read at the network's ``read_size`` (``grid * patch_size //
+  stem_pool``), as the bundle reads them.
+- I/O floor: open, tissue box, and reading exactly the 1 + K + K^2 regions SMT read, at the side SMT read
+  them, nothing else.
 - Dense: every tissue tile of ``patch_size`` px at level 0 through ResNet-18 (stride-2 stem, channels-last)
   and attention-MIL; ``max_tiles`` tiles spread over the tissue are timed and the rest extrapolated.
 - Memory: peak resident memory of SMT inference per slide, in a fresh process per slide size.
@@ -64,7 +66,7 @@ def run_smt(
     ``read_wait`` is the time the network waited for regions (reads not hidden behind compute), ``layer1``
     the open, tissue box and layer-1 read, ``compute`` the network.
     """
-    side = int(network.input_size)
+    side = int(network.read_size)
     start = time.perf_counter()
     load = LoadLayer1d(side, backend)
     reader = BatchRegionReader(side, backend, num_workers, cache=load.cache)
@@ -205,7 +207,8 @@ def benchmark_speed(
         "tissue_fraction": tissue,
         "backend": backend_used,
         "preset": preset,
-        "input_side": int(smt.input_size),
+        "input_side": int(smt.read_size),
+        "network_side": int(smt.input_size),
         "num_workers": num_workers,
         "repeats": repeats,
     }
@@ -213,8 +216,9 @@ def benchmark_speed(
         say(f"SMT K={k}: warm-up + {repeats} runs")
         run_smt(smt, slide, k, backend, num_workers, device_t, amp)
         runs = [run_smt(smt, slide, k, backend, num_workers, device_t, amp) for _ in range(repeats)]
-        floor = [run_floor(slide, runs[0]["boxes"], int(smt.input_size), backend, num_workers)]
-        floor += [run_floor(slide, runs[0]["boxes"], int(smt.input_size), backend, num_workers) for _ in runs]
+        side = int(smt.read_size)
+        floor = [run_floor(slide, runs[0]["boxes"], side, backend, num_workers)]
+        floor += [run_floor(slide, runs[0]["boxes"], side, backend, num_workers) for _ in runs]
         out[f"regions_k{k}"] = 1 + k + k * k
         out[f"smt_seconds_k{k}"] = _median(runs, "seconds")
         out[f"smt_layer1_seconds_k{k}"] = _median(runs, "layer1")

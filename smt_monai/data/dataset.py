@@ -32,7 +32,7 @@ class LoadLayer1d(MapTransform):
     ``(3, out_side, out_side)`` uint8 tensor (white when the slide failed).
 
     Args:
-        out_side: layer input side, ``grid * patch_size``.
+        out_side: layer input side, the network's ``read_size`` (``grid * patch_size // stem_pool``).
         backend: slide backend (``auto``, ``cucim``, ``openslide``, ``tifffile``).
         keys: the key holding the slide path.
         cache: open slides shared with the region reader (default: its own).

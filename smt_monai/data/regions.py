@@ -120,7 +120,7 @@ class ReadSlideRegions(Transform):
     """Read level-0 boxes of a slide as channel-first uint8 images of ``out_side`` pixels.
 
     Args:
-        out_side: side of each output image (a layer's input side, ``grid * patch_size``).
+        out_side: side of each output image (a layer's input side, the network's ``read_size``).
         backend: slide backend (``auto``, ``cucim``, ``openslide``, ``tifffile``).
         num_workers: decoding threads.
     """

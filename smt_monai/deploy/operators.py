@@ -40,16 +40,18 @@ def slide_entries(path: Path) -> list[dict[str, Any]]:
 
 
 def network_input_side(network: Any) -> int:
-    """Layer input side (``grid * patch_size``) stored in an SMT TorchScript export.
+    """Side of the layer inputs to read, stored in an SMT TorchScript export as ``read_size``.
+
+    That is ``grid * patch_size // stem_pool``: regions are read already pooled by the stem's factor.
 
     Raises:
-        DeployError: the model is not an SMT export (no ``input_size`` attribute).
+        DeployError: the model is not an SMT export with a ``read_size`` attribute.
     """
     try:
-        return int(network.input_size)
+        return int(network.read_size)
     except (AttributeError, RuntimeError):
         raise DeployError(
-            "the model has no 'input_size' attribute: it is not a TorchScript export of "
+            "the model has no 'read_size' attribute: it is not a TorchScript export of the current "
             "smt_monai.networks.SMT (make one with `python -m monai.bundle ckpt_export network_def ...`)"
         ) from None
 

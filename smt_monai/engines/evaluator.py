@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from smt_monai.data.errors import SlideReadError
 from smt_monai.engines.region_io import AnnotationOverlap, BatchRegionReader
+from smt_monai.focus.score import check_focus_source
 from smt_monai.inference.cascade import SlidePrediction, predict_cascade
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class SMTEvaluator(Evaluator):
         reader: reader of the focused regions.
         num_focus: ``K``.
         aggregation: ``max`` or ``mean`` over the layer-3 regions.
+        focus_source: what each top-K is taken by: ``"q"`` (SMT), ``"score"`` or ``"attention"``
+            (``predict_cascade``; the ablations).
         key_val_metric: ``{name: metric}`` that decides the best checkpoint.
         additional_metrics: more metrics.
         val_handlers: handlers to attach.
@@ -61,6 +64,7 @@ class SMTEvaluator(Evaluator):
         reader: BatchRegionReader,
         num_focus: int = 4,
         aggregation: str = "max",
+        focus_source: str = "q",
         key_val_metric: dict[str, Metric] | None = None,
         additional_metrics: dict[str, Metric] | None = None,
         val_handlers: Sequence | None = None,
@@ -82,6 +86,7 @@ class SMTEvaluator(Evaluator):
         self.overlap = AnnotationOverlap()
         self.num_focus = num_focus
         self.aggregation = aggregation
+        self.focus_source = check_focus_source(focus_source)
 
     def _iteration(self, engine: SMTEvaluator, batchdata: dict[str, Any]) -> dict[str, Any]:
         self.network.eval()
@@ -102,6 +107,7 @@ class SMTEvaluator(Evaluator):
                     aggregation=self.aggregation,
                     device=self.state.device,
                     amp=self.amp,
+                    focus_source=self.focus_source,
                 )[0]
             except SlideReadError as exc:
                 logger.warning("evaluation: skipping slide %s: %s", path, exc)

@@ -23,7 +23,7 @@ class BatchRegionReader:
     """Reads level-0 boxes of the slides of one batch as uint8 (or normalised) images of ``out_side``.
 
     Args:
-        out_side: layer input side (``grid * patch_size``).
+        out_side: layer input side, the network's ``read_size`` (``grid * patch_size // stem_pool``).
         backend: slide backend.
         num_workers: slides read at once (each by one thread; a single slide uses all of them).
         chunk_size: regions held in memory at once per slide while reading.

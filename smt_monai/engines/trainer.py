@@ -24,6 +24,7 @@ from smt_monai.data.errors import SlideReadError
 from smt_monai.engines.region_io import AnnotationOverlap, BatchRegionReader
 from smt_monai.focus.bank import ScoreBank
 from smt_monai.focus.cascade import cascade_step
+from smt_monai.focus.score import check_focus_source
 from smt_monai.losses.combined import SMTLoss
 from smt_monai.networks.normalization import normalize_he
 
@@ -70,7 +71,11 @@ class SMTTrainer(Trainer):
         reader: reader of the focused regions.
         num_focus: ``K``.
         extra_benign: add the weak-supervision extra benign region (Sec. 3.3).
-        label_overlap: tumour-overlap fraction that makes a region positive (annotated slides).
+        label_overlap: tumour-overlap fraction that makes a region positive (annotated slides), for layers
+            2 and 3 (``cascade_step``).
+        augment: random flips and quarter turns of every layer's inputs (``cascade_step``'s ``augment``).
+        explore: probability that a region's K-th pick is a random patch (``select_regions``).
+        focus_source: what each top-K is taken by: ``"q"``, ``"score"`` or ``"attention"`` (``cascade_step``).
         epoch_length: iterations per epoch (default: the loader's length).
         train_handlers: handlers to attach (MONAI's ``handlers`` argument).
         amp: bfloat16 autocast on GPU.
@@ -88,7 +93,10 @@ class SMTTrainer(Trainer):
         reader: BatchRegionReader,
         num_focus: int = 4,
         extra_benign: bool = True,
-        label_overlap: float = 0.1,
+        label_overlap: float | Sequence[float] = (0.01, 0.1),
+        augment: bool = True,
+        explore: float = 0.25,
+        focus_source: str = "q",
         epoch_length: int | None = None,
         train_handlers: Sequence | None = None,
         amp: bool = False,
@@ -111,6 +119,9 @@ class SMTTrainer(Trainer):
         self.num_focus = num_focus
         self.extra_benign = extra_benign
         self.label_overlap = label_overlap
+        self.augment = augment
+        self.explore = explore
+        self.focus_source = check_focus_source(focus_source)
         self.state.num_layers = 3
         self.state.lambda_fwd = [1.0, 1.0, 1.0]
         self.state.lambda_bwd = [0.1, 0.1]
@@ -160,6 +171,9 @@ class SMTTrainer(Trainer):
                 extra_benign=self.extra_benign,
                 region_overlap=self.overlap.bind([batchdata["annotation"][i] for i in keep]),
                 label_overlap=self.label_overlap,
+                augment=self.augment,
+                explore=self.explore,
+                focus_source=self.focus_source,
             )
 
     def _backward(self, step: Any, paths: list[str]) -> dict[str, float]:

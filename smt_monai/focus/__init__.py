@@ -2,16 +2,26 @@
 
 from smt_monai.focus.bank import ScoreBank
 from smt_monai.focus.cascade import CascadeStep, RegionOverlap, RegionReader, cascade_step
-from smt_monai.focus.score import focusing_score, minmax_normalize, positive_mass
+from smt_monai.focus.score import (
+    FOCUS_SOURCES,
+    check_focus_source,
+    class_attention,
+    focusing_score,
+    minmax_normalize,
+    positive_mass,
+)
 from smt_monai.focus.selection import Selection, next_labels, select_regions
 
 __all__ = [
+    "FOCUS_SOURCES",
     "CascadeStep",
     "RegionOverlap",
     "RegionReader",
     "ScoreBank",
     "Selection",
     "cascade_step",
+    "check_focus_source",
+    "class_attention",
     "focusing_score",
     "minmax_normalize",
     "next_labels",

@@ -22,7 +22,14 @@ import torch
 
 from smt_monai.data.geometry import region_key
 from smt_monai.focus.bank import ScoreBank
-from smt_monai.focus.score import focusing_score, minmax_normalize, positive_mass
+from smt_monai.focus.dihedral import random_transforms, restore_patch_order, transform_batch
+from smt_monai.focus.score import (
+    check_focus_source,
+    class_attention,
+    focusing_score,
+    minmax_normalize,
+    positive_mass,
+)
 from smt_monai.focus.selection import Selection, next_labels, select_regions
 from smt_monai.networks.layer import LayerOutput
 
@@ -72,7 +79,10 @@ def cascade_step(
     num_layers: int = 3,
     extra_benign: bool = True,
     region_overlap: RegionOverlap | None = None,
-    label_overlap: float = 0.1,
+    label_overlap: float | Sequence[float] = (0.01, 0.1),
+    augment: bool = False,
+    explore: float = 0.0,
+    focus_source: str = "q",
 ) -> CascadeStep:
     """Run the cascade forward in training and compute the Eq. 7 losses (no backward, no optimiser step).
 
@@ -97,7 +107,17 @@ def cascade_step(
         num_layers: active layers (1-3): the staged activation runs only layers up to ``num_layers``.
         extra_benign: add the weak-supervision extra benign region (Sec. 3.3).
         region_overlap: optional annotation overlap of regions, for ``next_labels``.
-        label_overlap: overlap threshold of a positive region.
+        label_overlap: tumour-overlap fraction from which a region is positive, for layer 2's and layer 3's
+            regions (one value: both). The fraction is of the region's area, so a region ``grid**2`` times
+            larger needs a lower one: at 0.1 half of the layer-2 regions that hold tumour on the synthetic
+            cohort would be labelled negative, and ``L_ret`` would teach layer 1 to look away from them.
+        augment: show every layer its inputs under a random flip / quarter turn
+            (``smt_monai.focus.dihedral``); ``q``, the Eq. 2 score and the patch embeddings are mapped
+            back to the untransformed patch order, so selection, score bank and losses are unchanged
+            (``LayerOutput.attn`` stays as computed).
+        explore: probability that a region's K-th pick is a random patch (``select_regions``).
+        focus_source: what the top-K is taken by: ``"q"`` (SMT), ``"score"`` (the bank's ``S``) or
+            ``"attention"`` (``class_attention``); ``L_ret`` still teaches ``q`` on the selected patches.
 
     Returns:
         ``CascadeStep``.
@@ -107,6 +127,10 @@ def cascade_step(
     """
     if not 1 <= num_layers <= 3:
         raise ValueError(f"num_layers must be 1, 2 or 3, got {num_layers}")
+    check_focus_source(focus_source)
+    thresholds = (label_overlap,) * 2 if isinstance(label_overlap, (int, float)) else tuple(label_overlap)
+    if len(thresholds) != 2:
+        raise ValueError(f"label_overlap needs one value or two (layers 2, 3), got {label_overlap}")
     if not images.shape[0] == len(slide_ids) == labels.shape[0]:
         raise ValueError("images, labels and slide_ids must have one entry per slide")
     device = images.device
@@ -123,7 +147,9 @@ def cascade_step(
     focus_rows: list[torch.Tensor] = []
 
     for level in range(1, num_layers + 1):
-        out = layers[level - 1](x)
+        transforms = random_transforms(x.shape[0]) if augment else None
+        raw = layers[level - 1](x if transforms is None else transform_batch(x, transforms))
+        out = _untransformed(raw, transforms, model.grid)
         step.outputs.append(out)
         step.labels.append(y)
         step.slide_index.append(slide_index)
@@ -149,7 +175,10 @@ def cascade_step(
             for i, box in zip(slide_index[rows].tolist(), region_boxes[rows].numpy(), strict=True)
         ]
         rows_on_device = rows.to(device)
-        score = bank.update(keys, focusing_score(out.probs, out.attn)[rows_on_device])
+        g = focusing_score(raw.probs, raw.attn)
+        if transforms is not None:
+            g = restore_patch_order(g, transforms, model.grid)
+        score = bank.update(keys, g[rows_on_device])
         q = out.q[rows_on_device]
         terms[f"focus{level}"] = loss_fn.focus(q, score)
         focus_rows.append(rows)
@@ -157,7 +186,13 @@ def cascade_step(
             break
 
         benign = minmax_normalize(score) if extra_benign else None
-        selection = select_regions(region_boxes[rows], q, num_focus, model.grid, benign)
+        ranking = q if focus_source == "q" else score
+        if focus_source == "attention":
+            ranking = class_attention(raw.attn.detach())
+            if transforms is not None:
+                ranking = restore_patch_order(ranking, transforms, model.grid)
+            ranking = ranking[rows_on_device]
+        selection = select_regions(region_boxes[rows], ranking, num_focus, model.grid, benign, explore)
         step.selections.append(selection)
         per_parent = selection.index.shape[1]
         slide_index = slide_index[rows].repeat_interleave(per_parent)
@@ -166,11 +201,19 @@ def cascade_step(
         if region_overlap is not None:
             overlap = region_overlap(slide_index, region_boxes).reshape(-1, per_parent)
         parent_labels = slide_labels[slide_index[::per_parent]]
-        y = next_labels(parent_labels, selection.focusable, overlap, label_overlap).reshape(-1)
+        y = next_labels(parent_labels, selection.focusable, overlap, thresholds[level - 1]).reshape(-1)
         focusable = selection.focusable.reshape(-1)
         x = read_regions(slide_index, region_boxes).to(device)
 
     return step._replace(losses=loss_fn(terms, lambda_fwd, lambda_bwd))
+
+
+def _untransformed(out: LayerOutput, transforms: torch.Tensor | None, grid: int) -> LayerOutput:
+    """``out`` with ``q`` and the patch embeddings in the patch order of the untransformed inputs."""
+    if transforms is None:
+        return out
+    q = None if out.q is None else restore_patch_order(out.q, transforms, grid)
+    return out._replace(q=q, patch_embeddings=restore_patch_order(out.patch_embeddings, transforms, grid))
 
 
 def _backward_terms(

@@ -1,4 +1,5 @@
-"""The focusing score: Eq. 2's instantaneous gradient score and Eq. 3's min-max normalisation."""
+"""The focusing score: Eq. 2's instantaneous gradient score and Eq. 3's min-max normalisation, and the
+other per-patch signals a layer could focus by (the ablations of the paper's Table 2)."""
 
 from __future__ import annotations
 
@@ -59,3 +60,26 @@ def minmax_normalize(scores: torch.Tensor) -> torch.Tensor:
     low = scores.amin(dim=-1, keepdim=True)
     span = scores.amax(dim=-1, keepdim=True) - low
     return (scores - low) / torch.where(span > 0, span, torch.ones_like(span))
+
+
+def class_attention(attn: torch.Tensor) -> torch.Tensor:
+    """The class token's first-block attention to each patch, averaged over heads: ``(B, grid**2)``.
+
+    The plain attention-based focusing that Table 2 of the paper compares the focusing predictor against.
+
+    Args:
+        attn: ``(B, heads, T, T)`` first-block attention (``LayerOutput.attn``), token 0 the class token.
+    """
+    return attn[:, :, 0, 1:].mean(dim=1)
+
+
+FOCUS_SOURCES: tuple[str, ...] = ("q", "score", "attention")
+"""What a layer's top-K is taken by: the focusing predictor ``q`` (SMT), the Eq. 2 score (in training the
+score bank's ``S``, at inference the instantaneous ``g``), or ``class_attention``."""
+
+
+def check_focus_source(focus_source: str) -> str:
+    """``focus_source`` if it is one of ``FOCUS_SOURCES``; otherwise a ValueError naming the choices."""
+    if focus_source not in FOCUS_SOURCES:
+        raise ValueError(f"focus_source must be one of {FOCUS_SOURCES}, got {focus_source!r}")
+    return focus_source

@@ -32,8 +32,17 @@ def select_regions(
     num_focus: int,
     grid: int,
     benign_score: torch.Tensor | None = None,
+    explore: float = 0.0,
+    generator: torch.Generator | None = None,
 ) -> Selection:
     """Top-K patches by the focusing prediction ``q`` (at training and inference), as next-layer regions.
+
+    ``L_ret`` (Eq. 4) teaches ``q`` only on the patches the next layer reads, so in training a greedy top-K
+    never corrects a patch whose ``q`` is too low, and once the suspicious patches' ``q`` falls below that
+    of untaught ones the focus drifts to normal tissue and stays there. With ``explore`` > 0 each region's
+    K-th pick is, with that probability, a uniformly drawn patch outside its top K - 1 instead
+    (epsilon-greedy; same number of reads), which keeps ``q`` calibrated on every kind of patch. Inference
+    uses 0.
 
     With ``benign_score`` (the normalised score ``S~`` of Eq. 3, in weakly supervised training), one more
     patch is appended per region: the one with the lowest ``S~`` among those not in the top-K, magnified as
@@ -45,6 +54,8 @@ def select_regions(
         num_focus: ``K``, patches magnified per region.
         grid: patches per side of a layer input.
         benign_score: optional ``(B, grid**2)`` normalised scores ``S~``.
+        explore: probability that a region's K-th pick is a random patch outside its top K - 1.
+        generator: random source of the exploration.
 
     Returns:
         ``Selection`` with ``K' = K`` (or ``K + 1`` with ``benign_score``) regions per parent, on the CPU.
@@ -58,8 +69,15 @@ def select_regions(
         raise ValueError(f"expected q of shape (B, {num_patches}), got {tuple(q.shape)}")
     if not 1 <= num_focus <= num_patches - int(extra):
         raise ValueError(f"cannot select {num_focus} patches (+{int(extra)} benign) of {num_patches}")
+    if not 0.0 <= explore <= 1.0:
+        raise ValueError(f"explore must be a probability, got {explore}")
     parent = torch.as_tensor(parent_boxes, dtype=torch.float64).cpu()
-    index = torch.topk(q.detach().cpu(), num_focus, dim=1).indices
+    order = torch.argsort(q.detach().cpu(), dim=1, descending=True)
+    index = order[:, :num_focus].clone()
+    if explore > 0:
+        rows = (torch.rand(q.shape[0], generator=generator) < explore).nonzero().squeeze(1)
+        slot = torch.randint(num_focus - 1, num_patches, (len(rows),), generator=generator)
+        index[rows, num_focus - 1] = order[rows, slot]
     focusable = torch.ones(q.shape[0], num_focus, dtype=torch.bool)
     if benign_score is not None:
         score = benign_score.detach().cpu().to(torch.float64).scatter(1, index, float("inf"))

@@ -1,6 +1,7 @@
 """The SMT cascade at inference (Sec. 3.2; method-notes "Selection" and "Prediction").
 
-Per slide: layer 1 on the tissue square, top-K patches by ``q``, layer 2 on those K regions, top-K of each,
+Per slide: layer 1 on the tissue square, top-K patches by ``q`` (or, for the ablations, by the Eq. 2 score or
+the class attention: ``focus_source``), layer 2 on those K regions, top-K of each,
 layer 3 on the K^2 regions, and the slide prediction aggregated from layer 3. Exactly 1 + K + K^2 regions are
 read. Region reading is the caller's (``RegionSource``), so validation during training and bundle inference
 share this code; the network runs in chunks of ``chunk_size`` regions, so memory does not grow with K^2.
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from smt_monai.focus.score import check_focus_source, class_attention, focusing_score
 from smt_monai.focus.selection import select_regions
 from smt_monai.networks.normalization import normalize_he
 
@@ -68,18 +70,32 @@ def run_layer(
     device: torch.device,
     amp: bool = False,
     timings: dict[str, float] | None = None,
+    focus_source: str = "q",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run one layer over uint8 image chunks; returns ``probs (count, C)`` and ``q (count, grid**2)``.
+    """Run one layer over uint8 image chunks; returns ``probs (count, C)`` and the focus values
+    ``(count, grid**2)`` (None for a layer without a focusing predictor).
 
-    With ``timings``, the seconds spent in the network are added to ``timings["compute"]``.
+    The focus values are ``q``, or with ``focus_source="attention"`` the class attention, or with
+    ``"score"`` the instantaneous Eq. 2 score ``g``, for which the layer runs with autograd on (there is no
+    score bank at inference). With ``timings``, the seconds spent in the network are added to
+    ``timings["compute"]``.
     """
     probs: torch.Tensor | None = None
     q: torch.Tensor | None = None
     for rows, images in chunks:
         start = time.perf_counter()
         x = normalize_he(images.to(device, non_blocking=True))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = layer(x)
+        with (
+            torch.inference_mode(focus_source != "score"),
+            torch.enable_grad() if focus_source == "score" else torch.no_grad(),
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp),
+        ):
+            out = layer(x.clone() if focus_source == "score" else x)
+            focus = out.q
+            if focus is not None and focus_source == "score":
+                focus = focusing_score(out.probs, out.attn, retain_graph=False)
+            elif focus is not None and focus_source == "attention":
+                focus = class_attention(out.attn)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if timings is not None:
@@ -87,11 +103,11 @@ def run_layer(
         rows_t = torch.as_tensor(rows, dtype=torch.long)
         if probs is None:
             probs = torch.zeros(count, out.probs.shape[1])
-            if out.q is not None:
-                q = torch.zeros(count, out.q.shape[1])
-        probs[rows_t] = out.probs.float().cpu()
-        if q is not None and out.q is not None:
-            q[rows_t] = out.q.float().cpu()
+            if focus is not None:
+                q = torch.zeros(count, focus.shape[1])
+        probs[rows_t] = out.probs.detach().float().cpu()
+        if q is not None and focus is not None:
+            q[rows_t] = focus.detach().float().cpu()
     assert probs is not None, "no regions were read"
     return probs, q
 
@@ -108,6 +124,7 @@ def predict_cascade(
     device: torch.device | str = "cpu",
     amp: bool = False,
     timings: dict[str, float] | None = None,
+    focus_source: str = "q",
 ) -> list[SlidePrediction]:
     """Run the cascade on a batch of slides.
 
@@ -122,10 +139,13 @@ def predict_cascade(
         device: where the network runs.
         amp: bfloat16 autocast (on GPU).
         timings: if given, network seconds are added to ``timings["compute"]``.
+        focus_source: what the top-K is taken by: ``"q"`` (SMT), ``"score"`` or ``"attention"`` (the
+            ablations; see ``run_layer``). ``focus`` and ``focus_map`` then hold those values.
 
     Returns:
         One :class:`SlidePrediction` per slide.
     """
+    check_focus_source(focus_source)
     device = torch.device(device)
     layers = [model.layer1, model.layer2, model.layer3][:num_layers]
     grid = int(model.grid)
@@ -138,7 +158,7 @@ def predict_cascade(
     rank = np.zeros(batch, dtype=np.int64)
     parent = np.full(batch, -1)
     for depth, layer in enumerate(layers):
-        probs, q = run_layer(layer, chunks, len(boxes), device, amp, timings)
+        probs, q = run_layer(layer, chunks, len(boxes), device, amp, timings, focus_source)
         per_layer.append(
             {
                 "slide": slide_index,

@@ -62,7 +62,8 @@ class SlideListPredictor:
         network: an ``SMT`` module or its TorchScript export.
         slides: entries ``{"image": path, "label": optional int}`` (``smt_monai.data.load_slide_list``).
         output_dir: where results go.
-        input_side: layer input side (``grid * patch_size``).
+        input_side: side at which regions are read, the network's ``read_size`` (``grid * patch_size //
+            stem_pool``: the stem's pooling done by the reader).
         num_focus: ``K``.
         aggregation: ``max`` or ``mean`` over the layer-3 regions.
         backend: slide backend.

@@ -25,13 +25,17 @@ class SMTLoss(nn.Module):
     (they train disjoint parameters unless ``focus_grad_to_encoder`` is set). ``w_focus`` is this project's
     per-layer focus-loss weight: its default switches ``L_focus`` off at layer 1, whose Eq. 2 target is
     uninformative when tumour is invisible on the thumbnail (method-notes, "departs from the paper");
-    ``focus_weight=(1, 1)`` is the paper's setting. The ``lambda``s are given per call, so a schedule (the
-    loss-weight ramp) can change them every iteration.
+    ``focus_weight=(1, 1)`` is the paper's setting. ``recheck_weight`` and ``distillation_weight`` scale every
+    ``L_ret`` and every ``L_emb`` (1 in the paper; 0 switches one backward loss off, the ablations of the
+    paper's Table 2). The ``lambda``s are given per call, so a schedule (the loss-weight ramp) can change them
+    every iteration.
 
     Args:
         focus_weight: ``w_focus`` of layers 1 and 2.
         class_balanced: whether ``L_cls`` of layers 1, 2, 3 is class-balanced (method-notes: layers 2-3).
         recheck_clamp: ``clamp`` of ``RecheckLoss``.
+        recheck_weight: factor on ``lambda_bwd[l] L_ret[l]``.
+        distillation_weight: factor on ``lambda_bwd[l] L_emb[l]``.
 
     Raises:
         ValueError: if ``focus_weight`` does not have 2 entries or ``class_balanced`` 3.
@@ -42,11 +46,15 @@ class SMTLoss(nn.Module):
         focus_weight: Sequence[float] = (0.0, 1.0),
         class_balanced: Sequence[bool] = (False, True, True),
         recheck_clamp: float = 1e-6,
+        recheck_weight: float = 1.0,
+        distillation_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if len(focus_weight) != 2 or len(class_balanced) != 3:
             raise ValueError("focus_weight needs 2 entries (layers 1-2), class_balanced 3 (layers 1-3)")
         self.focus_weight = tuple(float(w) for w in focus_weight)
+        self.recheck_weight = float(recheck_weight)
+        self.distillation_weight = float(distillation_weight)
         self.classification = nn.ModuleList([ClassificationLoss(bool(b)) for b in class_balanced])
         self.focus = FocusLoss()
         self.recheck = RecheckLoss(clamp=recheck_clamp)
@@ -80,10 +88,10 @@ class SMTLoss(nn.Module):
                 loss_v = loss_v + lambda_fwd[layer - 1] * terms[f"cls{layer}"]
         for layer in (1, 2):
             if f"emb{layer}" in terms:
-                loss_v = loss_v + lambda_bwd[layer - 1] * terms[f"emb{layer}"]
+                loss_v = loss_v + self.distillation_weight * lambda_bwd[layer - 1] * terms[f"emb{layer}"]
             if f"focus{layer}" in terms:
                 weight = self.focus_weight[layer - 1] * lambda_fwd[layer - 1]
                 loss_f = loss_f + weight * terms[f"focus{layer}"]
             if f"ret{layer}" in terms:
-                loss_f = loss_f + lambda_bwd[layer - 1] * terms[f"ret{layer}"]
+                loss_f = loss_f + self.recheck_weight * lambda_bwd[layer - 1] * terms[f"ret{layer}"]
         return {**terms, "L_V": loss_v, "L_F": loss_f, "total": loss_v + loss_f}

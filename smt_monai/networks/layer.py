@@ -6,6 +6,11 @@ transformer blocks: first ``AttentionExposingBlock`` (its attention ``alpha`` fe
 ``EncoderBlock``s (MONAI ``SABlock`` and ``MLPBlock``). The class token gives the logits ``z^[l]`` and
 probabilities ``p^[l]`` (Eq. 1); in layers 1 and 2 the focusing predictor ``f_focus^[l]``, a small MLP with a
 sigmoid, maps each patch embedding ``v_i^[l]`` to ``q_i^[l]`` (Eq. 3, 4).
+
+The stem's first step is an average pooling by ``stem_pool``, so a layer also accepts its input already
+pooled: ``read_size = grid * patch_size // stem_pool`` pixels a side, which is how the slide readers deliver
+it (area-resampled, the same reduction), sparing the resize and normalisation of pixels the stem would
+discard.
 """
 
 from typing import NamedTuple
@@ -60,7 +65,8 @@ class SMTLayer(nn.Module):
 
     Args:
         grid: patches per side of the input.
-        patch_size: pixels per side of one patch; the input side is ``grid * patch_size``.
+        patch_size: pixels per side of one patch; the input side is ``grid * patch_size`` (``input_size``),
+            or ``input_size // stem_pool`` (``read_size``) for inputs already pooled.
         num_classes: classes of the head (class 0 negative).
         embed_dim: token width.
         depth: number of transformer blocks (at least 1).
@@ -68,7 +74,7 @@ class SMTLayer(nn.Module):
         mlp_ratio: MLP hidden width as a multiple of ``embed_dim``.
         in_channels: input channels.
         dropout_rate: dropout in attention and MLPs.
-        stem_pool: average-pooling factor of the patch stem.
+        stem_pool: average-pooling factor of the patch stem (skipped for ``read_size`` inputs).
         stem_channels: channels of the stem's strided convolutions.
         stem_strides: strides (= kernel sizes) of the stem's strided convolutions.
         focus: whether the layer has a focusing predictor (layers 1 and 2).
@@ -105,6 +111,7 @@ class SMTLayer(nn.Module):
         self.grid = grid
         self.patch_size = patch_size
         self.input_size = grid * patch_size
+        self.read_size = self.input_size // stem_pool
         self.focus_grad_to_encoder = focus_grad_to_encoder
         mlp_dim = int(embed_dim * mlp_ratio)
 
@@ -130,15 +137,22 @@ class SMTLayer(nn.Module):
         """Classify ``x`` and predict where to focus.
 
         Args:
-            x: ``(B, in_channels, grid * patch_size, grid * patch_size)`` normalised images (see
-                ``normalize_he``).
+            x: ``(B, in_channels, side, side)`` normalised images (see ``normalize_he``), ``side`` either
+                ``input_size`` (pooled in the stem) or ``read_size`` (already pooled by the reader).
 
         Returns:
             ``LayerOutput``: logits, probs, class-token and patch embeddings, q, first-block attention.
+
+        Raises:
+            ValueError: ``x`` is not square with one of the two sides.
         """
-        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
-            raise ValueError(f"expected {self.input_size} x {self.input_size} inputs, got {x.shape}")
-        tokens = self.stem(x)
+        side = x.shape[-1]
+        if x.shape[-2] != side or (side != self.input_size and side != self.read_size):
+            raise ValueError(
+                f"expected {self.input_size} x {self.input_size} inputs (pooled in the stem) or "
+                f"{self.read_size} x {self.read_size} (already pooled), got {x.shape}"
+            )
+        tokens = self.stem(x, pooled=side == self.read_size)
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
         h = torch.cat([cls, tokens], dim=1) + self.pos_embed
         h, attn = self.first_block(h)

@@ -9,8 +9,13 @@ Presets follow timm: ``smt_paper()`` (depth 12, 6 heads, width 384, grid 8, patc
 ``smt_tiny()`` (width 64, depth 2, 4 heads, grid 4, patch 16) for tests and CPU demos; ``SMT(preset=...)``
 is the same with a string, which is what a bundle config uses.
 
+Each layer takes ``input_size`` (``grid * patch_size``) inputs, or ``read_size`` (``input_size // stem_pool``)
+inputs already pooled: the bundle's readers deliver the latter, so resizing and normalising cost
+``1 / stem_pool**2`` of what full-resolution inputs would (see ``PatchStem``).
+
 TorchScript: ``torch.jit.script(SMT(...))`` works; the scripted module runs any layer with
-``forward(x, layer)`` and exposes the layers as ``.layer1``, ``.layer2``, ``.layer3``.
+``forward(x, layer)``, exposes the layers as ``.layer1``, ``.layer2``, ``.layer3`` and keeps ``grid``,
+``input_size`` and ``read_size``, so an export carries the geometry its readers need.
 """
 
 import dataclasses
@@ -37,7 +42,8 @@ class SMTConfig:
         mlp_ratio: MLP width as a multiple of ``embed_dim``.
         in_channels: input channels.
         dropout_rate: dropout in attention and MLPs.
-        stem_pool: patch stem average-pooling factor (see ``PatchStem``).
+        stem_pool: patch stem average-pooling factor (see ``PatchStem``); readers deliver inputs already
+            pooled by it.
         stem_channels: channels of the stem's strided convolutions.
         stem_strides: strides of the stem's strided convolutions.
         focus_grad_to_encoder: whether the losses on ``q`` reach the encoders (default False).
@@ -101,13 +107,17 @@ class SMT(nn.Module):
         self.config = config
         self.grid = config.grid
         self.input_size = config.grid * config.patch_size
+        self.read_size = self.input_size // config.stem_pool
         layer_kwargs = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
         self.layer1 = SMTLayer(**layer_kwargs, focus=True)
         self.layer2 = SMTLayer(**layer_kwargs, focus=True)
         self.layer3 = SMTLayer(**layer_kwargs, focus=False)
 
     def forward(self, x: torch.Tensor, layer: int = 1) -> LayerOutput:
-        """Run layer ``layer`` (1, 2 or 3) on normalised images ``x`` of shape ``(B, 3, side, side)``."""
+        """Run layer ``layer`` (1, 2 or 3) on normalised images ``x`` of shape ``(B, 3, side, side)``.
+
+        ``side`` is ``read_size`` (what the readers deliver) or ``input_size`` (pooled in the stem).
+        """
         if layer == 1:
             return self.layer1(x)
         if layer == 2:

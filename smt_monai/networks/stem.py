@@ -5,13 +5,19 @@ embedding) costs 75M multiply-adds per patch at width 384 and dominates SMT's ru
 each patch first, because the stem's cost per input pixel is what decides SMT's speed (method-notes,
 "Networks"):
 
-1. ``AvgPool2d(pool)``: an area downsampling, the cheapest possible first reduction (no parameters, one
-   add per pixel). With the paper's geometry the last layer reads level 0 at about 0.25 um/px, so
-   ``pool = 4`` still leaves about 1 um/px (10x), enough to resolve nuclei.
+1. An average pooling by ``pool``: an area downsampling, the cheapest possible first reduction (no
+   parameters, one add per pixel). With the paper's geometry the last layer reads level 0 at about
+   0.25 um/px, so ``pool = 4`` still leaves about 1 um/px (10x), enough to resolve nuclei.
 2. Convolutions with ``kernel_size == stride`` (default two of stride 4, 32 and 128 channels, GELU):
    learned, non-overlapping reductions.
 3. A final convolution whose kernel covers what is left of one patch (4 x 4 for the paper preset): the
    linear projection of the reduced patch to ``embed_dim``.
+
+The pooling is the one step a slide reader can do instead: reading a region at ``1 / pool`` of the layer's
+side (``read_size``) with area resampling gives the pooled image directly, and the per-pixel work before
+the network (resize, ``normalize_he``) is then paid on ``1 / pool**2`` of the pixels. So ``forward`` takes
+either full-resolution inputs and pools them, or ``pooled`` inputs and skips the pooling; the readers of the
+bundle deliver pooled ones.
 
 Every kernel equals its stride and the total reduction divides ``patch_size``, so no receptive field
 crosses a patch border: token ``i`` depends only on patch ``i``. That keeps the Eq. 2 attribution of the
@@ -24,6 +30,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class PatchStem(nn.Module):
@@ -33,7 +40,7 @@ class PatchStem(nn.Module):
         patch_size: side of one patch in input pixels.
         embed_dim: width of the output tokens.
         in_channels: input channels (3 for RGB).
-        pool: average-pooling factor applied first.
+        pool: average-pooling factor applied first (skipped for inputs the reader already pooled).
         channels: output channels of the strided convolutions, one entry per convolution.
         strides: stride (= kernel size) of each strided convolution, same length as ``channels``.
 
@@ -62,7 +69,8 @@ class PatchStem(nn.Module):
                 f"patch_size {patch_size} is not divisible by the stem reduction {reduction} "
                 f"(pool {pool} x strides {tuple(strides)})"
             )
-        layers: list[nn.Module] = [nn.AvgPool2d(pool) if pool > 1 else nn.Identity()]
+        self.pool = pool
+        layers: list[nn.Module] = []
         c_in = in_channels
         for c_out, s in zip(channels, strides, strict=True):
             layers += [nn.Conv2d(c_in, c_out, kernel_size=s, stride=s), nn.GELU()]
@@ -80,9 +88,13 @@ class PatchStem(nn.Module):
                 nn.init.zeros_(layer.bias)
         self.norm = nn.LayerNorm(embed_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Embed ``(B, C, grid * patch_size, grid * patch_size)`` images as ``(B, grid**2, embed_dim)``.
+    def forward(self, x: torch.Tensor, pooled: bool = False) -> torch.Tensor:
+        """Embed ``(B, C, side, side)`` images as ``(B, grid**2, embed_dim)`` tokens.
 
-        Tokens are in row-major patch order, the order ``smt_monai.data.geometry.child_boxes`` uses.
+        ``side`` is ``grid * patch_size``, or ``grid * patch_size // pool`` when ``pooled`` (the input was
+        read at the pooled resolution and the pooling is skipped). Tokens are in row-major patch order, the
+        order ``smt_monai.data.geometry.child_boxes`` uses.
         """
+        if not pooled and self.pool > 1:
+            x = F.avg_pool2d(x, self.pool)
         return self.norm(self.layers(x).flatten(2).transpose(1, 2))
