@@ -110,6 +110,7 @@ def test_train_interrupt_resume_matches_uninterrupted(tmp_path: Path) -> None:
         restored["network"] = {k: v.clone() for k, v in part(resumed, "network").state_dict().items()}
         restored["bank"] = part(resumed, "score_bank").state_dict()
         restored["momentum"] = len(part(resumed, "optimizer").state)
+        restored["schedule_steps"] = part(resumed, "lr_scheduler").last_epoch
 
     resumed.run()
     assert trainer.state.epoch == part(full, "train#trainer").state.epoch == 3
@@ -118,7 +119,8 @@ def test_train_interrupt_resume_matches_uninterrupted(tmp_path: Path) -> None:
         torch.testing.assert_close(restored["network"][key], value)
     assert restored["bank"]["keys"] == saved_bank["keys"]
     torch.testing.assert_close(restored["bank"]["scores"], saved_bank["scores"])
-    assert restored["momentum"] > 0  # SGD momentum buffers came back with the optimiser
+    assert restored["momentum"] > 0  # the optimiser's moment buffers came back with it
+    assert restored["schedule_steps"] == 2  # the learning-rate schedule continues after two epochs
     assert sorted(p.name for p in (tmp_path / "cut").glob("checkpoint_epoch=*.pt")) == [
         "checkpoint_epoch=3.pt"
     ]

@@ -115,13 +115,13 @@ def test_smt_loss_combination() -> None:
     lam_fwd, lam_bwd = (1.0, 0.5, 0.25), (0.1, 0.2)
     out = SMTLoss()(terms, lam_fwd, lam_bwd)
     l_v = 1 * 1 + 0.5 * 2 + 0.25 * 3 + 0.1 * 4 + 0.2 * 5
-    l_f = 0.0 * 1 * 6 + 1.0 * 0.5 * 7 + 0.1 * 8 + 0.2 * 9  # default: no L_focus at layer 1
+    l_f = 0.0 * 1 * 6 + 0.0 * 0.5 * 7 + 0.1 * 8 + 0.2 * 9  # default: no L_focus
     assert out["L_V"].item() == pytest.approx(l_v)
     assert out["L_F"].item() == pytest.approx(l_f)
     assert out["total"].item() == pytest.approx(l_v + l_f)
     assert set(out) == set(terms) | {"L_V", "L_F", "total"}
     paper = SMTLoss(focus_weight=(1.0, 1.0))(terms, lam_fwd, lam_bwd)
-    assert paper["L_F"].item() == pytest.approx(l_f + 6)
+    assert paper["L_F"].item() == pytest.approx(l_f + 6 + 0.5 * 7)
     no_ret = SMTLoss(recheck_weight=0.0)(terms, lam_fwd, lam_bwd)
     assert no_ret["L_F"].item() == pytest.approx(l_f - 0.1 * 8 - 0.2 * 9)
     assert no_ret["L_V"].item() == pytest.approx(l_v)

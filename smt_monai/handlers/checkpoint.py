@@ -35,7 +35,8 @@ def last_checkpoint(folder: str | os.PathLike) -> str:
 
 
 class TrainingCheckpoint:
-    """Keep the last epoch's network, optimiser and trainer state in ``save_dir``, and resume from it.
+    """Keep the last epoch's network, optimiser, learning-rate schedule and trainer state in ``save_dir``, and
+    resume from it.
 
     The trainer is part of what is saved, so it cannot be named in the config that builds it; this handler
     adds it when attached. MONAI's ``CheckpointSaver`` writes ``checkpoint_epoch=N.pt`` (keeping the last
@@ -46,6 +47,8 @@ class TrainingCheckpoint:
         save_dir: folder of the checkpoints.
         network: the network.
         optimizer: the optimiser.
+        lr_scheduler: the learning-rate scheduler, if any (attach its ``LrScheduleHandler`` before this
+            handler, so that a checkpoint holds the schedule after the epoch's step).
         resume: restore the newest checkpoint in ``save_dir`` when training starts.
         map_location: where loaded tensors go.
     """
@@ -55,17 +58,21 @@ class TrainingCheckpoint:
         save_dir: str | os.PathLike,
         network: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
+        lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         resume: bool = False,
         map_location: torch.device | str | None = None,
     ) -> None:
         self.save_dir = str(save_dir)
         self.network = network
         self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
         self.resume = resume
         self.map_location = map_location
 
     def attach(self, engine: Engine) -> None:
         objects = {"network": self.network, "optimizer": self.optimizer, "trainer": engine}
+        if self.lr_scheduler is not None:
+            objects["lr_scheduler"] = self.lr_scheduler
         if self.resume:
             path = last_checkpoint(self.save_dir)
             CheckpointLoader(load_path=path, load_dict=objects, map_location=self.map_location).attach(engine)

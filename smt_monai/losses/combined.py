@@ -23,12 +23,14 @@ class SMTLoss(nn.Module):
     ``L_V = sum_{l=1..3} lam_fwd[l] L_cls[l] + sum_{l=1,2} lam_bwd[l] L_emb[l]`` and
     ``L_F = sum_{l=1,2} w_focus[l] lam_fwd[l] L_focus[l] + lam_bwd[l] L_ret[l]``; the total is their sum
     (they train disjoint parameters unless ``focus_grad_to_encoder`` is set). ``w_focus`` is this project's
-    per-layer focus-loss weight: its default switches ``L_focus`` off at layer 1, whose Eq. 2 target is
-    uninformative when tumour is invisible on the thumbnail (method-notes, "departs from the paper");
-    ``focus_weight=(1, 1)`` is the paper's setting. ``recheck_weight`` and ``distillation_weight`` scale every
-    ``L_ret`` and every ``L_emb`` (1 in the paper; 0 switches one backward loss off, the ablations of the
-    paper's Table 2). The ``lambda``s are given per call, so a schedule (the loss-weight ramp) can change them
-    every iteration.
+    per-layer focus-loss weight. Its default switches ``L_focus`` off at both layers, so that ``L_ret`` alone
+    drives the focus: the Eq. 2 target is uninformative where a layer cannot classify (tumour invisible on
+    the thumbnail; tumour and mimic alike at layer 2's magnification) and its min-max normalisation forces a
+    full 0-to-1 target on every region, which on the synthetic cohort pulled layer 2's focus off the tumour
+    (bundle/docs/README.md, "Does it learn?"). ``focus_weight=(1, 1)`` is the paper's setting.
+    ``recheck_weight`` and ``distillation_weight`` scale every ``L_ret`` and every ``L_emb`` (1 in the paper;
+    0 switches one backward loss off, the ablations of the paper's Table 2). The ``lambda``s are given per
+    call, so a schedule (the loss-weight ramp) can change them every iteration.
 
     Args:
         focus_weight: ``w_focus`` of layers 1 and 2.
@@ -43,7 +45,7 @@ class SMTLoss(nn.Module):
 
     def __init__(
         self,
-        focus_weight: Sequence[float] = (0.0, 1.0),
+        focus_weight: Sequence[float] = (0.0, 0.0),
         class_balanced: Sequence[bool] = (False, True, True),
         recheck_clamp: float = 1e-6,
         recheck_weight: float = 1.0,
