@@ -7,7 +7,8 @@ source "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
 OUT="${DEMO_DIR:-$ROOT/demo_output}"
 DATA="$OUT/cohort"
-# A CPU-sized SMT: the tiny preset (width 64, depth 2) on 256-px layer inputs of 4 x 4 patches.
+# A CPU-sized SMT: the tiny preset (width 64, depth 2) on layer inputs of 4 x 4 patches of 64 px, read at
+# the stem's pooled side (128 px).
 GEOMETRY=(--preset tiny --grid 4 --patch_size 64 --num_focus 4)
 
 if [ ! -f "$DATA/datalist.json" ]; then
