@@ -14,6 +14,8 @@ dimensions), then a left-right flip when ``t >= 4``.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 NUM_TRANSFORMS = 8
@@ -57,9 +59,15 @@ def restore_patch_order(values: torch.Tensor, transforms: torch.Tensor, grid: in
     """
     if values.shape[:2] != (transforms.shape[0], grid * grid):
         raise ValueError(f"expected values of shape ({transforms.shape[0]}, {grid * grid}, ...)")
-    cells = torch.arange(grid * grid).reshape(grid, grid)
-    # landed[t][j] is the untransformed patch that transform t moves to position j; its inverse is the gather
-    landed = torch.stack([apply_transform(cells, t).reshape(-1) for t in range(NUM_TRANSFORMS)])
-    index = landed[transforms.cpu()].argsort(dim=1).to(values.device)
+    index = _inverse_orders(grid)[transforms.cpu()].to(values.device)
     index = index.reshape(*index.shape, *([1] * (values.dim() - 2))).expand_as(values)
     return values.gather(1, index)
+
+
+@lru_cache(maxsize=8)
+def _inverse_orders(grid: int) -> torch.Tensor:
+    """``(8, grid**2)``: row ``t`` gives, for each untransformed patch, its position after transform ``t``
+    (the inverse of where each position's patch came from), computed once per grid."""
+    cells = torch.arange(grid * grid).reshape(grid, grid)
+    landed = torch.stack([apply_transform(cells, t).reshape(-1) for t in range(NUM_TRANSFORMS)])
+    return landed.argsort(dim=1)
