@@ -198,6 +198,45 @@ def test_label_overlap_per_layer() -> None:
         _step(smt_tiny().train(), ScoreBank(), RandomReader(), label_overlap=(0.1, 0.2, 0.3))
 
 
+def test_guide_shows_the_next_layers_the_annotated_tumour() -> None:
+    """With guide=1 every annotated region that holds tumour outside its top K - 1 hands a tumour patch to
+    the next layer, so layers 2 and 3 get positive regions whatever the untrained focus picks; slides
+    without annotation are not guided."""
+
+    def overlap(slide_index: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        # slide 0 annotated, tumour in a 200-px square at (5000, 5000); slide 1 unannotated
+        lo = torch.clamp(torch.maximum(boxes[:, 0], torch.tensor(5000.0)), max=5200.0)
+        hi = torch.clamp(torch.minimum(boxes[:, 0] + boxes[:, 2], torch.tensor(5200.0)), min=5000.0)
+        top = torch.clamp(torch.maximum(boxes[:, 1], torch.tensor(5000.0)), max=5200.0)
+        bottom = torch.clamp(torch.minimum(boxes[:, 1] + boxes[:, 2], torch.tensor(5200.0)), min=5000.0)
+        fraction = (hi - lo) * (bottom - top) / boxes[:, 2] ** 2
+        return torch.where(slide_index == 0, fraction.to(torch.float64), float("nan"))
+
+    for seed in range(5):
+        torch.manual_seed(seed)
+        step = cascade_step(
+            smt_tiny().train(),
+            torch.randn(BATCH, 3, SIDE, SIDE),
+            BOXES,
+            torch.tensor([1, 0]),
+            SLIDES,
+            RandomReader(),
+            SMTLoss(),
+            ScoreBank(),
+            LAMBDA_FWD,
+            LAMBDA_BWD,
+            num_focus=K,
+            region_overlap=overlap,
+            label_overlap=(0.001, 0.001),
+            guide=1.0,
+        )
+        # layer 1 of slide 0 (6400 px, patches of 1600): the tumour lies in patch 15 (x, y >= 4800)
+        assert 15 in step.selections[0].index[0, :K].tolist()
+        assert step.labels[1][:K].sum() >= 1  # a positive layer-2 region
+        assert step.labels[2][: K * (K + 1)].sum() >= 1  # and layer 3 gets one from it (slide 0 rows)
+        assert step.labels[1][(K + 1) :].eq(0).all()  # slide 1: negative slide, no annotation
+
+
 class PatchLocalLayer(torch.nn.Module):
     """An SMT layer whose outputs depend on patch contents only, not on where the patches are: what it
     computes is the same for any flip or quarter turn of its input once patch outputs are put back."""

@@ -167,6 +167,27 @@ def test_select_regions_explores_outside_the_top_k() -> None:
         select_regions(parent, q, 3, 3, explore=1.5)
 
 
+def test_select_regions_guided_by_the_annotation() -> None:
+    """guide=1: the K-th pick is drawn from the target (tumour) patches outside the top K - 1, each of them
+    reachable; a region without such a patch keeps its greedy pick; the top K - 1 never change."""
+    q = torch.linspace(1.0, 0.0, 9).expand(300, 9)
+    parent = torch.tensor([[0.0, 0.0, 90.0]], dtype=torch.float64).expand(300, 3)
+    target = torch.zeros(300, 9, dtype=torch.bool)
+    target[:200, [0, 5, 7]] = True  # patch 0 is already a top pick: only 5 and 7 are left to guide to
+    generator = torch.Generator().manual_seed(0)
+    sel = select_regions(parent, q, 3, 3, guide=1.0, target=target, generator=generator)
+    assert (sel.index[:, :2] == torch.tensor([0, 1])).all()
+    assert set(sel.index[:200, 2].tolist()) == {5, 7}
+    assert sel.index[200:, 2].eq(2).all()
+    half = select_regions(parent, q, 3, 3, guide=0.5, target=target, generator=generator).index[:200, 2]
+    assert 0.35 < (half != 2).float().mean() < 0.65
+    assert select_regions(parent, q, 3, 3, guide=1.0).index[:, 2].eq(2).all()  # no target: greedy
+    with pytest.raises(ValueError, match="target"):
+        select_regions(parent, q, 3, 3, guide=1.0, target=target[:, :4])
+    with pytest.raises(ValueError, match="probability"):
+        select_regions(parent, q, 3, 3, guide=-0.1, target=target)
+
+
 def test_next_labels() -> None:
     slide = torch.tensor([1, 0, 2])
     focusable = torch.tensor([[True, True, False]] * 3)

@@ -31,6 +31,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "paper: forward + backward": PAPER,
     "default (no L_focus; L_ret drives the focus)": {},
     "default without exploration": {"explore": 0.0},
+    "default without annotation guidance": {"guide": 0.0},
     "default without flips / quarter turns": {"augment": False},
 }
 """Ablation name -> ``train.yaml`` overrides."""

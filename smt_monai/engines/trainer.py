@@ -75,6 +75,7 @@ class SMTTrainer(Trainer):
             2 and 3 (``cascade_step``).
         augment: random flips and quarter turns of every layer's inputs (``cascade_step``'s ``augment``).
         explore: probability that a region's K-th pick is a random patch (``select_regions``).
+        guide: probability that a region's K-th pick is an annotated tumour patch (``cascade_step``).
         focus_source: what each top-K is taken by: ``"q"``, ``"score"`` or ``"attention"`` (``cascade_step``).
         epoch_length: iterations per epoch (default: the loader's length).
         train_handlers: handlers to attach (MONAI's ``handlers`` argument).
@@ -96,6 +97,7 @@ class SMTTrainer(Trainer):
         label_overlap: float | Sequence[float] = (0.01, 0.1),
         augment: bool = True,
         explore: float = 0.25,
+        guide: float = 0.5,
         focus_source: str = "q",
         epoch_length: int | None = None,
         train_handlers: Sequence | None = None,
@@ -121,6 +123,7 @@ class SMTTrainer(Trainer):
         self.label_overlap = label_overlap
         self.augment = augment
         self.explore = explore
+        self.guide = guide
         self.focus_source = check_focus_source(focus_source)
         self.state.num_layers = 3
         self.state.lambda_fwd = [1.0, 1.0, 1.0]
@@ -174,6 +177,7 @@ class SMTTrainer(Trainer):
                 augment=self.augment,
                 explore=self.explore,
                 focus_source=self.focus_source,
+                guide=self.guide,
             )
 
     def _backward(self, step: Any, paths: list[str]) -> dict[str, float]:
@@ -191,6 +195,7 @@ class SMTTrainer(Trainer):
         output["loss"] = output["total"]
         for layer, (out, labels) in enumerate(zip(step.outputs, step.labels), start=1):
             output[f"accuracy{layer}"] = float((out.probs.argmax(dim=1).cpu() == labels).float().mean())
+            output[f"positive{layer}"] = float((labels > 0).float().mean())
         for layer, value in enumerate(self.state.lambda_fwd, start=1):
             output[f"lambda_fwd{layer}"] = float(value)
         for layer, value in enumerate(self.state.lambda_bwd, start=1):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 
-from smt_monai.data.geometry import region_key
+from smt_monai.data.geometry import child_boxes, region_key
 from smt_monai.focus.bank import ScoreBank
 from smt_monai.focus.dihedral import random_transforms, restore_patch_order, transform_batch
 from smt_monai.focus.score import (
@@ -30,7 +30,7 @@ from smt_monai.focus.score import (
     minmax_normalize,
     positive_mass,
 )
-from smt_monai.focus.selection import Selection, next_labels, select_regions
+from smt_monai.focus.selection import Selection, next_labels, reaches_overlap, select_regions
 from smt_monai.networks.layer import LayerOutput
 
 if TYPE_CHECKING:
@@ -83,6 +83,7 @@ def cascade_step(
     augment: bool = False,
     explore: float = 0.0,
     focus_source: str = "q",
+    guide: float = 0.0,
 ) -> CascadeStep:
     """Run the cascade forward in training and compute the Eq. 7 losses (no backward, no optimiser step).
 
@@ -116,6 +117,8 @@ def cascade_step(
             back to the untransformed patch order, so selection, score bank and losses are unchanged
             (``LayerOutput.attn`` stays as computed).
         explore: probability that a region's K-th pick is a random patch (``select_regions``).
+        guide: probability that a region's K-th pick is a patch whose tumour overlap reaches the next
+            layer's ``label_overlap`` (``select_regions``; only with ``region_overlap``, on annotated slides).
         focus_source: what the top-K is taken by: ``"q"`` (SMT), ``"score"`` (the bank's ``S``) or
             ``"attention"`` (``class_attention``); ``L_ret`` still teaches ``q`` on the selected patches.
 
@@ -192,20 +195,36 @@ def cascade_step(
             if transforms is not None:
                 ranking = restore_patch_order(ranking, transforms, model.grid)
             ranking = ranking[rows_on_device]
-        selection = select_regions(region_boxes[rows], ranking, num_focus, model.grid, benign, explore)
+        overlap = None
+        if region_overlap is not None:
+            overlap = _patch_overlap(region_overlap, slide_index[rows], region_boxes[rows], model.grid)
+        target = None if overlap is None else reaches_overlap(overlap, thresholds[level - 1])
+        selection = select_regions(
+            region_boxes[rows], ranking, num_focus, model.grid, benign, explore, guide=guide, target=target
+        )
         step.selections.append(selection)
         per_parent = selection.index.shape[1]
         slide_index = slide_index[rows].repeat_interleave(per_parent)
         region_boxes = selection.boxes.reshape(-1, 3)
-        overlap = None
-        if region_overlap is not None:
-            overlap = region_overlap(slide_index, region_boxes).reshape(-1, per_parent)
+        if overlap is not None:
+            overlap = overlap.gather(1, selection.index)
         parent_labels = slide_labels[slide_index[::per_parent]]
         y = next_labels(parent_labels, selection.focusable, overlap, thresholds[level - 1]).reshape(-1)
         focusable = selection.focusable.reshape(-1)
         x = read_regions(slide_index, region_boxes).to(device)
 
     return step._replace(losses=loss_fn(terms, lambda_fwd, lambda_bwd))
+
+
+def _patch_overlap(
+    region_overlap: RegionOverlap, slide_index: torch.Tensor, boxes: torch.Tensor, grid: int
+) -> torch.Tensor:
+    """``(R, grid**2)`` tumour-overlap fractions of every patch of the regions ``boxes`` (NaN: unknown)."""
+    patches = torch.arange(grid * grid).expand(len(boxes), -1)
+    fractions = region_overlap(
+        slide_index.repeat_interleave(grid * grid), child_boxes(boxes, patches, grid).reshape(-1, 3)
+    )
+    return fractions.reshape(len(boxes), grid * grid)
 
 
 def _untransformed(out: LayerOutput, transforms: torch.Tensor | None, grid: int) -> LayerOutput:

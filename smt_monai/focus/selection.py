@@ -34,6 +34,8 @@ def select_regions(
     benign_score: torch.Tensor | None = None,
     explore: float = 0.0,
     generator: torch.Generator | None = None,
+    guide: float = 0.0,
+    target: torch.Tensor | None = None,
 ) -> Selection:
     """Top-K patches by the focusing prediction ``q`` (at training and inference), as next-layer regions.
 
@@ -43,6 +45,13 @@ def select_regions(
     K-th pick is, with that probability, a uniformly drawn patch outside its top K - 1 instead
     (epsilon-greedy; same number of reads), which keeps ``q`` calibrated on every kind of patch. Inference
     uses 0.
+
+    ``guide`` does the same with an annotation (``target``: the patches that hold tumour): with that
+    probability the K-th pick of a region is drawn from its tumour patches outside the top K - 1, where it
+    has any. The cascade has to bootstrap itself, since layer ``l`` learns where to look from layer
+    ``l + 1``, which only learns tumour from what layer ``l`` shows it; on annotated slides guidance shows
+    the next layers tumour from the first step, so their ``L_ret`` has something to teach. It fades by
+    itself: once the tumour patches rank in the top K - 1 there is nothing left to guide to.
 
     With ``benign_score`` (the normalised score ``S~`` of Eq. 3, in weakly supervised training), one more
     patch is appended per region: the one with the lowest ``S~`` among those not in the top-K, magnified as
@@ -55,7 +64,10 @@ def select_regions(
         grid: patches per side of a layer input.
         benign_score: optional ``(B, grid**2)`` normalised scores ``S~``.
         explore: probability that a region's K-th pick is a random patch outside its top K - 1.
-        generator: random source of the exploration.
+        generator: random source of the exploration and guidance.
+        guide: probability that a region's K-th pick is one of its ``target`` patches outside its top K - 1
+            (where there is one; otherwise ``explore`` decides).
+        target: optional ``(B, grid**2)`` bool, the patches guidance draws from.
 
     Returns:
         ``Selection`` with ``K' = K`` (or ``K + 1`` with ``benign_score``) regions per parent, on the CPU.
@@ -69,21 +81,38 @@ def select_regions(
         raise ValueError(f"expected q of shape (B, {num_patches}), got {tuple(q.shape)}")
     if not 1 <= num_focus <= num_patches - int(extra):
         raise ValueError(f"cannot select {num_focus} patches (+{int(extra)} benign) of {num_patches}")
-    if not 0.0 <= explore <= 1.0:
-        raise ValueError(f"explore must be a probability, got {explore}")
+    for name, value in (("explore", explore), ("guide", guide)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be a probability, got {value}")
+    if target is not None and target.shape != q.shape:
+        raise ValueError(f"expected target of shape {tuple(q.shape)}, got {tuple(target.shape)}")
     parent = torch.as_tensor(parent_boxes, dtype=torch.float64).cpu()
     order = torch.argsort(q.detach().cpu(), dim=1, descending=True)
     index = order[:, :num_focus].clone()
+    rest = order[:, num_focus - 1 :]  # candidates for the K-th pick
+    weights = torch.zeros(rest.shape, dtype=torch.float64)
     if explore > 0:
-        rows = (torch.rand(q.shape[0], generator=generator) < explore).nonzero().squeeze(1)
-        slot = torch.randint(num_focus - 1, num_patches, (len(rows),), generator=generator)
-        index[rows, num_focus - 1] = order[rows, slot]
+        weights[torch.rand(q.shape[0], generator=generator) < explore] = 1.0
+    if target is not None and guide > 0:
+        tumour = target.cpu().bool().gather(1, rest)
+        guided = (torch.rand(q.shape[0], generator=generator) < guide) & tumour.any(dim=1)
+        weights = torch.where(guided[:, None], tumour.double(), weights)
+    rows = weights.sum(dim=1).nonzero().squeeze(1)
+    if len(rows):
+        pick = torch.multinomial(weights[rows], 1, generator=generator)
+        index[rows, num_focus - 1] = rest[rows].gather(1, pick).squeeze(1)
     focusable = torch.ones(q.shape[0], num_focus, dtype=torch.bool)
     if benign_score is not None:
         score = benign_score.detach().cpu().to(torch.float64).scatter(1, index, float("inf"))
         index = torch.cat([index, score.argmin(dim=1, keepdim=True)], dim=1)
         focusable = torch.cat([focusable, torch.zeros(q.shape[0], 1, dtype=torch.bool)], dim=1)
     return Selection(index, child_boxes(parent, index, grid), focusable)
+
+
+def reaches_overlap(overlap: torch.Tensor, label_overlap: float) -> torch.Tensor:
+    """Whether tumour-overlap fractions make a region positive: ``>= label_overlap``, or ``> 0`` at 0
+    (False where the overlap is unknown, NaN)."""
+    return overlap >= label_overlap if label_overlap > 0 else overlap > 0
 
 
 def next_labels(
@@ -115,7 +144,7 @@ def next_labels(
     labels = torch.where(focusable.cpu(), slide, torch.zeros_like(slide))
     if overlap is not None:
         overlap = overlap.cpu()
-        hit = overlap >= label_overlap if label_overlap > 0 else overlap > 0
+        hit = reaches_overlap(overlap, label_overlap)
         annotated = torch.where(hit, slide, torch.zeros_like(slide))
         labels = torch.where(torch.isnan(overlap), labels, annotated)
     return labels
