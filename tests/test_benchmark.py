@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from smt_monai.benchmark.ablation import VARIANTS, select_variants
 from smt_monai.benchmark.bundle_runs import parse_overrides
 from smt_monai.benchmark.report import write_report
 from smt_monai.cli import main
@@ -33,6 +34,15 @@ def test_report_says_which_benchmark_is_missing(tmp_path: Path) -> None:
     out = write_report(tmp_path / "b.md", tmp_path / "none.json", None, None)
     text = out.read_text()
     assert "**speed**: not run" in text and "**ablation**: not run" in text
+
+
+def test_select_variants_by_name() -> None:
+    assert select_variants() == VARIANTS
+    chosen = select_variants(["forward + backward", "default (no L_focus"])
+    assert list(chosen) == ["paper: forward + backward", "default (no L_focus; L_ret drives the focus)"]
+    assert chosen["paper: forward + backward"] == {"focus_weight": [1.0, 1.0]}
+    with pytest.raises(ValueError, match="no ablation variant matches"):
+        select_variants(["nonexistent"])
 
 
 @pytest.mark.slow

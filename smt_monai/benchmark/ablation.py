@@ -36,6 +36,21 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 """Ablation name -> ``train.yaml`` overrides."""
 
+
+def select_variants(patterns: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """The ``VARIANTS`` whose names contain any of ``patterns`` (all of them without patterns).
+
+    Raises:
+        ValueError: if no variant matches, listing the names.
+    """
+    if not patterns:
+        return dict(VARIANTS)
+    chosen = {name: extra for name, extra in VARIANTS.items() if any(p in name for p in patterns)}
+    if not chosen:
+        raise ValueError(f"no ablation variant matches {list(patterns)}; the variants: {'; '.join(VARIANTS)}")
+    return chosen
+
+
 METRICS = ("balanced_accuracy", "auc", "focus_hit_rate", "focus_precision", "balanced_accuracy_layer1")
 
 

@@ -60,6 +60,9 @@ def _training(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dense", action="append", metavar="KEY=VALUE", help="train_dense.yaml override")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="ablation seeds (default 0 1 2)")
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8], help="K sweep (default 1 2 4 8)")
+    parser.add_argument(
+        "--variants", nargs="+", default=None, help="ablation variants, by (part of) name (default: all)"
+    )
 
 
 def _report(parser: argparse.ArgumentParser) -> None:
@@ -144,10 +147,12 @@ def _run_accuracy(args: argparse.Namespace, path: Path) -> None:
 
 
 def _run_ablation(args: argparse.Namespace, path: Path) -> None:
-    from smt_monai.benchmark.ablation import benchmark_ablation
+    from smt_monai.benchmark.ablation import benchmark_ablation, select_variants
 
     seeds = _pick(args.seeds, args.quick, [0], [0, 1, 2])
-    data = benchmark_ablation(args.work_dir, seeds=seeds, ks=args.ks, **_training_settings(args))
+    variants = select_variants(args.variants)
+    settings = _training_settings(args)
+    data = benchmark_ablation(args.work_dir, seeds=seeds, ks=args.ks, variants=variants, **settings)
     _save(data, path, args)
 
 
