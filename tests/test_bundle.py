@@ -133,7 +133,18 @@ def test_train_interrupt_resume_matches_uninterrupted(tmp_path: Path) -> None:
         accumulator = EventAccumulator(str(event_file))
         accumulator.Reload()
         tags |= set(accumulator.Tags()["scalars"])
-    for tag in ("cls1", "cls3", "ret1", "emb1", "focus2", "lambda_fwd2", "lambda_bwd1", "accuracy3", "loss"):
+    for tag in (
+        "cls1",
+        "cls3",
+        "ret1",
+        "emb1",
+        "focus2",
+        "lambda_fwd2",
+        "lambda_bwd1",
+        "accuracy3",
+        "positive3",
+        "loss",
+    ):
         assert tag in tags, tag
     for tag in ("balanced_accuracy", "balanced_accuracy_layer1", "auc", "focus_precision", "focus_hit_rate"):
         assert tag in tags, tag

@@ -233,6 +233,7 @@ def _plot_accuracy_vs_k(points: list[dict[str, Any]], path: Path) -> Path:
         ax.plot(ks, [p[key] if p[key] is not None else float("nan") for p in points], "o-", label=label)
     ax.set(xlabel="K (regions focused per layer)", ylabel="score", xscale="log", ylim=(0, 1.05))
     ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xticks([], minor=True)
     twin = ax.twinx()
     twin.plot(ks, [p["seconds_per_slide"] for p in points], "k:", marker="x", label="s / slide")
     twin.set_ylabel("seconds per slide")
