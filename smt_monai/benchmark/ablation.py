@@ -6,8 +6,8 @@ Table 2, with its focus loss on at both layers (``focus_weight: [1, 1]``): forwa
 (``lambda_bwd: 0`` switches L_emb and L_ret off) with the top-K by the focusing predictor ``q``, by the score
 ``S`` or by class attention; forward + ``L_ret`` or + ``L_emb`` alone (``distillation_weight`` /
 ``recheck_weight: 0``); forward + backward. Then the project's default (no ``L_focus``: ``L_ret`` drives the
-focus) and the default without its exploration or without its training flips. The K sweep evaluates the
-default model at K in {1, 2, 4, 8}: accuracy and seconds per slide.
+focus) and the default without its exploration, its annotation guidance or its training flips. The K
+sweep evaluates the default model at K in {1, 2, 4, 8}: accuracy and seconds per slide.
 """
 
 from __future__ import annotations
