@@ -19,6 +19,7 @@ _SUBPACKAGES = (
     "inference",
     "baselines",
     "deploy",
+    "utils",
 )
 
 

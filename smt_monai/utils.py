@@ -8,9 +8,32 @@ import queue
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
+
+
+def fast_bf16(device: torch.device | str) -> bool:
+    """Whether bfloat16 autocast speeds up networks on ``device``: the default of every ``amp`` setting.
+
+    True on CUDA, and on a CPU whose oneDNN kernels compute in bfloat16 natively (AVX512-BF16 or AMX), where
+    the SMT layers run about 2.7 times and ResNet-18 about 1.9 times faster than in float32 (measured on 2
+    EPYC cores). False on other CPUs, where bfloat16 is emulated and slower than float32.
+    """
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 @contextlib.contextmanager

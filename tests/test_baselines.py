@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from conftest import write_cohort
 
@@ -55,3 +56,36 @@ def test_train_and_evaluate_write_model_and_metrics(tmp_path: Path) -> None:
     metrics = DenseEvaluator(DenseMIL(), test, tmp_path / "eval" / "metrics.json", 32, ckpt_path=model).run()
     assert metrics["num_slides"] == 1
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["num_slides"] == 1
+
+
+def test_train_with_bfloat16_autocast_updates_the_network(tmp_path: Path) -> None:
+    datalist = write_cohort(tmp_path / "data", count=2, side=1024, splits=(2, 0, 0))
+    train = load_datalist(datalist, "training", str(datalist.parent))
+    net = DenseMIL()
+    before = [p.detach().clone() for p in net.parameters()]
+    log = DenseTrainer(net, train, tmp_path / "run", tile_size=32, max_epochs=1, bag_size=4, amp=True).run()
+    assert np.isfinite(log["epochs"][0]["loss"])
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def test_guided_bags_hold_tumour_tiles_of_annotated_positive_slides(tmp_path: Path) -> None:
+    datalist = write_cohort(tmp_path / "data", count=2, side=1024, splits=(2, 0, 0))
+    negative, positive = load_datalist(datalist, "training", str(datalist.parent))
+    assert (negative["label"], positive["label"]) == (0, 1)
+    boxes = np.array([[x, y, 32.0] for y in range(0, 1024, 32) for x in range(0, 1024, 32)])
+    entries = [negative, positive]
+    trainer = DenseTrainer(DenseMIL(), entries, tmp_path / "r", tile_size=32, bag_size=16, guide=1.0)
+    tumour = trainer._tumour_tiles(positive, boxes)
+    # conftest's tumour square is 102 px wide from (409, 409): 4 x 4 tiles touch it, the corner one by 5 %
+    assert len(tumour) == 15
+    for _ in range(5):
+        pick = trainer._pick(positive, boxes)
+        assert len(pick) == 16 == len(set(pick.tolist()))
+        assert np.isin(pick, tumour).sum() >= 4
+    assert len(trainer._tumour_tiles(negative, boxes)) == 0
+    unguided = DenseTrainer(DenseMIL(), [positive], tmp_path / "run2", tile_size=32, bag_size=16, guide=0.0)
+    hits = [np.isin(unguided._pick(positive, boxes), tumour).sum() for _ in range(20)]
+    assert np.mean(hits) < 2  # random bags: 16 of 1024 tiles, about 0.4 tumour tiles each
+    with pytest.raises(ValueError, match="guide"):
+        DenseTrainer(DenseMIL(), [positive], tmp_path / "run3", guide=1.5)

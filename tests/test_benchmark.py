@@ -7,10 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from smt_monai.benchmark.ablation import VARIANTS, select_variants
+from smt_monai.benchmark.ablation import VARIANTS, merge_ablation, select_variants
+from smt_monai.benchmark.accuracy import held_out_datalist
 from smt_monai.benchmark.bundle_runs import parse_overrides
 from smt_monai.benchmark.report import write_report
 from smt_monai.cli import main
+from smt_monai.data import load_datalist
+from smt_monai.data.synth import make_cohort
 
 SPEED_KEYS = ("dense_over_smt_k4", "smt_over_floor_k4", "smt_seconds_k4", "smt_seconds_k8", "dense_seconds")
 ACCURACY_KEYS = (
@@ -43,6 +46,42 @@ def test_select_variants_by_name() -> None:
     assert chosen["paper: forward + backward"] == {"focus_weight": [1.0, 1.0]}
     with pytest.raises(ValueError, match="no ablation variant matches"):
         select_variants(["nonexistent"])
+
+
+def test_held_out_datalist_adds_a_second_cohort_to_the_testing_split(tmp_path: Path) -> None:
+    datalist = make_cohort(tmp_path / "cohort", 5, 1024, 3, split=(0.6, 0.0, 0.4), workers=1, progress=False)
+    assert held_out_datalist(tmp_path, datalist, 0, 1024, 3) == datalist
+    combined = held_out_datalist(tmp_path, datalist, 2, 1024, 3)
+    assert combined.parent == tmp_path / "cohort_2x1024_seed1003_test"
+    own = load_datalist(datalist, "testing", str(datalist.parent))
+    testing = load_datalist(combined, "testing", str(combined.parent))
+    assert len(own) == 2 and len(testing) == 4
+    assert [e["image"] for e in testing[:2]] == [e["image"] for e in own]
+    assert all(Path(e["image"]).is_file() and Path(e["annotation"]).is_file() for e in testing)
+    assert all(Path(e["image"]).parent.parent == combined.parent for e in testing[2:])
+    assert held_out_datalist(tmp_path, datalist, 2, 1024, 3) == combined  # written once, then reused
+
+
+def _ablation_result(variants: dict[str, list[int]], ks: list[int], **same: object) -> dict:
+    result = {"cohort": "c", "num_slides": 8, "slide_size": 1024, "smt_overrides": {"grid": 4}, **same}
+    result["variants"] = {name: {"overrides": VARIANTS[name], "seeds": s} for name, s in variants.items()}
+    result["seeds"] = sorted({s for seeds in variants.values() for s in seeds})
+    result["k_sweep"] = [{"k": k, "balanced_accuracy": 0.1 * k} for k in ks]
+    return result
+
+
+def test_merge_ablation_adds_up_subsets_of_one_cohort() -> None:
+    names = list(VARIANTS)
+    previous = _ablation_result({names[5]: [0], names[0]: [0]}, [1, 4], command="first")
+    current = _ablation_result({names[5]: [0, 1, 2], names[3]: [0]}, [4, 8])
+    current["k_sweep"][0]["balanced_accuracy"] = 0.9
+    merged = merge_ablation(previous, current)
+    assert list(merged["variants"]) == [names[0], names[3], names[5]]  # VARIANTS order
+    assert merged["variants"][names[5]]["seeds"] == [0, 1, 2] and merged["seeds"] == [0, 1, 2]
+    assert [(p["k"], p["balanced_accuracy"]) for p in merged["k_sweep"]] == [(1, 0.1), (4, 0.9), (8, 0.8)]
+    assert merged["merged_commands"] == ["first"]
+    other = _ablation_result({names[0]: [0]}, [1], smt_overrides={"grid": 8})
+    assert list(merge_ablation(other, _ablation_result({names[3]: [0]}, [4]))["variants"]) == [names[3]]
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from conftest import write_cohort
 from smt_monai.data import load_slide_list
 from smt_monai.inference import SlideListPredictor, load_network
 from smt_monai.networks import SMT
+from smt_monai.utils import fast_bf16
 
 SDK_CORE = pytest.importorskip("monai.deploy.core", reason="needs the deploy extra: pip install -e .[deploy]")
 
@@ -68,8 +69,9 @@ def test_app_writes_what_the_predictor_writes(cohort: tuple[Path, Path], tmp_pat
 
     reference = tmp_path / "reference"
     network = load_network(None, model, "torchscript", "cpu")
+    amp = fast_bf16("cpu")  # the app's default, as the bundle's inference.yaml
     SlideListPredictor(
-        network, load_slide_list(slides), reference, input_side=32, num_focus=2, progress=False
+        network, load_slide_list(slides), reference, input_side=32, num_focus=2, amp=amp, progress=False
     ).run()
 
     rows = read_rows(out / "predictions.csv")

@@ -191,3 +191,16 @@ def test_torchscript_export_reproduces_every_layer(model: SMT, tmp_path) -> None
                         assert b is None, name
                     else:
                         assert (a - b).abs().max().item() < 1e-4, name
+
+
+def test_bfloat16_autocast_keeps_the_layer_outputs(model: SMT) -> None:
+    """Inference defaults to bfloat16 autocast where it is fast (``fast_bf16``): outputs stay close."""
+    torch.manual_seed(1)
+    x = normalize_he(torch.randint(0, 256, (3, 3, READ, READ), dtype=torch.uint8))
+    with torch.inference_mode():
+        full = model(x, 1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model(x, 1)
+    torch.testing.assert_close(half.probs.float(), full.probs, atol=0.02, rtol=0)
+    assert half.q is not None and full.q is not None
+    torch.testing.assert_close(half.q.float(), full.q, atol=0.02, rtol=0)

@@ -9,7 +9,9 @@ initialised at random since nothing can be downloaded. Tiles are read through th
 
 Training follows MONAI's MIL tutorial: each step encodes a random bag of ``bag_size`` tissue tiles of a
 slide end to end; prediction encodes all of them, ``chunk_size`` at a time (reading the next chunk while
-the current one is encoded), and pools once over all features.
+the current one is encoded), and pools once over all features. With ``guide`` > 0, bags of annotated
+positive slides are given tumour tiles, the dense counterpart of SMT's annotation-guided focus, so that the
+two methods can be compared with the same supervision.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.nets import resnet18
 from PIL import Image
+from tqdm import tqdm
 
+from smt_monai.data.annotations import TumourAnnotation
 from smt_monai.data.regions import SlideCache, iter_boxes
 from smt_monai.data.slide import Slide
 from smt_monai.data.tissue import tissue_mask
@@ -165,6 +169,12 @@ class DenseTrainer:
         backend: slide backend.
         num_workers: reading threads.
         device: where the network trains.
+        amp: bfloat16 autocast (see ``smt_monai.utils.fast_bf16`` for where it pays).
+        guide: probability that the bag of an annotated positive slide holds a quarter of its tiles (at
+            least one) from the tiles whose tumour overlap reaches ``tumour_overlap`` (SMT's ``guide``; 0,
+            the default, is the standard pipeline: a tumour fraction of a few percent leaves many random
+            bags of a positive slide without tumour).
+        tumour_overlap: tumour-overlap fraction of a tumour tile (SMT's layer-3 ``label_overlap``).
         seed: bag sampling and slide order.
     """
 
@@ -180,8 +190,13 @@ class DenseTrainer:
         backend: str = "auto",
         num_workers: int = 2,
         device: torch.device | str = "cpu",
+        amp: bool = False,
+        guide: float = 0.0,
+        tumour_overlap: float = 0.1,
         seed: int = 0,
     ) -> None:
+        if not 0.0 <= guide <= 1.0:
+            raise ValueError(f"guide must be in [0, 1], got {guide}")
         self.network = network
         self.entries = list(entries)
         self.output_dir = Path(output_dir)
@@ -189,20 +204,46 @@ class DenseTrainer:
         self.max_epochs = max_epochs
         self.bag_size = bag_size
         self.device = torch.device(device)
+        self.amp = amp
+        self.guide = guide
+        self.tumour_overlap = tumour_overlap
         self.num_workers = num_workers
         self.rng = np.random.default_rng(seed)
         self.cache = SlideCache(backend, capacity=4)
         self.optimizer = torch.optim.Adam(network.parameters(), lr=learning_rate, weight_decay=1e-4)
         self._tiles: dict[str, np.ndarray] = {}
+        self._tumour: dict[str, np.ndarray] = {}
 
-    def _bag(self, path: str) -> torch.Tensor:
+    def _tumour_tiles(self, entry: Mapping[str, Any], boxes: np.ndarray) -> np.ndarray:
+        """Indices of the tiles of an annotated positive slide whose tumour overlap reaches the threshold."""
+        path = str(entry["image"])
+        if path not in self._tumour:
+            found = np.zeros(0, dtype=np.int64)
+            if int(entry["label"]) > 0 and entry.get("annotation"):
+                overlap = TumourAnnotation.from_file(entry["annotation"]).overlap_fraction(boxes, samples=8)
+                found = np.flatnonzero(overlap >= self.tumour_overlap)
+            self._tumour[path] = found
+        return self._tumour[path]
+
+    def _pick(self, entry: Mapping[str, Any], boxes: np.ndarray) -> np.ndarray:
+        """Tile indices of one bag: random, or with ``guide`` a quarter of them tumour tiles."""
+        size = min(self.bag_size, len(boxes))
+        tumour = self._tumour_tiles(entry, boxes) if self.guide > 0 else np.zeros(0, dtype=np.int64)
+        if len(tumour) == 0 or self.rng.random() >= self.guide:
+            return self.rng.choice(len(boxes), size, replace=False)
+        guided = self.rng.choice(tumour, min(len(tumour), max(1, size // 4)), replace=False)
+        rest = np.setdiff1d(np.arange(len(boxes)), guided)
+        return np.concatenate([guided, self.rng.choice(rest, size - len(guided), replace=False)])
+
+    def _bag(self, entry: Mapping[str, Any]) -> torch.Tensor:
+        path = str(entry["image"])
         slide = self.cache.get(path)
         if path not in self._tiles:
             self._tiles[path] = tile_tissue(slide, self.tile_size)
         boxes = self._tiles[path]
         if len(boxes) == 0:
             boxes = np.array([[0.0, 0.0, float(self.tile_size)]])
-        pick = self.rng.choice(len(boxes), min(self.bag_size, len(boxes)), replace=False)
+        pick = self._pick(entry, boxes)
         images = np.concatenate(
             [im for _, im in iter_boxes(slide, boxes[np.sort(pick)], self.tile_size, self.num_workers, 64)]
         )
@@ -218,9 +259,11 @@ class DenseTrainer:
             losses = []
             for i in self.rng.permutation(len(self.entries)):
                 entry = self.entries[i]
-                bag = self._bag(str(entry["image"])).to(self.device)
+                bag = self._bag(entry).to(self.device)
                 label = torch.tensor([int(entry["label"])], device=self.device)
-                loss = F.cross_entropy(self.network(bag), label)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                    logits = self.network(bag)
+                loss = F.cross_entropy(logits.float(), label)
                 self.optimizer.zero_grad()
                 loss.backward()
                 self.optimizer.step()
@@ -247,7 +290,9 @@ class DenseEvaluator:
         output_path: the ``metrics.json`` to write.
         tile_size: tile side in level-0 pixels.
         ckpt_path: a ``model.pt`` to load first (``None``: use ``network`` as it is).
-        backend, num_workers, device, amp: as :func:`predict_dense`.
+        backend, num_workers, device: as :func:`predict_dense`.
+        amp: bfloat16 autocast (see ``smt_monai.utils.fast_bf16`` for where it pays).
+        progress: show a progress bar over the slides (each takes seconds to minutes).
     """
 
     def __init__(
@@ -261,10 +306,12 @@ class DenseEvaluator:
         num_workers: int = 2,
         device: torch.device | str = "cpu",
         amp: bool = False,
+        progress: bool = True,
     ) -> None:
         self.network = network
         self.entries = list(entries)
         self.output_path = Path(output_path)
+        self.progress = progress
         self.tile_size = tile_size
         self.ckpt_path = ckpt_path
         self.backend = backend
@@ -279,7 +326,7 @@ class DenseEvaluator:
         self.network.to(self.device).eval()
         labels, probs, seconds = [], [], []
         cache = SlideCache(self.backend, capacity=2)
-        for entry in self.entries:
+        for entry in tqdm(self.entries, desc="dense evaluation", unit="slide", disable=not self.progress):
             start = time.perf_counter()
             result = predict_dense(
                 self.network,

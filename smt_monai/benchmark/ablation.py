@@ -95,6 +95,7 @@ def benchmark_ablation(
             per_seed.append(evaluate("evaluate.yaml", datalist, model, folder / f"eval_k{k}", evaluation))
         out["variants"][name] = {
             "overrides": dict(extra),
+            "seeds": list(seeds),
             **{m: _summary([r.get(m) for r in per_seed]) for m in METRICS},
             "per_seed": per_seed,
         }
@@ -112,3 +113,36 @@ def benchmark_ablation(
             }
         )
     return out
+
+
+SAME_RUN_KEYS = ("cohort", "num_slides", "slide_size", "smt_overrides")
+"""What two ablation results must share for their variants to go in one table."""
+
+
+def merge_ablation(previous: Mapping[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """``current`` plus the variants and K-sweep points of ``previous`` that it did not run.
+
+    Subsets run at different times (``--variants``, ``--seeds``, ``--ks``) so add up to one table: a variant
+    or K run again replaces the earlier figures, the rest are kept, each variant with its own seeds. Results
+    of another cohort or other base overrides are not merged (``current`` is returned unchanged).
+    """
+    if any(previous.get(key) != current.get(key) for key in SAME_RUN_KEYS):
+        return current
+    kept = {
+        name: {**entry, "seeds": entry.get("seeds", previous.get("seeds", []))}
+        for name, entry in previous.get("variants", {}).items()
+        if name not in current["variants"]
+    }
+    order = list(VARIANTS)
+    variants = {**kept, **current["variants"]}
+    current["variants"] = dict(
+        sorted(variants.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order))
+    )
+    current["seeds"] = sorted({s for entry in current["variants"].values() for s in entry["seeds"]})
+    sweep = {p["k"]: p for p in previous.get("k_sweep", [])} | {p["k"]: p for p in current.get("k_sweep", [])}
+    current["k_sweep"] = [sweep[k] for k in sorted(sweep)]
+    current["merged_commands"] = [
+        *previous.get("merged_commands", []),
+        *([previous["command"]] if "command" in previous else []),
+    ]
+    return current

@@ -47,7 +47,12 @@ def _speed(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="auto", choices=["auto", "cucim", "openslide", "tifffile"])
     parser.add_argument("--num-workers", type=int, default=2, help="reading threads (default 2)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast (GPU)")
+    parser.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bfloat16 autocast for SMT and dense (default: on CUDA and on CPUs with native bfloat16)",
+    )
 
 
 def _training(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +63,12 @@ def _training(parser: argparse.ArgumentParser) -> None:
         "--smt", action="append", metavar="KEY=VALUE", help="train.yaml/evaluate.yaml override (repeatable)"
     )
     parser.add_argument("--dense", action="append", metavar="KEY=VALUE", help="train_dense.yaml override")
+    parser.add_argument(
+        "--extra-test-slides",
+        type=int,
+        default=None,
+        help="accuracy: slides of a second cohort added to the testing split (default 30; quick 0)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="ablation seeds (default 0 1 2)")
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8], help="K sweep (default 1 2 4 8)")
     parser.add_argument(
@@ -78,7 +89,11 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
     for name, parts, help_text in (
         ("speed", (_common, _speed), "time SMT, dense and the I/O floor on one slide; memory per size"),
         ("accuracy", (_common, _training), "SMT against dense on a held-out synthetic split"),
-        ("ablation", (_common, _training), "the paper's ablations and the K sweep"),
+        (
+            "ablation",
+            (_common, _training),
+            "the paper's ablations and the K sweep (merged into an existing --json of the same cohort)",
+        ),
         ("report", (_common, _report), "write docs/benchmarks.md from the JSON figures"),
         ("all", (_common, _speed, _training, _report), "run everything, then the report (the default)"),
     ):
@@ -142,17 +157,22 @@ def _run_accuracy(args: argparse.Namespace, path: Path) -> None:
 
     dense = {**(QUICK_DENSE if args.quick else {}), **parse_overrides(args.dense)}
     settings = _training_settings(args)
-    data = benchmark_accuracy(args.work_dir, focus=args.focus, dense_overrides=dense, **settings)
+    extra = _pick(args.extra_test_slides, args.quick, 0, 30)
+    data = benchmark_accuracy(
+        args.work_dir, focus=args.focus, dense_overrides=dense, extra_test_slides=extra, **settings
+    )
     _save(data, path, args)
 
 
 def _run_ablation(args: argparse.Namespace, path: Path) -> None:
-    from smt_monai.benchmark.ablation import benchmark_ablation, select_variants
+    from smt_monai.benchmark.ablation import benchmark_ablation, merge_ablation, select_variants
 
     seeds = _pick(args.seeds, args.quick, [0], [0, 1, 2])
     variants = select_variants(args.variants)
     settings = _training_settings(args)
     data = benchmark_ablation(args.work_dir, seeds=seeds, ks=args.ks, variants=variants, **settings)
+    if path.exists():
+        data = merge_ablation(json.loads(path.read_text()), data)
     _save(data, path, args)
 
 

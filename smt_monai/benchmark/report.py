@@ -37,6 +37,7 @@ def _provenance(name: str, data: dict[str, Any]) -> list[str]:
     lines = [
         f"- **{name}**: `{data.get('command', '?')}`"
         + (" (**quick mode**: tiny sizes, figures meaningless)" if data.get("quick") else ""),
+        *(f"  - merged with the results of `{command}`" for command in data.get("merged_commands", [])),
         f"  - {env.get('cpu', '?')}, {env.get('cores', '?')} cores, {env.get('torch_threads', '?')} torch "
         f"threads, device {env.get('device', '?')}{' (' + env['gpu'] + ')' if env.get('gpu') else ''}; "
         f"Python {env.get('python', '?')}, torch {env.get('torch', '?')}, MONAI {env.get('monai', '?')}; "
@@ -56,7 +57,9 @@ def speed_section(speed: dict[str, Any], plot_dir: Path, doc_dir: Path) -> list[
         "",
         f"One slide of {speed['slide_width']} x {speed['slide_height']} px"
         + (f" ({100 * speed['tissue_fraction']:.0f}% tissue)" if speed.get("tissue_fraction") else "")
-        + f", backend `{speed['backend']}`, {speed['num_workers']} reading threads, SMT preset "
+        + f", backend `{speed['backend']}`, {speed['num_workers']} reading threads, "
+        + ("bfloat16 autocast" if speed.get("amp") else "float32")
+        + f" for both networks, SMT preset "
         f"`{speed['preset']}` ({sides}), random weights, median of "
         f"{speed['repeats']} runs after a warm-up. Every run opens the slide afresh.",
         "",
@@ -133,8 +136,14 @@ def accuracy_section(acc: dict[str, Any]) -> list[str]:
         "## Accuracy",
         "",
         f"Synthetic cohort `{acc['cohort']}` ({acc['num_slides']} slides of {acc['slide_size']} px); both "
-        f"models trained on its training split and evaluated on its testing split "
-        f"({acc.get('num_test_slides', '?')} slides), which neither saw. SMT overrides: "
+        f"models trained on its training split and evaluated on its testing split"
+        + (
+            f" plus {acc['extra_test_slides']} slides of a second cohort drawn the same way"
+            f" (`{acc['test_datalist']}`)"
+            if acc.get("extra_test_slides")
+            else ""
+        )
+        + f" ({acc.get('num_test_slides', '?')} slides), which neither saw. SMT overrides: "
         f"`{json.dumps(acc['smt_overrides'])}`; dense overrides: `{json.dumps(acc['dense_overrides'])}`.",
         "",
         "| model | balanced accuracy | AUC | layer-1 balanced accuracy | focus hit rate | focus precision | "
@@ -165,21 +174,22 @@ def ablation_section(abl: dict[str, Any], plot_dir: Path, doc_dir: Path) -> list
     lines = [
         "## Ablations (paper Table 2 and Figure 3)",
         "",
-        f"Cohort `{abl['cohort']}`, seeds {abl['seeds']}, base overrides "
-        f"`{json.dumps(abl['smt_overrides'])}`; "
-        "mean +- standard deviation over seeds, testing split.",
+        f"Cohort `{abl['cohort']}`, base overrides `{json.dumps(abl['smt_overrides'])}`; "
+        "mean +- standard deviation over the seeds of each variant, testing split.",
         "",
-        "| variant | overrides | balanced accuracy | AUC | focus hit rate | focus precision | "
+        "| variant | overrides | seeds | balanced accuracy | AUC | focus hit rate | focus precision | "
         "layer-1 bal. acc. |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
 
     def ms(entry: dict[str, Any]) -> str:
         return "n/a" if entry["mean"] is None else f"{entry['mean']:.3f} +- {entry['std']:.3f}"
 
     for name, v in abl["variants"].items():
+        seeds = ", ".join(str(s) for s in v.get("seeds", abl["seeds"]))
         lines.append(
-            f"| {name} | `{json.dumps(v['overrides'])}` | {ms(v['balanced_accuracy'])} | {ms(v['auc'])} | "
+            f"| {name} | `{json.dumps(v['overrides'])}` | {seeds} | "
+            f"{ms(v['balanced_accuracy'])} | {ms(v['auc'])} | "
             f"{ms(v['focus_hit_rate'])} | {ms(v['focus_precision'])} | {ms(v['balanced_accuracy_layer1'])} |"
         )
     sweep = abl.get("k_sweep", [])

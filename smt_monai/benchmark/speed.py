@@ -38,7 +38,7 @@ from smt_monai.data.tissue import tissue_bbox
 from smt_monai.engines.region_io import BatchRegionReader
 from smt_monai.inference.cascade import predict_cascade
 from smt_monai.networks import SMT
-from smt_monai.utils import prefetch
+from smt_monai.utils import fast_bf16, prefetch
 
 
 def _timed(chunks: Iterator[Any], timings: dict[str, float]) -> Iterator[Any]:
@@ -170,7 +170,7 @@ def benchmark_speed(
     backend: str = "auto",
     num_workers: int = 2,
     device: str = "cpu",
-    amp: bool = False,
+    amp: bool | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """All speed figures as a flat dict with stable keys (see the module docstring for what each times).
@@ -185,11 +185,13 @@ def benchmark_speed(
         patch_size: dense tile side (SMT's patch size, level 0).
         max_tiles: dense tiles actually encoded before extrapolating.
         repeats: timed runs per figure (the median is reported) after one warm-up.
-        backend, num_workers, device, amp: reading and compute settings shared by all methods.
+        backend, num_workers, device: reading and compute settings shared by all methods.
+        amp: bfloat16 autocast for both networks (default: where it is fast, ``fast_bf16``).
         progress: print what is being timed.
     """
     say = print if progress else (lambda *a, **k: None)
     device_t = torch.device(device)
+    amp = fast_bf16(device_t) if amp is None else amp
     tissue = None
     if slide is None:
         slide_path, tissue = synthetic_slide(cache_dir, size)
@@ -210,6 +212,7 @@ def benchmark_speed(
         "input_side": int(smt.read_size),
         "network_side": int(smt.input_size),
         "num_workers": num_workers,
+        "amp": amp,
         "repeats": repeats,
     }
     for k in focus:

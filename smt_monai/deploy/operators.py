@@ -19,6 +19,7 @@ from monai.deploy.core.models import TorchScriptModel
 
 from smt_monai.data.datalist import SLIDE_SUFFIXES, load_slide_list
 from smt_monai.inference import SlideListPredictor
+from smt_monai.utils import fast_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class SMTInferenceOperator(Operator):
             backend=self.backend,
             num_workers=self.num_workers,
             device=device,
-            amp=device.type == "cuda",
+            amp=fast_bf16(device),
         )
         summary = predictor.run()
         logger.info(

@@ -53,7 +53,7 @@ class SMTEvaluator(Evaluator):
         key_val_metric: ``{name: metric}`` that decides the best checkpoint.
         additional_metrics: more metrics.
         val_handlers: handlers to attach.
-        amp: bfloat16 autocast on GPU.
+        amp: bfloat16 autocast (``smt_monai.utils.fast_bf16`` says where it pays).
     """
 
     def __init__(

@@ -79,7 +79,7 @@ class SMTTrainer(Trainer):
         focus_source: what each top-K is taken by: ``"q"``, ``"score"`` or ``"attention"`` (``cascade_step``).
         epoch_length: iterations per epoch (default: the loader's length).
         train_handlers: handlers to attach (MONAI's ``handlers`` argument).
-        amp: bfloat16 autocast on GPU.
+        amp: bfloat16 autocast (``smt_monai.utils.fast_bf16`` says where it pays).
     """
 
     def __init__(

@@ -137,7 +137,7 @@ def predict_cascade(
         aggregation: ``max`` or ``mean`` over the last layer's regions.
         num_layers: layers to run (fewer during the staged schedule; the last one run predicts).
         device: where the network runs.
-        amp: bfloat16 autocast (on GPU).
+        amp: bfloat16 autocast (``smt_monai.utils.fast_bf16`` says where it pays).
         timings: if given, network seconds are added to ``timings["compute"]``.
         focus_source: what the top-K is taken by: ``"q"`` (SMT), ``"score"`` or ``"attention"`` (the
             ablations; see ``run_layer``). ``focus`` and ``focus_map`` then hold those values.

@@ -69,7 +69,7 @@ class SlideListPredictor:
         backend: slide backend.
         num_workers: region-reading threads.
         device: where the network runs.
-        amp: bfloat16 autocast (GPU).
+        amp: bfloat16 autocast (``smt_monai.utils.fast_bf16`` says where it pays).
         class_names: names of the probability columns (default ``prob_0``, ``prob_1``, ...).
         progress: show a progress bar.
     """
