@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from smt_monai.benchmark.accuracy import held_out_datalist
 from smt_monai.benchmark.bundle_runs import evaluate, run_dir, train
 from smt_monai.benchmark.fixtures import environment, synthetic_cohort
 
@@ -70,16 +71,25 @@ def benchmark_ablation(
     ks: Sequence[int] = (1, 2, 4, 8),
     smt_overrides: Mapping[str, Any] | None = None,
     variants: Mapping[str, Mapping[str, Any]] | None = None,
+    extra_test_slides: int = 0,
 ) -> dict[str, Any]:
-    """Train every variant with every seed (runs are reused), evaluate, and sweep K on the default model."""
+    """Train every variant with every seed (runs are reused), evaluate, and sweep K on the default model.
+
+    Evaluation is on the cohort's testing split plus ``extra_test_slides`` slides of a second cohort, as in
+    the accuracy benchmark (``held_out_datalist``).
+    """
     work_dir = Path(work_dir)
     base = dict(smt_overrides or {})
     datalist = synthetic_cohort(work_dir, num_slides, size, seed)
+    test_datalist = held_out_datalist(work_dir, datalist, extra_test_slides, size, seed)
+    suffix = f"_plus{extra_test_slides}" if extra_test_slides > 0 else ""
     out: dict[str, Any] = {
         "environment": environment(),
         "cohort": str(datalist.parent),
         "num_slides": num_slides,
         "slide_size": size,
+        "extra_test_slides": extra_test_slides,
+        "test_datalist": str(test_datalist),
         "seeds": list(seeds),
         "smt_overrides": base,
         "variants": {},
@@ -92,7 +102,8 @@ def benchmark_ablation(
             model = train("train.yaml", datalist, folder / "train", overrides)
             k = int(overrides.get("num_focus", 4))
             evaluation = {**overrides, "num_focus": k}
-            per_seed.append(evaluate("evaluate.yaml", datalist, model, folder / f"eval_k{k}", evaluation))
+            evaluated = folder / f"eval_k{k}{suffix}"
+            per_seed.append(evaluate("evaluate.yaml", test_datalist, model, evaluated, evaluation))
         out["variants"][name] = {
             "overrides": dict(extra),
             "seeds": list(seeds),
@@ -103,7 +114,8 @@ def benchmark_ablation(
     model = train("train.yaml", datalist, folder / "train", base)
     out["k_sweep"] = []
     for k in ks:
-        metrics = evaluate("evaluate.yaml", datalist, model, folder / f"eval_k{k}", {**base, "num_focus": k})
+        evaluation = {**base, "num_focus": k}
+        metrics = evaluate("evaluate.yaml", test_datalist, model, folder / f"eval_k{k}{suffix}", evaluation)
         out["k_sweep"].append(
             {
                 "k": k,
@@ -115,7 +127,7 @@ def benchmark_ablation(
     return out
 
 
-SAME_RUN_KEYS = ("cohort", "num_slides", "slide_size", "smt_overrides")
+SAME_RUN_KEYS = ("cohort", "num_slides", "slide_size", "extra_test_slides", "smt_overrides")
 """What two ablation results must share for their variants to go in one table."""
 
 

@@ -67,7 +67,7 @@ def _training(parser: argparse.ArgumentParser) -> None:
         "--extra-test-slides",
         type=int,
         default=None,
-        help="accuracy: slides of a second cohort added to the testing split (default 30; quick 0)",
+        help="slides of a second cohort added to the testing split (default 30; quick 0)",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="ablation seeds (default 0 1 2)")
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8], help="K sweep (default 1 2 4 8)")
@@ -148,6 +148,7 @@ def _training_settings(args: argparse.Namespace) -> dict[str, Any]:
         "num_slides": _pick(args.num_slides, q, 8, 48),
         "size": _pick(args.slide_size, q, 1024, 16384),
         "seed": args.cohort_seed,
+        "extra_test_slides": _pick(args.extra_test_slides, q, 0, 30),
         "smt_overrides": {**(QUICK_SMT if q else {}), **parse_overrides(args.smt)},
     }
 
@@ -157,10 +158,7 @@ def _run_accuracy(args: argparse.Namespace, path: Path) -> None:
 
     dense = {**(QUICK_DENSE if args.quick else {}), **parse_overrides(args.dense)}
     settings = _training_settings(args)
-    extra = _pick(args.extra_test_slides, args.quick, 0, 30)
-    data = benchmark_accuracy(
-        args.work_dir, focus=args.focus, dense_overrides=dense, extra_test_slides=extra, **settings
-    )
+    data = benchmark_accuracy(args.work_dir, focus=args.focus, dense_overrides=dense, **settings)
     _save(data, path, args)
 
 

@@ -175,7 +175,13 @@ def ablation_section(abl: dict[str, Any], plot_dir: Path, doc_dir: Path) -> list
         "## Ablations (paper Table 2 and Figure 3)",
         "",
         f"Cohort `{abl['cohort']}`, base overrides `{json.dumps(abl['smt_overrides'])}`; "
-        "mean +- standard deviation over the seeds of each variant, testing split.",
+        "mean +- standard deviation over the seeds of each variant, on the testing split"
+        + (
+            f" plus {abl['extra_test_slides']} slides of a second cohort (`{abl['test_datalist']}`)"
+            if abl.get("extra_test_slides")
+            else ""
+        )
+        + ".",
         "",
         "| variant | overrides | seeds | balanced accuracy | AUC | focus hit rate | focus precision | "
         "layer-1 bal. acc. |",
