@@ -113,7 +113,9 @@ def _pick(value: Any, quick: bool, quick_value: Any, full_value: Any) -> Any:
 
 
 def _save(data: dict[str, Any], path: Path, args: argparse.Namespace) -> None:
-    data["command"] = "smt-monai benchmark " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    argv = sys.argv[1:]
+    argv = argv[1:] if argv[:1] == ["benchmark"] else argv  # `smt-monai benchmark ...` or the script
+    data["command"] = "smt-monai benchmark " + " ".join(shlex.quote(a) for a in argv)
     data["quick"] = bool(args.quick)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
