@@ -56,8 +56,12 @@ class FocusPredictor(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.GELU(), nn.Linear(embed_dim, 1))
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        """Map ``(B, N, embed_dim)`` patch embeddings to ``(B, N)`` predictions ``q`` in ``[0, 1]``."""
-        return torch.sigmoid(self.mlp(v)).squeeze(-1)
+        """Map ``(B, N, embed_dim)`` patch embeddings to ``(B, N)`` predictions ``q`` in ``[0, 1]``.
+
+        ``q`` is float32 under bfloat16 autocast too, so that bfloat16 rounding (3 significant digits) does
+        not tie the top-K ranking.
+        """
+        return torch.sigmoid(self.mlp(v).float()).squeeze(-1)
 
 
 class SMTLayer(nn.Module):
@@ -159,7 +163,7 @@ class SMTLayer(nn.Module):
         h = self.norm(self.blocks(h))
         cls_embedding = h[:, 0]
         patch_embeddings = h[:, 1:]
-        logits = self.head(cls_embedding)
+        logits = self.head(cls_embedding).float()  # float32 under autocast: probabilities that sum to 1
         q: torch.Tensor | None = None
         if self.focus_head is not None:
             v = patch_embeddings if self.focus_grad_to_encoder else patch_embeddings.detach()
