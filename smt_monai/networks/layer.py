@@ -44,6 +44,13 @@ class LayerOutput(NamedTuple):
     attn: torch.Tensor
 
 
+def full_precision(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 if autocast left it in a half type (bfloat16, float16); float32/64 unchanged."""
+    if x.dtype == torch.bfloat16 or x.dtype == torch.float16:
+        return x.float()
+    return x
+
+
 class FocusPredictor(nn.Module):
     """``f_focus``: a two-layer MLP with a sigmoid, applied to every patch embedding.
 
@@ -61,7 +68,7 @@ class FocusPredictor(nn.Module):
         ``q`` is float32 under bfloat16 autocast too, so that bfloat16 rounding (3 significant digits) does
         not tie the top-K ranking.
         """
-        return torch.sigmoid(self.mlp(v).float()).squeeze(-1)
+        return torch.sigmoid(full_precision(self.mlp(v))).squeeze(-1)
 
 
 class SMTLayer(nn.Module):
@@ -163,7 +170,7 @@ class SMTLayer(nn.Module):
         h = self.norm(self.blocks(h))
         cls_embedding = h[:, 0]
         patch_embeddings = h[:, 1:]
-        logits = self.head(cls_embedding).float()  # float32 under autocast: probabilities that sum to 1
+        logits = full_precision(self.head(cls_embedding))  # under autocast too: probabilities that sum to 1
         q: torch.Tensor | None = None
         if self.focus_head is not None:
             v = patch_embeddings if self.focus_grad_to_encoder else patch_embeddings.detach()
