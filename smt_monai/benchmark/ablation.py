@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from smt_monai.benchmark.accuracy import held_out_datalist
+from smt_monai.benchmark.accuracy import held_out_datalist, held_out_suffix
 from smt_monai.benchmark.bundle_runs import evaluate, run_dir, train
 from smt_monai.benchmark.fixtures import environment, synthetic_cohort
 
@@ -82,7 +82,7 @@ def benchmark_ablation(
     base = dict(smt_overrides or {})
     datalist = synthetic_cohort(work_dir, num_slides, size, seed)
     test_datalist = held_out_datalist(work_dir, datalist, extra_test_slides, size, seed)
-    suffix = f"_plus{extra_test_slides}" if extra_test_slides > 0 else ""
+    suffix = held_out_suffix(extra_test_slides)
     out: dict[str, Any] = {
         "environment": environment(),
         "cohort": str(datalist.parent),

@@ -61,6 +61,12 @@ def held_out_datalist(work_dir: Path, datalist: Path, extra_slides: int, size: i
     return combined
 
 
+def held_out_suffix(extra_slides: int) -> str:
+    """Suffix of the evaluation folders of a run evaluated on ``held_out_datalist``, so that figures on
+    different held-out sets never reuse each other."""
+    return f"_plus{extra_slides}" if extra_slides > 0 else ""
+
+
 def benchmark_accuracy(
     work_dir: str | Path,
     num_slides: int = 48,
@@ -89,7 +95,7 @@ def benchmark_accuracy(
     smt_dir = run_dir(work_dir, datalist, "smt", smt_overrides)
     model = train("train.yaml", datalist, smt_dir / "train", smt_overrides)
     test_datalist = held_out_datalist(work_dir, datalist, extra_test_slides, size, seed)
-    suffix = f"_plus{extra_test_slides}" if extra_test_slides > 0 else ""
+    suffix = held_out_suffix(extra_test_slides)
     out: dict[str, Any] = {
         "environment": environment(),
         "cohort": str(datalist.parent),

@@ -32,6 +32,16 @@ def _f(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _extra_test_slides(data: dict[str, Any]) -> str:
+    """How a benchmark's testing split was extended (``held_out_datalist``), or nothing."""
+    if not data.get("extra_test_slides"):
+        return ""
+    return (
+        f" plus {data['extra_test_slides']} slides of a second cohort drawn the same way"
+        f" (`{data['test_datalist']}`)"
+    )
+
+
 def _provenance(name: str, data: dict[str, Any]) -> list[str]:
     env = data.get("environment", {})
     lines = [
@@ -137,12 +147,7 @@ def accuracy_section(acc: dict[str, Any]) -> list[str]:
         "",
         f"Synthetic cohort `{acc['cohort']}` ({acc['num_slides']} slides of {acc['slide_size']} px); both "
         f"models trained on its training split and evaluated on its testing split"
-        + (
-            f" plus {acc['extra_test_slides']} slides of a second cohort drawn the same way"
-            f" (`{acc['test_datalist']}`)"
-            if acc.get("extra_test_slides")
-            else ""
-        )
+        + _extra_test_slides(acc)
         + f" ({acc.get('num_test_slides', '?')} slides), which neither saw. SMT overrides: "
         f"`{json.dumps(acc['smt_overrides'])}`; dense overrides: `{json.dumps(acc['dense_overrides'])}`.",
         "",
@@ -176,11 +181,7 @@ def ablation_section(abl: dict[str, Any], plot_dir: Path, doc_dir: Path) -> list
         "",
         f"Cohort `{abl['cohort']}`, base overrides `{json.dumps(abl['smt_overrides'])}`; "
         "mean +- standard deviation over the seeds of each variant, on the testing split"
-        + (
-            f" plus {abl['extra_test_slides']} slides of a second cohort (`{abl['test_datalist']}`)"
-            if abl.get("extra_test_slides")
-            else ""
-        )
+        + _extra_test_slides(abl)
         + ".",
         "",
         "| variant | overrides | seeds | balanced accuracy | AUC | focus hit rate | focus precision | "
