@@ -8,5 +8,6 @@ dest="${1:-wheels}"
 mkdir -p "$dest"
 python -m pip download --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
     --no-deps -d "$dest" \
-    "cucim-cu13==26.10.0" nvidia-nvimgcodec-cu13 "monai==1.6.1" "pytorch-ignite==0.5.5" einops nibabel
+    "cucim-cu13==26.10.0" nvidia-nvimgcodec-cu13 "monai==1.6.1" "pytorch-ignite==0.5.5" einops nibabel \
+    imagecodecs
 ls -la "$dest"

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from smt_monai.benchmark.ablation import VARIANTS, merge_ablation, select_variants
 from smt_monai.benchmark.accuracy import held_out_datalist
@@ -13,6 +16,7 @@ from smt_monai.benchmark.bundle_runs import parse_overrides
 from smt_monai.benchmark.report import write_report
 from smt_monai.cli import main
 from smt_monai.data import load_datalist
+from smt_monai.data.slide import cucim_available
 from smt_monai.data.synth import make_cohort
 
 SPEED_KEYS = ("dense_over_smt_k4", "smt_over_floor_k4", "smt_seconds_k4", "smt_seconds_k8", "dense_seconds")
@@ -105,3 +109,20 @@ def test_quick_run_writes_every_figure_and_the_report(tmp_path: Path) -> None:
     assert "plus 2 slides of a second cohort" in text
     assert (tmp_path / "benchmarks" / "time_vs_size.png").exists()
     assert (tmp_path / "benchmarks" / "accuracy_vs_k.png").exists()
+
+
+@pytest.mark.skipif(not cucim_available(), reason="cuCIM is not installed")
+def test_gpu_decoding_probe_times_cpu_decoding_and_reports_the_gpu_path(tiny_slide: Path) -> None:
+    script = Path(__file__).parents[1] / "scripts" / "probe_gpu_decode.py"
+    done = subprocess.run(
+        [sys.executable, str(script), str(tiny_slide), "--side", "256", "--count", "5", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("cuCIM cpu decoding: 5 regions of 256 px in ") for line in lines)
+    cuda = [line for line in lines if line.startswith("cuCIM cuda decoding: ")]
+    assert len(cuda) == 1  # a time where nvJPEG works, else the reason it failed
+    if not torch.cuda.is_available():
+        assert "failed" in cuda[0]

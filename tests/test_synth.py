@@ -123,6 +123,14 @@ def test_same_seed_same_bytes(tmp_path: Path) -> None:
     assert sha256(a["image"]) != sha256(c["image"])
 
 
+@pytest.mark.slow
+def test_rows_rendered_by_worker_processes_give_the_same_bytes(tmp_path: Path) -> None:
+    """A big slide's rows may be rendered by several processes; the file must not change."""
+    one = make_slide(tmp_path / "one.tiff", 3000, seed=5, positive=True)
+    two = make_slide(tmp_path / "two.tiff", 3000, seed=5, positive=True, processes=2)
+    assert sha256(one["image"]) == sha256(two["image"])
+
+
 def test_odd_size_and_scanner_border(tmp_path: Path) -> None:
     options = SlideOptions(border=8, mpp=0.5)
     meta = make_slide(tmp_path / "odd.tiff", 1500, seed=1, positive=False, options=options)

@@ -41,6 +41,7 @@ SYNTH_HELP = (
     "magnification, QuPath GeoJSON annotations, a MONAI datalist.json and labels.csv"
 )
 SPLITS = ("training", "validation", "testing")
+SPREAD_SIZE = 32768  # slides this big are rendered by several processes (see make_cohort)
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ def make_slide(
     options: SlideOptions | None = None,
     annotation_path: str | os.PathLike | None = None,
     progress: bool = False,
+    processes: int = 1,
 ) -> dict[str, Any]:
     """Write one synthetic slide and its annotation.
 
@@ -89,6 +91,7 @@ def make_slide(
         options: slide options (defaults if ``None``).
         annotation_path: GeoJSON to write (default: ``path`` with suffix ``.geojson``).
         progress: show a progress bar over tile rows.
+        processes: processes rendering and encoding tiles (the bytes written do not depend on it).
 
     Returns:
         Metadata: ``image``, ``annotation`` (paths as given), ``label``, ``seed``, ``width``, ``height``,
@@ -112,6 +115,7 @@ def make_slide(
         quality=options.jpeg_quality,
         description=description,
         progress=progress,
+        processes=processes,
     )
     features = [polygon_feature(r.blob.polygon(), r.kind, CLASS_COLOURS[r.kind]) for r in scene.regions]
     write_geojson(annotation_path, features)
@@ -191,7 +195,9 @@ def make_cohort(
         positive_fraction: fraction of slides with tumour (rounded to whole slides).
         split: training / validation / testing fractions, applied per label.
         options: slide options (defaults if ``None``).
-        workers: processes (default: CPU count, at most ``num_slides``; 1 runs in this process).
+        workers: processes (default: CPU count, at most ``num_slides``; 1 runs in this process). A slide
+            of ``SPREAD_SIZE`` px or more is rendered by CPU count // workers processes, so one big slide
+            uses every core too.
         progress: show a progress bar.
 
     Returns:
@@ -232,6 +238,12 @@ def make_cohort(
         look = replace(options.look, mimic_separation=fit_mimic_separation(options.look))
         options = replace(options, look=look)
     workers = max(1, min(workers or os.cpu_count() or 1, num_slides))
+    # Each slide's rows are rendered by its share of the CPUs. A render process costs seconds to start
+    # (imports, the renderer's textures), and 2 CPUs (often two threads of one core) gain less than that:
+    # only slides of SPREAD_SIZE px and more on 4 CPUs or more are spread.
+    cpus = os.cpu_count() or 1
+    for job in jobs:
+        job["processes"] = cpus // workers if cpus >= 4 and size >= SPREAD_SIZE else 1
     metadata: list[dict[str, Any]] = [{} for _ in jobs]
     bar = tqdm(total=num_slides, desc="synthetic slides", unit="slide", disable=not progress)
     if workers == 1:

@@ -17,7 +17,9 @@ already-encoded tiles of the reduced levels (a sixteenth of the file), whatever 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Iterator
+import multiprocessing
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import imagecodecs
@@ -41,6 +43,13 @@ def level_shapes(width: int, height: int) -> list[tuple[int, int]]:
     return shapes
 
 
+def encode_tile(tile: np.ndarray, quality: int) -> bytes:
+    """JPEG bytes of a tile in YCbCr with 4:2:0 chroma subsampling, as the TIFF's JPEG tables declare."""
+    return imagecodecs.jpeg8_encode(
+        tile, level=quality, colorspace="RGB", outcolorspace="YCBCR", subsampling=(2, 2)
+    )
+
+
 def reduce4(image: np.ndarray) -> np.ndarray:
     """Area-average 4 x 4 blocks of a uint8 image whose sides are multiples of 4, rounding to nearest.
 
@@ -50,6 +59,64 @@ def reduce4(image: np.ndarray) -> np.ndarray:
     x = x[0::4] + x[1::4] + x[2::4] + x[3::4]
     x = x[:, 0::4] + x[:, 1::4] + x[:, 2::4] + x[:, 3::4]
     return ((x + 8) >> 4).astype(np.uint8)
+
+
+class _RowRenderer:
+    """Renders, encodes and reduces the level-0 tiles of one row; tiles with a cache key are done once."""
+
+    def __init__(self, render: RenderFn, cols: int, quality: int) -> None:
+        self.render = render
+        self.cols = cols
+        self.quality = quality
+        self.cache: dict[Hashable, tuple[bytes, np.ndarray]] = {}
+
+    def __call__(self, ty: int) -> tuple[list[bytes], np.ndarray]:
+        """JPEG bytes of row ``ty``'s tiles and the row reduced 4x (its strip of the next level)."""
+        small = TILE // FACTOR
+        strip = np.empty((small, self.cols * small, 3), dtype=np.uint8)
+        row = []
+        for tx in range(self.cols):
+            tile, key = self.render(tx * TILE, ty * TILE)
+            if key is not None and key in self.cache:
+                data, small_tile = self.cache[key]
+            else:
+                data, small_tile = encode_tile(tile, self.quality), reduce4(tile)
+                if key is not None:
+                    self.cache[key] = (data, small_tile)
+            strip[:, tx * small : (tx + 1) * small] = small_tile
+            row.append(data)
+        return row, strip
+
+
+_worker_rows: _RowRenderer | None = None
+
+
+def _start_worker(rows: _RowRenderer) -> None:
+    global _worker_rows
+    _worker_rows = rows
+
+
+def _worker_row(ty: int) -> tuple[list[bytes], np.ndarray]:
+    assert _worker_rows is not None
+    return _worker_rows(ty)
+
+
+def _rendered_rows(
+    rows: _RowRenderer, count: int, processes: int
+) -> Iterator[tuple[list[bytes], np.ndarray]]:
+    """``rows(ty)`` for ``ty`` in order, computed by ``processes`` worker processes when more than one.
+
+    The renderer is sent to each worker once (forkserver or spawn: no copy of the caller's threads).
+    """
+    if processes <= 1 or count <= 1:
+        yield from map(rows, range(count))
+        return
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    context = multiprocessing.get_context(method)
+    with ProcessPoolExecutor(
+        min(processes, count), mp_context=context, initializer=_start_worker, initargs=(rows,)
+    ) as pool:
+        yield from pool.map(_worker_row, range(count))
 
 
 class _Level:
@@ -119,6 +186,7 @@ def write_pyramid(
     description: str = "",
     fill: tuple[int, int, int] = (242, 241, 240),
     progress: bool = False,
+    processes: int = 1,
 ) -> list[tuple[int, int]]:
     """Write a pyramidal TIFF whose level 0 is ``render(x0, y0)`` tile by tile.
 
@@ -133,6 +201,8 @@ def write_pyramid(
         description: ImageDescription of level 0 (7-bit ASCII).
         fill: colour that pads reduced levels past the image edge.
         progress: show a progress bar over level-0 tile rows.
+        processes: processes that render level-0 rows (``render`` must then be picklable); the file is the
+            same for any number.
 
     Returns:
         The ``(width, height)`` of each level.
@@ -141,45 +211,31 @@ def write_pyramid(
     fill_colour = np.asarray(fill, dtype=np.uint8)
 
     def encode(tile: np.ndarray) -> bytes:
-        return imagecodecs.jpeg8_encode(
-            tile, level=quality, colorspace="RGB", outcolorspace="YCBCR", subsampling=(2, 2)
-        )
+        return encode_tile(tile, quality)
 
     reduced: list[_Level] = []
     for w, h in reversed(shapes[1:]):
         reduced.insert(0, _Level(w, h, encode, fill_colour, reduced[0] if reduced else None))
     first = reduced[0] if reduced else None
     cols, rows = math.ceil(width / TILE), math.ceil(height / TILE)
-    cache: dict[Hashable, tuple[bytes, np.ndarray]] = {}
 
-    def level0() -> Iterator[bytes]:
+    def level0(rendered: Iterable[tuple[list[bytes], np.ndarray]]) -> Iterator[bytes]:
         # A row's tiles are yielded only after its reduction is pushed (and, for the last row, the levels
         # are finished): tifffile stops pulling as soon as it has all tiles of the page.
-        small = TILE // FACTOR
-        for ty in tqdm(range(rows), desc=Path(path).name, unit="row", disable=not progress, leave=False):
-            strip = np.empty((small, cols * small, 3), dtype=np.uint8)
-            row = []
-            for tx in range(cols):
-                tile, key = render(tx * TILE, ty * TILE)
-                if key is not None and key in cache:
-                    data, small_tile = cache[key]
-                else:
-                    data, small_tile = encode(tile), reduce4(tile)
-                    if key is not None:
-                        cache[key] = (data, small_tile)
-                strip[:, tx * small : (tx + 1) * small] = small_tile
-                row.append(data)
+        for ty, (row, strip) in enumerate(rendered):
             if first is not None:
                 first.push(strip)
                 if ty == rows - 1:
                     first.finish()
             yield from row
 
+    rendered = _rendered_rows(_RowRenderer(render, cols, quality), rows, processes)
+    rendered = tqdm(rendered, total=rows, desc=Path(path).name, unit="row", disable=not progress, leave=False)
     bigtiff = width * height * 3 > 2**31
     with tifffile.TiffWriter(path, bigtiff=bigtiff) as tif:
         for i, (w, h) in enumerate(shapes):
             level = reduced[i - 1] if i else None
-            tiles = level0() if level is None else iter(level.tiles)
+            tiles = level0(rendered) if level is None else iter(level.tiles)
             tif.write(
                 tiles,
                 shape=(h, w, 3),
