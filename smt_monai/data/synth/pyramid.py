@@ -11,7 +11,9 @@ Level 0 is streamed tile by tile from a render function straight into the file. 
 reduced 4x (area average, exact integer rounding) into the next level's strip buffer; a level whose buffer
 holds a full row of tiles encodes them and passes its own reduction on. So every level is the area
 average of the one above, as in a real pyramid, and memory holds one tile row per level plus the
-already-encoded tiles of the reduced levels (a sixteenth of the file), whatever the slide size.
+already-encoded tiles of the reduced levels (a sixteenth of the file), whatever the slide size. With
+``processes`` > 1, worker processes render, encode and reduce whole rows ahead (rows finished before the
+writer takes them wait in memory, as JPEG bytes) and the writer takes them in order: the file is the same.
 """
 
 from __future__ import annotations
@@ -113,10 +115,13 @@ def _rendered_rows(
         return
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     context = multiprocessing.get_context(method)
-    with ProcessPoolExecutor(
+    pool = ProcessPoolExecutor(
         min(processes, count), mp_context=context, initializer=_start_worker, initargs=(rows,)
-    ) as pool:
+    )
+    try:
         yield from pool.map(_worker_row, range(count))
+    finally:  # a failed write stops the rows not yet rendered
+        pool.shutdown(cancel_futures=True)
 
 
 class _Level:
