@@ -1,7 +1,7 @@
 """Inputs and context of the benchmarks: cached synthetic slides and cohorts, and the machine they ran on.
 
 Slides and cohorts are written by the same generator as ``smt-monai synth`` into a cache folder and reused:
-a 100000 px slide takes minutes to write, and every benchmark must see the same bytes.
+a 100000 px slide takes minutes to write (on one core), and every benchmark must see the same bytes.
 """
 
 from __future__ import annotations
