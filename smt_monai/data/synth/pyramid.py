@@ -18,6 +18,7 @@ writer takes them wait in memory, as JPEG bytes) and the writer takes them in or
 
 from __future__ import annotations
 
+import functools
 import math
 import multiprocessing
 from collections.abc import Callable, Hashable, Iterable, Iterator
@@ -215,9 +216,7 @@ def write_pyramid(
     shapes = level_shapes(width, height)
     fill_colour = np.asarray(fill, dtype=np.uint8)
 
-    def encode(tile: np.ndarray) -> bytes:
-        return encode_tile(tile, quality)
-
+    encode = functools.partial(encode_tile, quality=quality)
     reduced: list[_Level] = []
     for w, h in reversed(shapes[1:]):
         reduced.insert(0, _Level(w, h, encode, fill_colour, reduced[0] if reduced else None))
