@@ -3,38 +3,64 @@
 # 100000 x 100000 synthetic slide (written once into $BENCH_WORK, by every core); prints the same table as
 # on CPU, writes $BENCH_WORK/speed.json, and probes cuCIM's GPU (nvJPEG) decoding of the same kind of reads.
 #   bash scripts/bench_gpu.sh [extra `smt-monai benchmark speed` options]
-# Needs the project's dependencies (`pip install -e .`, or wheels in ./wheels: scripts/fetch_gpu_wheels.sh,
-# installed here with --no-index). Then copy the figures into docs/benchmarks.md with the card's name
-# (the JSON holds it under environment.gpu).
-# BENCH_DEVICE (default cuda) and BENCH_SIZE (default 100000) let the script be tried on a CPU.
+# Needs the project's dependencies: `pip install -e .`, or, on a machine without internet whose Python has
+# torch, the archive for that Python's version that scripts/fetch_gpu_wheels.sh packs into .gpu/ (unpacked
+# here). Each package is imported alone first, under a time limit, so a stalled import is named instead of
+# eating the run. Then copy the figures into docs/benchmarks.md with the card's name (speed.json holds it
+# under environment.gpu).
+# BENCH_DEVICE (default cuda) and BENCH_SIZE (default 100000) let the script be tried on a CPU;
+# BENCH_IMPORT_TIMEOUT (default 120) is the seconds each import may take.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -d wheels ] && ls wheels/*.whl > /dev/null 2>&1; then
-    # --no-deps: their other dependencies (numpy, scipy, scikit-image, cupy) are on the machine already
-    python -m pip install --no-index --no-deps wheels/*.whl
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 device="${BENCH_DEVICE:-cuda}"
 size="${BENCH_SIZE:-100000}"
 work="${BENCH_WORK:-runs/bench_gpu}"
+mkdir -p "$work"
+# The first Python that has torch: images often keep it in a virtual environment that is not on PATH.
+py=""
+for candidate in python3 python /opt/torch/.venv/bin/python3; do
+    if command -v "$candidate" > /dev/null \
+        && timeout "${BENCH_IMPORT_TIMEOUT:-120}" "$candidate" -c "import torch" 2> /dev/null; then
+        py="$(command -v "$candidate")"
+        break
+    fi
+done
+[ -n "$py" ] || { echo "no Python with torch found (tried python3, python, /opt/torch/.venv/bin/python3)"; exit 1; }
+echo "python: $py"
+archive=".gpu/site-py$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])').tar.xz"
+if [ -f "$archive" ]; then
+    site="${TMPDIR:-/tmp}/smt_gpu_site"
+    rm -rf "$site" && mkdir -p "$site" && tar -C "$site" -xJf "$archive"
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    echo "packages from $archive unpacked into $site"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+for module in numpy torch tifffile imagecodecs cucim monai ignite nibabel smt_monai; do
+    began=$(date +%s%N)
+    if ! timeout "${BENCH_IMPORT_TIMEOUT:-120}" "$py" -X importtime -c "import $module" 2> "$work/import_$module.log"
+    then
+        echo "import $module failed or did not return within ${BENCH_IMPORT_TIMEOUT:-120} s; the last modules" \
+            "it imported ($work/import_$module.log):"
+        tail -n 5 "$work/import_$module.log"
+        exit 1
+    fi
+    echo "import $module: $(( ($(date +%s%N) - began) / 1000000 )) ms"
+done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python - <<'PY'
+"$py" - <<'PY'
+import cucim
 import torch
+
 print("torch", torch.__version__, "cuda", torch.version.cuda,
-      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "(no GPU)")
-try:
-    import cucim
-    print("cucim", cucim.__version__)
-except ImportError as exc:
-    print("cucim missing:", exc)
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "(no GPU)", "cucim", cucim.__version__)
 PY
 start=$(date +%s)
-[ -f "$work/slide_$size/cohort.json" ] || python -m smt_monai synth --out "$work/slide_$size" --num-slides 1 \
+[ -f "$work/slide_$size/cohort.json" ] || "$py" -m smt_monai synth --out "$work/slide_$size" --num-slides 1 \
     --size "$size" --seed 0 --positive-fraction 1 --workers 1
 echo "slide written in $(( $(date +%s) - start )) s"
-python -m smt_monai benchmark speed --device "$device" --amp --backend cucim --num-workers "$(nproc)" \
+"$py" -m smt_monai benchmark speed --device "$device" --amp --backend cucim --num-workers "$(nproc)" \
     --size "$size" --sizes "$size" --focus 4 8 --work-dir "$work" --json "$work/speed.json" "$@"
-python - "$work/speed.json" <<'PY'
+"$py" - "$work/speed.json" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))
 print(f"{s['environment'].get('gpu', s['environment']['cpu'])}: slide {s['slide_width']} px")
@@ -44,7 +70,7 @@ for k in (4, 8):
           f"{s[f'smt_compute_seconds_k{k}']:.3f} s, waiting for reads {s[f'smt_read_wait_seconds_k{k}']:.3f} s)")
 print(f"  dense: {s['dense_seconds']:.1f} s/slide ({s['dense_tiles_total']} tiles)")
 PY
-python scripts/probe_gpu_decode.py "$work/slide_$size/images/slide_000.tiff" --side "$(python - "$work/speed.json" <<'PY'
+"$py" scripts/probe_gpu_decode.py "$work/slide_$size/images/slide_000.tiff" --side "$("$py" - "$work/speed.json" <<'PY'
 import json, sys
 print(json.load(open(sys.argv[1]))["input_side"])
 PY

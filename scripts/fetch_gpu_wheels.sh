@@ -1,13 +1,34 @@
 #!/usr/bin/env bash
-# Download, on a machine with internet, the wheels that scripts/bench_gpu.sh installs offline on the GPU
-# machine (Python 3.12, torch and cupy-cuda13x already there, no internet) into ./wheels (git-ignored).
-#   bash scripts/fetch_gpu_wheels.sh [DEST]
+# Pack, on a machine with internet, the Python packages that scripts/bench_gpu.sh needs on an offline CUDA
+# machine whose Python already holds torch (CUDA 13), numpy, CuPy and tifffile: cuCIM (CUDA 13) with
+# nvImageCodec and the nvJPEG, nvJPEG 2000 and nvTIFF libraries it decodes with on the GPU, MONAI, Ignite,
+# nibabel and imagecodecs, unpacked and trimmed to what this project uses, in one archive that bench_gpu.sh
+# unpacks. The wheels come to about 85 MB; the archive to about 30 MB, so it can travel with a working tree
+# that is capped at 64 MiB.
+#   bash scripts/fetch_gpu_wheels.sh [PYTHON_VERSION (default 3.12)]    # writes .gpu/site-pyVERSION.tar.xz
 set -euo pipefail
 cd "$(dirname "$0")/.."
-dest="${1:-wheels}"
-mkdir -p "$dest"
-python -m pip download --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
-    --no-deps -d "$dest" \
-    "cucim-cu13==26.10.0" nvidia-nvimgcodec-cu13 "monai==1.6.1" "pytorch-ignite==0.5.5" einops nibabel \
-    imagecodecs
-ls -la "$dest"
+version="${1:-3.12}"
+archive=".gpu/site-py$version.tar.xz"
+tag="${version/./}"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$version" --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 -d "$work/wheels" \
+    "cucim-cu13==26.10.0" nvidia-nvimgcodec-cu13 "nvidia-nvjpeg>=13,<14" nvidia-nvjpeg2k-cu13 nvidia-nvtiff-cu13 \
+    "monai==1.6.1" "pytorch-ignite==0.5.5" nibabel imagecodecs
+site="$work/site"
+for wheel in "$work"/wheels/*.whl; do unzip -q -o "$wheel" -d "$site"; done
+# nvImageCodec ships its binding for every Python and an OpenCV extension cuCIM does not load.
+find "$site/nvidia/nvimgcodec" -name 'nvimgcodec_impl.cpython-*' ! -name "nvimgcodec_impl.cpython-$tag-*" -delete
+rm -rf "$site"/nvidia/nvimgcodec/extensions/libopencv_ext* "$site"/nvidia/*/include "$site"/nvidia/nvimgcodec/tools
+# imagecodecs: tifffile needs its JPEG (slide tiles) and zlib (deflate) codecs, the latter linked to the
+# system's libz; imagecodecs loads each codec module on first use, so the others can go.
+find "$site/imagecodecs" -maxdepth 1 -name '_*.so' \
+    ! -name '_imcd.*' ! -name '_shared*' ! -name '_jpeg8.*' ! -name '_zlib.*' -delete
+find "$site/imagecodecs.libs" -type f ! -name 'libjpeg-*' -delete
+find "$site" -name '__pycache__' -prune -exec rm -rf {} +
+mkdir -p .gpu
+tar -C "$site" -cJf "$archive" .
+echo "$archive: $(du -h "$archive" | cut -f1)"

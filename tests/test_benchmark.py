@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -126,3 +127,27 @@ def test_gpu_decoding_probe_times_cpu_decoding_and_reports_the_gpu_path(tiny_sli
     assert len(cuda) == 1  # a time where nvJPEG works, else the reason it failed
     if not torch.cuda.is_available():
         assert "failed" in cuda[0]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not cucim_available(), reason="cuCIM is not installed")
+def test_gpu_benchmark_script_checks_each_import_and_prints_the_table_on_a_cpu(tmp_path: Path) -> None:
+    script = Path(__file__).parents[1] / "scripts" / "bench_gpu.sh"
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "BENCH_DEVICE": "cpu",
+        "BENCH_SIZE": "4096",
+        "BENCH_WORK": str(tmp_path),
+    }
+    options = ["--repeats", "1", "--max-tiles", "8", "--preset", "tiny"]
+    done = subprocess.run(["bash", str(script), *options], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    imported = [line.split(":")[0] for line in lines if line.startswith("import ")]
+    assert imported[-1] == "import smt_monai" and "import cucim" in imported and "import monai" in imported
+    assert (tmp_path / "import_cucim.log").read_text().strip()  # -X importtime's record, for a stalled import
+    assert any(line.startswith("  SMT K=8: ") and "SMT/floor" in line for line in lines)
+    speed = json.loads((tmp_path / "speed.json").read_text())
+    assert speed["slide_width"] == 4096 and all(speed[k] is not None for k in SPEED_KEYS)
+    assert any(line.startswith("cuCIM cuda decoding: ") for line in lines)
