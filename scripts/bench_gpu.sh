@@ -16,16 +16,20 @@ device="${BENCH_DEVICE:-cuda}"
 size="${BENCH_SIZE:-100000}"
 work="${BENCH_WORK:-runs/bench_gpu}"
 mkdir -p "$work"
+limit="${BENCH_IMPORT_TIMEOUT:-120}"
 # The first Python that has torch: images often keep it in a virtual environment that is not on PATH.
 py=""
 for candidate in python3 python /opt/torch/.venv/bin/python3; do
     if command -v "$candidate" > /dev/null \
-        && timeout "${BENCH_IMPORT_TIMEOUT:-120}" "$candidate" -c "import torch" 2> /dev/null; then
+        && timeout "$limit" "$candidate" -c "import torch" 2> /dev/null; then
         py="$(command -v "$candidate")"
         break
     fi
 done
-[ -n "$py" ] || { echo "no Python with torch found (tried python3, python, /opt/torch/.venv/bin/python3)"; exit 1; }
+if [ -z "$py" ]; then
+    echo "no Python with torch found (tried python3, python, /opt/torch/.venv/bin/python3)"
+    exit 1
+fi
 echo "python: $py"
 archive=".gpu/site-py$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])').tar.xz"
 if [ -f "$archive" ]; then
@@ -37,10 +41,9 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 for module in numpy torch tifffile imagecodecs cucim monai ignite nibabel smt_monai; do
     began=$(date +%s%N)
-    if ! timeout "${BENCH_IMPORT_TIMEOUT:-120}" "$py" -X importtime -c "import $module" 2> "$work/import_$module.log"
-    then
-        echo "import $module failed or did not return within ${BENCH_IMPORT_TIMEOUT:-120} s; the last modules" \
-            "it imported ($work/import_$module.log):"
+    if ! timeout "$limit" "$py" -X importtime -c "import $module" 2> "$work/import_$module.log"; then
+        echo "import $module failed or did not return within $limit s; the last modules it imported" \
+            "($work/import_$module.log):"
         tail -n 5 "$work/import_$module.log"
         exit 1
     fi

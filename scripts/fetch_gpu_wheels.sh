@@ -16,13 +16,16 @@ trap 'rm -rf "$work"' EXIT
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$version" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d "$work/wheels" \
-    "cucim-cu13==26.10.0" nvidia-nvimgcodec-cu13 "nvidia-nvjpeg>=13,<14" nvidia-nvjpeg2k-cu13 nvidia-nvtiff-cu13 \
+    "cucim-cu13==26.10.0" nvidia-nvimgcodec-cu13 \
+    "nvidia-nvjpeg>=13,<14" nvidia-nvjpeg2k-cu13 nvidia-nvtiff-cu13 \
     "monai==1.6.1" "pytorch-ignite==0.5.5" nibabel imagecodecs
 site="$work/site"
 for wheel in "$work"/wheels/*.whl; do unzip -q -o "$wheel" -d "$site"; done
 # nvImageCodec ships its binding for every Python and an OpenCV extension cuCIM does not load.
-find "$site/nvidia/nvimgcodec" -name 'nvimgcodec_impl.cpython-*' ! -name "nvimgcodec_impl.cpython-$tag-*" -delete
-rm -rf "$site"/nvidia/nvimgcodec/extensions/libopencv_ext* "$site"/nvidia/*/include "$site"/nvidia/nvimgcodec/tools
+find "$site/nvidia/nvimgcodec" -name 'nvimgcodec_impl.cpython-*' ! -name "nvimgcodec_impl.cpython-$tag-*" \
+    -delete
+rm -rf "$site"/nvidia/nvimgcodec/extensions/libopencv_ext* "$site"/nvidia/nvimgcodec/tools \
+    "$site"/nvidia/*/include
 # imagecodecs: tifffile needs its JPEG (slide tiles) and zlib (deflate) codecs, the latter linked to the
 # system's libz; imagecodecs loads each codec module on first use, so the others can go.
 find "$site/imagecodecs" -maxdepth 1 -name '_*.so' \
