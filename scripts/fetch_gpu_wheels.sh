@@ -20,7 +20,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$vers
     "nvidia-nvjpeg>=13,<14" nvidia-nvjpeg2k-cu13 nvidia-nvtiff-cu13 \
     "monai==1.6.1" "pytorch-ignite==0.5.5" nibabel imagecodecs
 site="$work/site"
-for wheel in "$work"/wheels/*.whl; do unzip -q -o "$wheel" -d "$site"; done
+for wheel in "$work"/wheels/*.whl; do python3 -m zipfile -e "$wheel" "$site"; done
 # nvImageCodec ships its binding for every Python and an OpenCV extension cuCIM does not load.
 find "$site/nvidia/nvimgcodec" -name 'nvimgcodec_impl.cpython-*' ! -name "nvimgcodec_impl.cpython-$tag-*" \
     -delete
