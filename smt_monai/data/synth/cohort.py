@@ -221,6 +221,15 @@ def make_cohort(
     labels[rng.permutation(num_slides)[: round(num_slides * positive_fraction)]] = 1
     splits = stratified_split(labels, split, seed)
     digits = max(3, len(str(num_slides - 1)))
+    if options.look.mimic_separation is None:  # fit once here rather than in every worker
+        look = replace(options.look, mimic_separation=fit_mimic_separation(options.look))
+        options = replace(options, look=look)
+    workers = max(1, min(workers or os.cpu_count() or 1, num_slides))
+    # Each slide's rows are rendered by its share of the CPUs. A render process costs seconds to start
+    # (imports, the renderer's textures), and 2 CPUs (often two threads of one core) gain less than that:
+    # only slides of SPREAD_SIZE px and more on 4 CPUs or more are spread.
+    cpus = os.cpu_count() or 1
+    processes = cpus // workers if cpus >= 4 and size >= SPREAD_SIZE else 1
     names = [f"slide_{i:0{digits}d}" for i in range(num_slides)]
     jobs = [
         {
@@ -231,19 +240,10 @@ def make_cohort(
             "positive": bool(labels[i]),
             "options": options,
             "progress": progress and num_slides == 1,
+            "processes": processes,
         }
         for i, name in enumerate(names)
     ]
-    if options.look.mimic_separation is None:  # fit once here rather than in every worker
-        look = replace(options.look, mimic_separation=fit_mimic_separation(options.look))
-        options = replace(options, look=look)
-    workers = max(1, min(workers or os.cpu_count() or 1, num_slides))
-    # Each slide's rows are rendered by its share of the CPUs. A render process costs seconds to start
-    # (imports, the renderer's textures), and 2 CPUs (often two threads of one core) gain less than that:
-    # only slides of SPREAD_SIZE px and more on 4 CPUs or more are spread.
-    cpus = os.cpu_count() or 1
-    for job in jobs:
-        job["processes"] = cpus // workers if cpus >= 4 and size >= SPREAD_SIZE else 1
     metadata: list[dict[str, Any]] = [{} for _ in jobs]
     bar = tqdm(total=num_slides, desc="synthetic slides", unit="slide", disable=not progress)
     if workers == 1:
