@@ -73,8 +73,6 @@ for k in (4, 8):
           f"{s[f'smt_compute_seconds_k{k}']:.3f} s, waiting for reads {s[f'smt_read_wait_seconds_k{k}']:.3f} s)")
 print(f"  dense: {s['dense_seconds']:.1f} s/slide ({s['dense_tiles_total']} tiles)")
 PY
-"$py" scripts/probe_gpu_decode.py "$work/slide_$size/images/slide_000.tiff" --side "$("$py" - "$work/speed.json" <<'PY'
-import json, sys
-print(json.load(open(sys.argv[1]))["input_side"])
-PY
-)" || echo "GPU decoding probe failed (above)"
+side="$("$py" -c 'import json, sys; print(json.load(open(sys.argv[1]))["input_side"])' "$work/speed.json")"
+"$py" scripts/probe_gpu_decode.py "$work/slide_$size/images/slide_000.tiff" --side "$side" \
+    || echo "GPU decoding probe failed (above)"
