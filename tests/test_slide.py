@@ -216,3 +216,14 @@ def test_cli_info_bad_file_exits_2_with_one_line(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
     assert str(path) in out.stderr
+
+
+def test_every_name_the_data_package_exports_resolves() -> None:
+    """``smt_monai.data`` loads its modules on first use; each exported name must load from its module."""
+    import smt_monai.data as data
+
+    assert set(data.__all__) == set(data._MODULE_OF)
+    assert all(getattr(data, name).__name__ == name for name in data.__all__ if name != "BACKENDS")
+    assert set(data.__all__) <= set(dir(data))
+    with pytest.raises(AttributeError, match="no attribute 'missing'"):
+        data.missing  # noqa: B018

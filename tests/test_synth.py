@@ -8,6 +8,8 @@ import argparse
 import csv
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +131,18 @@ def test_rows_rendered_by_worker_processes_give_the_same_bytes(tmp_path: Path) -
     one = make_slide(tmp_path / "one.tiff", 3000, seed=5, positive=True)
     two = make_slide(tmp_path / "two.tiff", 3000, seed=5, positive=True, processes=2)
     assert sha256(one["image"]) == sha256(two["image"])
+
+
+def test_synth_workers_import_neither_torch_nor_monai() -> None:
+    """Worker processes import the writer afresh: on a 16-core machine, 16 processes each importing torch,
+    MONAI and the slide readers held the first row back for minutes."""
+    heavy = ("torch", "monai", "ignite", "cucim", "openslide", "cupy")
+    code = (
+        "import sys, smt_monai.data.synth.pyramid, smt_monai.data.synth.render, smt_monai.data.synth.cohort; "
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"
 
 
 def test_odd_size_and_scanner_border(tmp_path: Path) -> None:

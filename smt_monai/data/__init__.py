@@ -1,21 +1,53 @@
-"""Slides: opening with backend fallback, tissue box, nested-region geometry, region reads, cohorts."""
+"""Slides: opening with backend fallback, tissue box, nested-region geometry, region reads, cohorts.
 
-from smt_monai.data.annotations import TumourAnnotation
-from smt_monai.data.datalist import DatalistError, load_datalist, load_slide_list
-from smt_monai.data.dataset import LoadLayer1d, layer1_dataset
-from smt_monai.data.errors import SlideReadError
-from smt_monai.data.geometry import box_to_xyxy, child_boxes, patch_grid_boxes, region_key, square_around
-from smt_monai.data.regions import ReadSlideRegions, ReadSlideRegionsd, SlideCache, iter_boxes, read_boxes
-from smt_monai.data.slide import BACKENDS, Slide, open_slide
-from smt_monai.data.tissue import tissue_bbox
+The names below load their module on first use, so that importing a light submodule (the synthetic-slide
+writer's worker processes import :mod:`smt_monai.data.synth`) does not pull in torch, MONAI and the slide
+readers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from smt_monai.data.annotations import TumourAnnotation
+    from smt_monai.data.datalist import DatalistError, load_datalist, load_slide_list
+    from smt_monai.data.dataset import LoadLayer1d, layer1_dataset
+    from smt_monai.data.errors import SlideReadError
+    from smt_monai.data.geometry import box_to_xyxy, child_boxes, patch_grid_boxes, region_key, square_around
+    from smt_monai.data.regions import ReadSlideRegions, ReadSlideRegionsd, SlideCache, iter_boxes, read_boxes
+    from smt_monai.data.slide import BACKENDS, Slide, open_slide
+    from smt_monai.data.tissue import tissue_bbox
+
+_MODULE_OF = {
+    "TumourAnnotation": "annotations",
+    "DatalistError": "datalist",
+    "load_datalist": "datalist",
+    "load_slide_list": "datalist",
+    "LoadLayer1d": "dataset",
+    "layer1_dataset": "dataset",
+    "SlideReadError": "errors",
+    "box_to_xyxy": "geometry",
+    "child_boxes": "geometry",
+    "patch_grid_boxes": "geometry",
+    "region_key": "geometry",
+    "square_around": "geometry",
+    "ReadSlideRegions": "regions",
+    "ReadSlideRegionsd": "regions",
+    "SlideCache": "regions",
+    "iter_boxes": "regions",
+    "read_boxes": "regions",
+    "BACKENDS": "slide",
+    "Slide": "slide",
+    "open_slide": "slide",
+    "tissue_bbox": "tissue",
+}
 
 __all__ = [
     "BACKENDS",
     "DatalistError",
     "LoadLayer1d",
-    "layer1_dataset",
-    "load_datalist",
-    "load_slide_list",
     "ReadSlideRegions",
     "ReadSlideRegionsd",
     "Slide",
@@ -25,6 +57,9 @@ __all__ = [
     "box_to_xyxy",
     "child_boxes",
     "iter_boxes",
+    "layer1_dataset",
+    "load_datalist",
+    "load_slide_list",
     "open_slide",
     "patch_grid_boxes",
     "read_boxes",
@@ -32,3 +67,13 @@ __all__ = [
     "square_around",
     "tissue_bbox",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MODULE_OF:
+        return getattr(importlib.import_module(f"smt_monai.data.{_MODULE_OF[name]}"), name)
+    raise AttributeError(f"module 'smt_monai.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
