@@ -73,6 +73,7 @@ for k in (4, 8):
           f"{s[f'smt_compute_seconds_k{k}']:.3f} s, waiting for reads {s[f'smt_read_wait_seconds_k{k}']:.3f} s)")
 print(f"  dense: {s['dense_seconds']:.1f} s/slide ({s['dense_tiles_total']} tiles)")
 PY
-side="$("$py" -c 'import json, sys; print(json.load(open(sys.argv[1]))["input_side"])' "$work/speed.json")"
-"$py" scripts/probe_gpu_decode.py "$work/slide_$size/images/slide_000.tiff" --side "$side" \
+# The probe reads regions as big as the last layer's (the tissue box's side / grid^2, at level 0).
+grid="$("$py" -c 'import json, sys; print(json.load(open(sys.argv[1]))["grid"])' "$work/speed.json")"
+"$py" scripts/probe_gpu_decode.py "$work/slide_$size/images/slide_000.tiff" --grid "$grid" \
     || echo "GPU decoding probe failed (above)"

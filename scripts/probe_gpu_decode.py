@@ -1,9 +1,11 @@
 """Time cuCIM decoding the same level-0 regions on the CPU (every core) and on the GPU (nvJPEG).
 
 SMT's reads go through the CPU path (``Slide.read_regions``); this probe says what GPU decoding would change
-on the machine at hand: ``python scripts/probe_gpu_decode.py SLIDE --side 2048``. The regions are spread
-over the tissue, like the 1 + K + K^2 regions of a K = 4 cascade; each path runs once untimed, then
-``--repeats`` times (median printed). GPU output stays on the GPU (a CuImage), as a GPU pipeline would use it.
+on the machine at hand: ``python scripts/probe_gpu_decode.py SLIDE``. The regions are spread over the
+tissue, like the 1 + K + K^2 regions of a K = 4 cascade, and are as big as the last layer's regions on that
+slide (the tissue box's side / grid^2, the regions SMT reads at level 0) unless ``--side`` says otherwise;
+each path runs once untimed, then ``--repeats`` times (median printed). GPU output stays on the GPU (a
+CuImage), as a GPU pipeline would use it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ import numpy as np
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("slide")
-    parser.add_argument("--side", type=int, default=2048, help="region side in level-0 px (default 2048)")
+    parser.add_argument(
+        "--side", type=int, default=None, help="region side, level-0 px (default: the last layer's)"
+    )
+    parser.add_argument("--grid", type=int, default=8, help="patches per layer side (default 8, the paper's)")
     parser.add_argument("--count", type=int, default=21, help="regions (default 21: 1 + 4 + 16)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -35,12 +40,13 @@ def main() -> None:
 
     with open_slide(args.slide, "cucim") as slide:
         x0, y0, x1, y1 = tissue_bbox(slide)
+    side = args.side or max(1, round(max(x1 - x0, y1 - y0) / args.grid**2))
     rng = np.random.default_rng(0)
-    xs = rng.uniform(x0, max(x0, x1 - args.side), args.count).astype(int)
-    ys = rng.uniform(y0, max(y0, y1 - args.side), args.count).astype(int)
+    xs = rng.uniform(x0, max(x0, x1 - side), args.count).astype(int)
+    ys = rng.uniform(y0, max(y0, y1 - side), args.count).astype(int)
     locations = [(int(x), int(y)) for x, y in zip(xs, ys)]
     image = CuImage(args.slide)
-    size = (args.side, args.side)
+    size = (side, side)
 
     def read(device: str) -> float:
         start = time.perf_counter()
@@ -60,7 +66,7 @@ def main() -> None:
                 np.asarray(batch)
         return time.perf_counter() - start
 
-    megapixels = args.count * args.side * args.side / 1e6
+    megapixels = args.count * side * side / 1e6
     for device in ("cpu", "cuda"):
         if device == "cuda" and cupy is None:
             print("cuCIM cuda decoding: failed (CuPy is not installed)")
@@ -72,7 +78,7 @@ def main() -> None:
             print(f"cuCIM {device} decoding: failed ({type(exc).__name__}: {exc})")
             continue
         print(
-            f"cuCIM {device} decoding: {args.count} regions of {args.side} px in {seconds:.3f} s "
+            f"cuCIM {device} decoding: {args.count} regions of {side} px in {seconds:.3f} s "
             f"({megapixels / seconds:.0f} Mpx/s)"
         )
 

@@ -16,7 +16,7 @@ from smt_monai.benchmark.accuracy import held_out_datalist
 from smt_monai.benchmark.bundle_runs import parse_overrides
 from smt_monai.benchmark.report import write_report
 from smt_monai.cli import main
-from smt_monai.data import load_datalist
+from smt_monai.data import load_datalist, open_slide, tissue_bbox
 from smt_monai.data.slide import cucim_available
 from smt_monai.data.synth import make_cohort
 
@@ -42,6 +42,72 @@ def test_report_says_which_benchmark_is_missing(tmp_path: Path) -> None:
     out = write_report(tmp_path / "b.md", tmp_path / "none.json", None, None)
     text = out.read_text()
     assert "**speed**: not run" in text and "**ablation**: not run" in text
+
+
+def _speed_result(device: str, side: int, seconds_k8: float) -> dict:
+    result = {
+        "environment": {"device": device, **({"gpu": "NVIDIA H100 80GB HBM3"} if device == "cuda" else {})},
+        "slide_width": side,
+        "slide_height": side,
+        "backend": "cucim",
+        "num_workers": 16,
+        "preset": "paper",
+        "input_side": 512,
+        "repeats": 5,
+        "dense_seconds": 18.0,
+        "dense_seconds_per_tile": 0.0003,
+        "dense_tiles_total": 60000,
+        "dense_tiles_timed": 2000,
+        "dense_extrapolated": True,
+        "dense_read_wait": 0.2,
+        "dense_compute": 0.3,
+        "by_size": [
+            {
+                "size": side,
+                "smt_seconds_k4": 0.3,
+                "dense_tiles": 60000,
+                "dense_seconds": 18.0,
+                "model_rss_mb": 1300,
+                "peak_rss_mb": 2200,
+            }
+        ],
+    }
+    for k, regions, seconds in ((4, 21, 0.3), (8, 73, seconds_k8)):
+        result |= {
+            f"regions_k{k}": regions,
+            f"smt_seconds_k{k}": seconds,
+            f"smt_compute_seconds_k{k}": 0.1,
+            f"smt_read_wait_seconds_k{k}": 0.1,
+            f"floor_seconds_k{k}": 0.2,
+            f"smt_over_floor_k{k}": seconds / 0.2,
+            f"dense_over_smt_k{k}": 18.0 / seconds,
+        }
+    return result
+
+
+@pytest.mark.parametrize(
+    ("side", "seconds_k8", "verdict"),
+    [
+        (100000, 0.66, "0.660 s, met"),
+        (100000, 2.5, "2.500 s, **missed**"),
+        (60000, 0.5, "0.500 s, not judged, the slide is smaller than 100000 px"),
+    ],
+)
+def test_report_judges_a_gpu_run_by_its_own_target(
+    tmp_path: Path, side: int, seconds_k8: float, verdict: str
+) -> None:
+    cpu, gpu = tmp_path / "speed.json", tmp_path / "speed_gpu.json"
+    cpu.write_text(json.dumps(_speed_result("cpu", 60000, 1.2)))
+    gpu.write_text(json.dumps(_speed_result("cuda", side, seconds_k8)))
+    text = write_report(tmp_path / "b.md", cpu, None, None, gpu_speed_json=gpu).read_text()
+    cpu_part, gpu_part = text.split("## Speed on a GPU (NVIDIA H100 80GB HBM3)")
+    assert "Targets (K = 4):" in cpu_part and "Target (GPU" not in cpu_part
+    assert "Targets (K = 4):" not in gpu_part
+    assert f"under 2 s per 100000 x 100000 px slide: {verdict}" in gpu_part
+    assert "device cuda (NVIDIA H100 80GB HBM3)" in text
+    assert "time_vs_size_gpu.png" not in text  # one slide size: no plot
+    missing = write_report(tmp_path / "c.md", cpu, None, None, gpu_speed_json=tmp_path / "none.json")
+    assert "**speed on a GPU (`scripts/bench_gpu.sh`)**: not run" in missing.read_text()
 
 
 def test_select_variants_by_name() -> None:
@@ -127,6 +193,15 @@ def test_gpu_decoding_probe_times_cpu_decoding_and_reports_the_gpu_path(tiny_sli
     assert len(cuda) == 1  # a time where nvJPEG works, else the reason it failed
     if not torch.cuda.is_available():
         assert "failed" in cuda[0]
+    with open_slide(tiny_slide) as slide:  # by default, regions as big as the last layer's (grid 4)
+        x0, y0, x1, y1 = tissue_bbox(slide)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tiny_slide), "--grid", "4", "--count", "3", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert f"cuCIM cpu decoding: 3 regions of {round(max(x1 - x0, y1 - y0) / 16)} px in " in done.stdout
 
 
 @pytest.mark.slow

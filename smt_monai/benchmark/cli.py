@@ -81,6 +81,12 @@ def _report(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--notes", type=Path, default=Path("docs/benchmarks/notes.md"), help="hand-written findings to append"
     )
+    parser.add_argument(
+        "--gpu-speed-json",
+        type=Path,
+        default=Path("docs/benchmarks/speed_gpu.json"),
+        help="scripts/bench_gpu.sh's speed.json from a CUDA machine, kept in the repository",
+    )
 
 
 def add_benchmark_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -196,6 +202,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
         for name, runner in runners.items():
             runner(args, work / f"{name}.json")
     sources = {name: getattr(args, f"{name}_json", None) or work / f"{name}.json" for name in runners}
-    out = write_report(args.out, sources["speed"], sources["accuracy"], sources["ablation"], args.notes)
+    out = write_report(
+        args.out, sources["speed"], sources["accuracy"], sources["ablation"], args.notes, args.gpu_speed_json
+    )
     print(f"wrote {out}")
     return 0

@@ -211,6 +211,7 @@ def benchmark_speed(
         "preset": preset,
         "input_side": int(smt.read_size),
         "network_side": int(smt.input_size),
+        "grid": int(smt.grid),
         "num_workers": num_workers,
         "amp": amp,
         "repeats": repeats,
