@@ -159,7 +159,7 @@ def test_merge_ablation_adds_up_subsets_of_one_cohort() -> None:
 def test_quick_run_writes_every_figure_and_the_report(tmp_path: Path) -> None:
     out = tmp_path / "benchmarks.md"
     work = str(tmp_path / "work")
-    args = ["benchmark", "all", "--quick", "--work-dir", work, "--sizes", "1024", "--ks", "1", "4"]
+    args = ["benchmark", "all", "--quick", "--work-dir", work, "--sizes", "1024", "2048", "--ks", "1", "4"]
     status = main([*args, "--extra-test-slides", "2", "--out", str(out)])
     assert status == 0
     speed = json.loads((tmp_path / "work" / "speed.json").read_text())
@@ -170,11 +170,12 @@ def test_quick_run_writes_every_figure_and_the_report(tmp_path: Path) -> None:
     assert [p["k"] for p in ablation["k_sweep"]] == [1, 4]
     # the quick cohort's 8 slides leave 2 for testing; 2 more come from the second cohort
     assert accuracy["num_test_slides"] == 4 and ablation["extra_test_slides"] == 2
-    assert speed["quick"] and speed["by_size"][0]["peak_rss_mb"] > 0
+    assert speed["quick"] and [p["size"] for p in speed["by_size"]] == [1024, 2048]
+    assert all(p["peak_rss_mb"] > 0 for p in speed["by_size"])
     text = out.read_text()
     assert "## Speed" in text and "## Accuracy" in text and "## Ablations" in text
     assert "plus 2 slides of a second cohort" in text
-    assert (tmp_path / "benchmarks" / "time_vs_size.png").exists()
+    assert (tmp_path / "benchmarks" / "time_vs_size.png").exists()  # two sizes: a plot
     assert (tmp_path / "benchmarks" / "accuracy_vs_k.png").exists()
 
 
