@@ -37,20 +37,20 @@ def smt_pattern(slide_path: str, k: int, grid: int, seed: int = 0) -> list[np.nd
     return [layer1, layer2, layer3]
 
 
-def time_project(path: str, backend: str, layers: list[np.ndarray], out_side: int, workers: int) -> float:
+def time_project(path: str, backend: str, layers: list[np.ndarray], read_size: int, workers: int) -> float:
     with open_slide(path, backend) as slide:
         start = time.perf_counter()
         for boxes in layers:
-            read_boxes(slide, boxes, out_side, num_workers=workers)
+            read_boxes(slide, boxes, read_size, num_workers=workers)
         return time.perf_counter() - start
 
 
 def time_project_reads(
-    path: str, backend: str, layers: list[np.ndarray], out_side: int, workers: int
+    path: str, backend: str, layers: list[np.ndarray], read_size: int, workers: int
 ) -> float:
     """The project's batched reads alone (``Slide.read_regions`` per layer), without the area resize."""
     with open_slide(path, backend) as slide:
-        plans = [[plan_read(slide, box, out_side) for box in boxes] for boxes in layers]
+        plans = [[plan_read(slide, box, read_size) for box in boxes] for boxes in layers]
         start = time.perf_counter()
         for layer in plans:
             level, _, side = layer[0]
@@ -58,13 +58,13 @@ def time_project_reads(
         return time.perf_counter() - start
 
 
-def time_monai_one_by_one(path: str, layers: list[np.ndarray], out_side: int) -> float:
+def time_monai_one_by_one(path: str, layers: list[np.ndarray], read_size: int) -> float:
     """MONAI's own API, region by region: ``WSIReader(backend='cucim').get_data``."""
     from monai.data import WSIReader
 
     reader = WSIReader(backend="cucim")
     with open_slide(path) as slide:
-        plans = [plan_read(slide, box, out_side) for boxes in layers for box in boxes]
+        plans = [plan_read(slide, box, read_size) for boxes in layers for box in boxes]
     wsi = reader.read(path)
     start = time.perf_counter()
     for level, (x, y), side in plans:
@@ -77,13 +77,13 @@ def time_monai_one_by_one(path: str, layers: list[np.ndarray], out_side: int) ->
     return time.perf_counter() - start
 
 
-def time_floor(path: str, layers: list[np.ndarray], out_side: int, workers: int) -> float:
+def time_floor(path: str, layers: list[np.ndarray], read_size: int, workers: int) -> float:
     """Decode only the JPEG tiles the regions touch (each tile once per region), nothing else."""
     import imagecodecs
 
     info = inspect_tiff(path)
     with open_slide(path, "tifffile") as slide:
-        plans = [plan_read(slide, box, out_side) for boxes in layers for box in boxes]
+        plans = [plan_read(slide, box, read_size) for boxes in layers for box in boxes]
         downsamples = slide.level_downsamples
         page_tables = {}
         import tifffile
@@ -131,27 +131,28 @@ def main() -> None:
             Path(args.workdir).mkdir(parents=True, exist_ok=True)
             print(f"generating {path} ({args.size} x {args.size}) ...", flush=True)
             make_slide(path, size=args.size, seed=0, positive=True)
-    out_side = args.grid * args.patch_size // args.stem_pool  # the network's read_size
+    read_size = args.grid * args.patch_size // args.stem_pool  # the network's read_size
     with open_slide(path) as slide:
         print(f"slide {path}: {slide.dimensions[0]} x {slide.dimensions[1]}, levels {slide.level_dimensions}")
     backends = [b for b in BACKENDS if b != "cucim" or cucim_available()]
     for k in args.ks:
         layers = smt_pattern(path, k, args.grid)
         n = sum(len(b) for b in layers)
-        print(f"\nK = {k}: {n} regions, each read at the coarsest sufficient level, output {out_side} px")
-        time_project(path, "tifffile", layers, out_side, args.workers)  # warm the page cache
+        print(f"\nK = {k}: {n} regions, each read at the coarsest sufficient level, output {read_size} px")
+        time_project(path, "tifffile", layers, read_size, args.workers)  # warm the page cache
         rows = {
-            f"project read path, {b}": time_project(path, b, layers, out_side, args.workers) for b in backends
+            f"project read path, {b}": time_project(path, b, layers, read_size, args.workers)
+            for b in backends
         }
         for b in backends:
             rows[f"project reads without resize, {b}"] = time_project_reads(
-                path, b, layers, out_side, args.workers
+                path, b, layers, read_size, args.workers
             )
         if cucim_available():
             rows["MONAI CuCIMWSIReader.get_data, one region at a time"] = time_monai_one_by_one(
-                path, layers, out_side
+                path, layers, read_size
             )
-        floors = {w: time_floor(path, layers, out_side, w) for w in (1, args.workers)}
+        floors = {w: time_floor(path, layers, read_size, w) for w in (1, args.workers)}
         for w, t in floors.items():
             rows[f"floor: decode touched JPEG tiles only, {w} thread(s)"] = t
         best_other = min(t for name, t in rows.items() if name.startswith(("MONAI", "floor")))

@@ -26,7 +26,8 @@ python -m monai.bundle run training --config_file bundle/configs/train.yaml \
 
 echo
 echo "== evaluation on the testing split =="
-python -m monai.bundle run evaluating --config_file bundle/configs/evaluate.yaml \
+python -m monai.bundle run evaluating \
+  --config_file "['bundle/configs/train.yaml','bundle/configs/evaluate.yaml']" \
   --datalist "$DATA/datalist.json" --ckpt_path "$OUT/model/model.pt" --output_dir "$OUT/eval" "${GEOMETRY[@]}"
 
 echo

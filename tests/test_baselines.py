@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import write_cohort
 
-from smt_monai.baselines import DenseEvaluator, DenseMIL, DenseTrainer, predict_dense, tile_tissue
+from smt_monai.baselines import DenseMIL, LoadTileBagd, predict_dense, tile_tissue
+from smt_monai.benchmark.bundle_runs import bundle_workflow
 from smt_monai.data import load_datalist, open_slide
 
 
@@ -28,13 +29,16 @@ def test_tile_tissue_keeps_tiles_on_tissue_only(tiny_slide: Path) -> None:
 def test_dense_mil_uses_the_stride_2_resnet18_and_pools_any_bag() -> None:
     net = DenseMIL(num_classes=3).eval()
     assert net.encoder.conv1.stride == (2, 2)
+    tiles = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8)
     with torch.no_grad():
-        features = net.encode(torch.randn(5, 3, 64, 64))
+        features = net.encode(tiles)
         logits, attention = net.pool(features)
-    assert features.shape == (5, 512) and logits.shape == (1, 3)
-    assert torch.isclose(attention.sum(), torch.tensor(1.0))
-    with torch.no_grad():
-        assert net(torch.randn(3, 3, 32, 32)).shape == (1, 3)
+        assert features.shape == (5, 512) and logits.shape == (1, 3)
+        assert torch.isclose(attention.sum(), torch.tensor(1.0))
+        assert net(tiles[:3]).shape == (1, 3)
+        bags = net(torch.stack([tiles[:3], tiles[2:]]))  # (B, n, 3, s, s), MONAI MILModel's input
+        assert bags.shape == (2, 3)
+        torch.testing.assert_close(bags[0], net(tiles[:3])[0])
 
 
 def test_predict_dense_encodes_every_tissue_tile(tiny_slide: Path) -> None:
@@ -46,46 +50,51 @@ def test_predict_dense_encodes_every_tissue_tile(tiny_slide: Path) -> None:
     assert result["probs"].shape == (2,) and np.isclose(result["probs"].sum(), 1.0, atol=1e-5)
 
 
-def test_train_and_evaluate_write_model_and_metrics(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_train_and_evaluate_through_the_bundle(tmp_path: Path) -> None:
+    """MONAI's SupervisedTrainer trains on random bags; the evaluator writes SMT's metrics.json."""
     datalist = write_cohort(tmp_path / "data", count=4, side=1024, splits=(2, 1, 1))
-    train = load_datalist(datalist, "training", str(datalist.parent))
-    log = DenseTrainer(DenseMIL(), train, tmp_path / "run", tile_size=32, max_epochs=1, bag_size=4).run()
-    assert (tmp_path / "run" / "model.pt").exists() and len(log["epochs"]) == 1
-    test = load_datalist(datalist, "testing", str(datalist.parent))
-    model = tmp_path / "run" / "model.pt"
-    metrics = DenseEvaluator(DenseMIL(), test, tmp_path / "eval" / "metrics.json", 32, ckpt_path=model).run()
-    assert metrics["num_slides"] == 1
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["num_slides"] == 1
-
-
-def test_train_with_bfloat16_autocast_updates_the_network(tmp_path: Path) -> None:
-    datalist = write_cohort(tmp_path / "data", count=2, side=1024, splits=(2, 0, 0))
-    train = load_datalist(datalist, "training", str(datalist.parent))
-    net = DenseMIL()
-    before = [p.detach().clone() for p in net.parameters()]
-    log = DenseTrainer(net, train, tmp_path / "run", tile_size=32, max_epochs=1, bag_size=4, amp=True).run()
-    assert np.isfinite(log["epochs"][0]["loss"])
-    assert all(p.dtype == torch.float32 for p in net.parameters())
-    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    settings = {"patch_size": 32, "max_epochs": 2, "bag_size": 4}
+    run = tmp_path / "run"
+    flow = bundle_workflow(
+        "train_dense.yaml",
+        "training",
+        {"dataset_dir": str(datalist.parent), "output_dir": str(run), **settings},
+    )
+    network = flow.parser.get_parsed_content("network")
+    before = [p.detach().clone() for p in network.parameters()]
+    flow.run()
+    assert any(not torch.equal(a, b) for a, b in zip(before, network.parameters()))
+    assert (run / "model.pt").exists() and list(run.glob("events.out.tfevents.*"))
+    overrides = {
+        "datalist": str(datalist),
+        "ckpt_path": str(run / "model.pt"),
+        "output_dir": str(tmp_path / "eval"),
+    }
+    bundle_workflow("evaluate_dense.yaml", "evaluating", {**overrides, **settings}).run()
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["num_slides"] == 1 and metrics["seconds_per_slide"] > 0 and "balanced_accuracy" in metrics
 
 
 def test_guided_bags_hold_tumour_tiles_of_annotated_positive_slides(tmp_path: Path) -> None:
     datalist = write_cohort(tmp_path / "data", count=2, side=1024, splits=(2, 0, 0))
     negative, positive = load_datalist(datalist, "training", str(datalist.parent))
     assert (negative["label"], positive["label"]) == (0, 1)
-    boxes = np.array([[x, y, 32.0] for y in range(0, 1024, 32) for x in range(0, 1024, 32)])
-    entries = [negative, positive]
-    trainer = DenseTrainer(DenseMIL(), entries, tmp_path / "r", tile_size=32, bag_size=16, guide=1.0)
-    tumour = trainer._tumour_tiles(positive, boxes)
+    guided = LoadTileBagd(tile_size=32, bag_size=16, guide=1.0, seed=0)
+    path = str(positive["image"])
+    tumour = guided.tumour_tiles(positive, path)
     # conftest's tumour square is 102 px wide from (409, 409): 4 x 4 tiles touch it, the corner one by 5 %
     assert len(tumour) == 15
     for _ in range(5):
-        pick = trainer._pick(positive, boxes)
+        pick = guided.pick(positive, path)
         assert len(pick) == 16 == len(set(pick.tolist()))
         assert np.isin(pick, tumour).sum() >= 4
-    assert len(trainer._tumour_tiles(negative, boxes)) == 0
-    unguided = DenseTrainer(DenseMIL(), [positive], tmp_path / "run2", tile_size=32, bag_size=16, guide=0.0)
-    hits = [np.isin(unguided._pick(positive, boxes), tumour).sum() for _ in range(20)]
-    assert np.mean(hits) < 2  # random bags: 16 of 1024 tiles, about 0.4 tumour tiles each
+    bag = guided(positive)["image"]
+    assert bag.shape == (16, 3, 32, 32) and bag.dtype == torch.uint8
+    assert len(guided.tumour_tiles(negative, str(negative["image"]))) == 0
+    unguided = LoadTileBagd(tile_size=32, bag_size=16, guide=0.0, seed=0)
+    hits = [np.isin(unguided.pick(positive, path), tumour).sum() for _ in range(20)]
+    tiles = len(unguided.tiles(path))
+    assert np.mean(hits) < 16 * 15 / tiles + 1.5  # random bags: about 16 * 15 / tiles tumour tiles each
     with pytest.raises(ValueError, match="guide"):
-        DenseTrainer(DenseMIL(), [positive], tmp_path / "run3", guide=1.5)
+        LoadTileBagd(guide=1.5)

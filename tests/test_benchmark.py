@@ -52,7 +52,7 @@ def _speed_result(device: str, side: int, seconds_k8: float) -> dict:
         "backend": "cucim",
         "num_workers": 16,
         "preset": "paper",
-        "input_side": 512,
+        "read_size": 512,
         "repeats": 5,
         "dense_seconds": 18.0,
         "dense_seconds_per_tile": 0.0003,

@@ -173,7 +173,7 @@ def test_evaluate_infer_and_export_from_the_command_line(tmp_path: Path) -> None
         "run",
         "evaluating",
         "--config_file",
-        str(CONFIGS / "evaluate.yaml"),
+        json.dumps([str(CONFIGS / "train.yaml"), str(CONFIGS / "evaluate.yaml")]),
         "--datalist",
         str(datalist),
         "--ckpt_path",

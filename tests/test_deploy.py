@@ -21,7 +21,7 @@ SDK_CORE = pytest.importorskip("monai.deploy.core", reason="needs the deploy ext
 
 from smt_monai.deploy import (  # noqa: E402
     DeployError,
-    network_input_side,
+    check_smt_export,
     options_from_env,
     slide_entries,
     torchscript_model,
@@ -71,7 +71,7 @@ def test_app_writes_what_the_predictor_writes(cohort: tuple[Path, Path], tmp_pat
     network = load_network(None, model, "torchscript", "cpu")
     amp = fast_bf16("cpu")  # the app's default, as the bundle's inference.yaml
     SlideListPredictor(
-        network, load_slide_list(slides), reference, input_side=32, num_focus=2, amp=amp, progress=False
+        network, load_slide_list(slides), reference, num_focus=2, amp=amp, progress=False
     ).run()
 
     rows = read_rows(out / "predictions.csv")
@@ -107,9 +107,10 @@ def test_model_path_without_torchscript_is_refused(tmp_path: Path) -> None:
 def test_geometry_comes_from_the_model(cohort: tuple[Path, Path]) -> None:
     _, model = cohort
     network = torchscript_model(SDK_CORE.AppContext({"model": str(model)})).predictor
-    assert network_input_side(network) == 32  # grid 4 x patch 16, read pooled by the tiny stem_pool 2
+    assert network.read_size == 32  # grid 4 x patch 16, read pooled by the tiny stem_pool 2
+    check_smt_export(network)
     with pytest.raises(DeployError, match="read_size"):
-        network_input_side(torch.jit.script(torch.nn.Linear(2, 2)))
+        check_smt_export(torch.jit.script(torch.nn.Linear(2, 2)))
 
 
 def test_model_from_a_package_models_folder(cohort: tuple[Path, Path], tmp_path: Path) -> None:

@@ -150,6 +150,28 @@ def test_select_regions_top_k_and_benign() -> None:
         select_regions(parent, q, num_focus=1, grid=3)
 
 
+def test_select_regions_per_group_and_valid_patches() -> None:
+    """Regions sharing a group pick K together (a slide's layer-1 fields); invalid patches (glass, padding)
+    are picked only after every valid one, and never explored to or chosen as the extra benign region."""
+    q = torch.tensor([[0.1, 0.9, 0.8, 0.2], [0.7, 0.95, 0.2, 0.3], [0.5, 0.4, 0.3, 0.2]])
+    parent = torch.tensor([[0.0, 0.0, 200.0], [200.0, 0.0, 200.0], [0.0, 0.0, 40.0]], dtype=torch.float64)
+    sel = select_regions(parent, q, num_focus=3, grid=2, group=np.array([7, 7, 3]))
+    assert sel.index.tolist() == [[1, 1, 2], [0, 1, 2]]
+    assert sel.parent.tolist() == [[1, 0, 0], [2, 2, 2]]
+    torch.testing.assert_close(sel.boxes[0, 0], torch.tensor([300.0, 0.0, 100.0], dtype=torch.float64))
+    valid = torch.ones(3, 4, dtype=torch.bool)
+    valid[1, 1] = valid[0, 1] = False  # the two highest patches of group 7 are glass
+    sel = select_regions(parent, q, 3, 2, group=np.array([7, 7, 3]), valid=valid, benign_score=q)
+    assert sel.index[0].tolist() == [2, 0, 3, 0] and sel.parent[0].tolist() == [0, 1, 1, 0]
+    valid = torch.zeros(3, 4, dtype=torch.bool)
+    valid[:, 0] = True  # one valid patch per region: the rest follow by q
+    sel = select_regions(parent, q, 2, 2, valid=valid, benign_score=q)
+    assert sel.index.tolist() == [[0, 1, 3], [0, 1, 2], [0, 1, 3]]
+    generator = torch.Generator().manual_seed(0)
+    explored = select_regions(parent.expand(3, 3), q, 2, 2, valid=valid, explore=1.0, generator=generator)
+    assert explored.index[:, 1].tolist() == [1, 1, 1]  # no valid patch to explore to: greedy
+
+
 def test_select_regions_explores_outside_the_top_k() -> None:
     """explore=1: the K-th pick of every region is a random patch outside the top K - 1, each reachable;
     the first K - 1 stay the top by q; the benign patch is still outside all picks."""

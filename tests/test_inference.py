@@ -15,10 +15,10 @@ import pytest
 import torch
 from conftest import TINY_OVERRIDES, write_cohort
 
+from smt_monai.cascade import predict_slide
 from smt_monai.data import open_slide
 from smt_monai.data.geometry import child_boxes
 from smt_monai.focus import class_attention, focusing_score
-from smt_monai.inference import predict_cascade
 from smt_monai.networks import SMT, normalize_he, smt_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,33 +148,49 @@ def test_all_broken_exits_1_with_the_reason(
     assert (tmp_path / "out" / "predictions.csv").exists()
 
 
+class RandomRegions:
+    """Stands in for the region reads of one slide: random uint8 images, counting the rows asked for."""
+
+    def __init__(self, side: int) -> None:
+        self.side = side
+        self.reads: list[int] = []
+
+    def chunks(self, paths: list[str], slide_index: np.ndarray, boxes: np.ndarray):
+        self.reads.append(len(boxes))
+        yield (
+            np.arange(len(boxes)),
+            torch.randint(0, 256, (len(boxes), 3, self.side, self.side), dtype=torch.uint8),
+        )
+
+
 @pytest.mark.parametrize("source", ["q", "score", "attention"])
-def test_predict_cascade_focuses_by_the_chosen_source(source: str) -> None:
+def test_predict_slide_focuses_by_the_chosen_source(source: str) -> None:
     """Top-K at inference by q, by the instantaneous Eq. 2 score, or by class attention (the ablations);
     1 + K + K^2 regions either way, and layer 2's boxes are the chosen patches of layer 1."""
     torch.manual_seed(0)
     model = smt_tiny().eval()
-    side, k = model.input_size, 2
-    images = torch.randint(0, 256, (1, 3, side, side), dtype=torch.uint8)
-    box = np.array([[0.0, 0.0, 6400.0]])
-    reads: list[int] = []
+    side, k = model.read_size, 2
+    image = torch.randint(0, 256, (3, side, side), dtype=torch.uint8)
+    box = np.array([0.0, 0.0, 6400.0])
+    view = {"path": "slide.tif", "image": image, "box": box}
+    reader = RandomRegions(side)
 
-    def read(slide_index: np.ndarray, boxes: np.ndarray):
-        reads.append(len(boxes))
-        yield np.arange(len(boxes)), torch.randint(0, 256, (len(boxes), 3, side, side), dtype=torch.uint8)
-
-    prediction = predict_cascade(model, images, box, read, num_focus=k, focus_source=source)[0]
-    assert reads == [k, k * k]
-    out = model.layer1(normalize_he(images))
+    prediction = predict_slide(model, view, reader, num_focus=k, focus_source=source)
+    assert reader.reads == [k, k * k]
+    out = model.layer1(normalize_he(image[None]))
     ranking = {
         "q": out.q,
         "score": focusing_score(out.probs, out.attn),
         "attention": class_attention(out.attn),
     }[source]
     chosen = torch.topk(ranking.detach(), k).indices
-    np.testing.assert_allclose(prediction.boxes[1], child_boxes(torch.as_tensor(box), chosen, 4)[0].numpy())
+    np.testing.assert_allclose(
+        prediction.boxes[1], child_boxes(torch.as_tensor(box[None]), chosen, 4)[0].numpy()
+    )
     np.testing.assert_allclose(
         prediction.focus_map.ravel(), ranking.detach()[0].numpy(), rtol=1e-4, atol=1e-6
     )
+    assert [len(b) for b in prediction.boxes] == [1, k, k * k]
+    assert prediction.parent[2].tolist() == [0, 0, 1, 1] and prediction.rank[2].tolist() == [0, 1, 0, 1]
     with pytest.raises(ValueError, match="focus_source"):
-        predict_cascade(model, images, box, read, num_focus=k, focus_source="saliency")
+        predict_slide(model, view, reader, num_focus=k, focus_source="saliency")

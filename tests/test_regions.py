@@ -69,7 +69,7 @@ def test_tissue_mask_on_aperio(aperio_slide: Path) -> None:
 def test_read_uses_coarsest_sufficient_level(tmp_path: Path, box_side: int, expected_level: int) -> None:
     path = write_tiff(tmp_path / "pyr.tif", scene(4096, 4096), downsamples=(1, 4, 16), tile=128)
     with open_slide(path) as slide:
-        level, _, side = plan_read(slide, np.array([0.0, 0.0, box_side]), out_side=256)
+        level, _, side = plan_read(slide, np.array([0.0, 0.0, box_side]), read_size=256)
         assert level == expected_level
         assert side == pytest.approx(box_side / slide.level_downsamples[level], abs=1)
         image = read_boxes(slide, np.array([[0.0, 0.0, box_side]]), 256)[0]
@@ -90,13 +90,13 @@ def test_box_leaving_the_slide_is_padded_white(tiny_slide: Path) -> None:
 
 def test_transform_pair_reads_batches(tiny_slide: Path) -> None:
     boxes = np.array([[0.0, 0.0, 256.0], [256.0, 256.0, 256.0], [512.0, 256.0, 128.0]])
-    images = ReadSlideRegions(out_side=32)(str(tiny_slide), boxes)
+    images = ReadSlideRegions(read_size=32)(str(tiny_slide), boxes)
     assert images.shape == (3, 3, 32, 32) and images.dtype == np.uint8
-    single = ReadSlideRegions(out_side=32)(str(tiny_slide), boxes[1])
+    single = ReadSlideRegions(read_size=32)(str(tiny_slide), boxes[1])
     np.testing.assert_array_equal(single, images[1])
-    out = ReadSlideRegionsd(keys="image", box_key="box", out_side=32)(
+    out = ReadSlideRegionsd(keys="image", box_key="box", read_size=32)(
         {"image": str(tiny_slide), "box": boxes}
     )
     np.testing.assert_array_equal(out["image"], images)
     with pytest.raises(ValueError):
-        ReadSlideRegions(out_side=0)
+        ReadSlideRegions(read_size=0)

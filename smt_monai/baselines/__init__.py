@@ -3,10 +3,10 @@
 from smt_monai.baselines.dense import (
     DenseEvaluator,
     DenseMIL,
-    DenseTrainer,
+    LoadTileBagd,
     predict_dense,
     read_tiles,
     tile_tissue,
 )
 
-__all__ = ["DenseEvaluator", "DenseMIL", "DenseTrainer", "predict_dense", "read_tiles", "tile_tissue"]
+__all__ = ["DenseEvaluator", "DenseMIL", "LoadTileBagd", "predict_dense", "read_tiles", "tile_tissue"]

@@ -5,42 +5,42 @@ into ``tile_size`` tiles at level 0, encode each tile with a CNN, pool the tile 
 (Ilse et al., 2018) into one slide embedding, classify it. The encoder is MONAI's ResNet-18 with the
 standard stride-2 stem (``conv1_t_stride=2``; MONAI's default stride 1 costs four times as much per tile),
 initialised at random since nothing can be downloaded. Tiles are read through the project's own reader
-(:func:`smt_monai.data.iter_boxes`), so both methods pay the same I/O.
+(:func:`smt_monai.data.iter_boxes`), so both methods pay the same I/O, and the network normalises them with
+SMT's ``normalize_he``.
 
-Training follows MONAI's MIL tutorial: each step encodes a random bag of ``bag_size`` tissue tiles of a
-slide end to end; prediction encodes all of them, ``chunk_size`` at a time (reading the next chunk while
-the current one is encoded), and pools once over all features. With ``guide`` > 0, bags of annotated
-positive slides are given tumour tiles, the dense counterpart of SMT's annotation-guided focus, so that the
-two methods can be compared with the same supervision.
+Training runs on MONAI's ``SupervisedTrainer`` as MONAI's MIL tutorial does: each step encodes a random bag
+of ``bag_size`` tissue tiles of a slide end to end (:class:`LoadTileBagd`). With ``guide`` > 0, bags of
+annotated positive slides are given tumour tiles, the dense counterpart of SMT's annotation-guided focus,
+so that the two methods can be compared with the same supervision. Evaluation (:class:`DenseEvaluator`, a
+MONAI ``Evaluator``) encodes all tissue tiles of a slide, ``chunk_size`` at a time (reading the next chunk
+while the current one is encoded), pools once over all features, and reports through the same slide
+metrics and ``metrics.json`` as SMT's evaluator (``bundle/configs/train_dense.yaml``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from ignite.metrics import Metric
 from monai.networks.nets import resnet18
+from monai.transforms import MapTransform, Randomizable
 from PIL import Image
-from tqdm import tqdm
+from torch.utils.data import DataLoader
 
 from smt_monai.data.annotations import TumourAnnotation
+from smt_monai.data.errors import SlideReadError
 from smt_monai.data.regions import SlideCache, iter_boxes
 from smt_monai.data.slide import Slide
 from smt_monai.data.tissue import tissue_mask
-from smt_monai.handlers.metrics import balanced_accuracy, roc_auc
-from smt_monai.inference.model import load_network
+from smt_monai.engines.evaluator import SlideEvaluator, SlideOutcome
 from smt_monai.networks.normalization import normalize_he
-from smt_monai.utils import atomic_path, prefetch
+from smt_monai.utils import prefetch
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +68,9 @@ class DenseMIL(nn.Module):
         self.classifier = nn.Linear(self.feature_dim, num_classes)
 
     def encode(self, tiles: torch.Tensor) -> torch.Tensor:
-        """``(n, 512)`` features of normalised tiles ``(n, 3, s, s)``."""
-        return self.encoder(tiles.contiguous(memory_format=torch.channels_last))
+        """``(n, 512)`` features of tiles ``(n, 3, s, s)`` of 8-bit intensities (``normalize_he`` is applied
+        here, the network's one entry)."""
+        return self.encoder(normalize_he(tiles).contiguous(memory_format=torch.channels_last))
 
     def pool(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Slide logits ``(1, C)`` and tile attention ``(n,)`` from the features of all its tiles."""
@@ -78,9 +79,12 @@ class DenseMIL(nn.Module):
         embedding = (attention[:, None] * features).sum(dim=0, keepdim=True)
         return self.classifier(embedding), attention
 
-    def forward(self, tiles: torch.Tensor) -> torch.Tensor:
-        """Logits ``(1, C)`` of one bag of normalised tiles ``(n, 3, s, s)``."""
-        return self.pool(self.encode(tiles))[0]
+    def forward(self, bags: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, C)`` of bags of tiles ``(B, n, 3, s, s)`` (``MILModel``'s input), or ``(1, C)`` of one
+        bag ``(n, 3, s, s)``."""
+        bags = bags[None] if bags.dim() == 4 else bags
+        features = self.encode(bags.flatten(0, 1)).reshape(*bags.shape[:2], self.feature_dim)
+        return torch.cat([self.pool(bag)[0] for bag in features])
 
 
 def tile_tissue(slide: Slide, tile_size: int, min_tissue: float = 0.25) -> np.ndarray:
@@ -144,7 +148,7 @@ def predict_dense(
             break
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            features.append(network.encode(normalize_he(chunk.to(device, non_blocking=True))).float())
+            features.append(network.encode(chunk.to(device, non_blocking=True)).float())
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         compute_s += time.perf_counter() - start
@@ -155,200 +159,140 @@ def predict_dense(
     return {"probs": probs, "tiles": len(boxes), "read_s": read_s, "compute_s": compute_s}
 
 
-class DenseTrainer:
-    """Train :class:`DenseMIL` on a datalist: one random bag of tissue tiles per slide and step.
+class LoadTileBagd(MapTransform, Randomizable):
+    """Replace a slide path by a random bag of its tissue tiles at level 0, ``(n, 3, s, s)`` uint8.
+
+    The bag of one training step, as MONAI's MIL tutorial draws it (its ``tile_count``). With ``guide``, the
+    bag of an annotated positive slide holds, with that probability, a quarter of its tiles (at least one)
+    from the tiles whose tumour overlap reaches ``tumour_overlap`` (SMT's ``guide``; 0, the default, is the
+    standard pipeline: a tumour fraction of a few percent leaves many random bags of a positive slide without
+    tumour). A slide's tissue tiles and tumour tiles are found once and kept.
 
     Args:
-        network: the model.
-        entries: training entries ``{"image", "label"}`` (``smt_monai.data.load_datalist``).
-        output_dir: ``model.pt`` (state dict) and ``train_log.json`` go here.
+        keys: the key holding the slide path.
         tile_size: tile side in level-0 pixels (SMT's ``patch_size``).
-        max_epochs: passes over the slides.
-        bag_size: tiles per slide and step (MONAI's MIL tutorial: ``tile_count``).
-        learning_rate: Adam's learning rate.
+        bag_size: tiles per bag.
+        guide: probability of a guided bag (annotated positive slides only).
+        tumour_overlap: tumour-overlap fraction of a tumour tile (SMT's layer-3 ``label_overlap``).
         backend: slide backend.
         num_workers: reading threads.
-        device: where the network trains.
-        amp: bfloat16 autocast (see ``smt_monai.utils.fast_bf16`` for where it pays).
-        guide: probability that the bag of an annotated positive slide holds a quarter of its tiles (at
-            least one) from the tiles whose tumour overlap reaches ``tumour_overlap`` (SMT's ``guide``; 0,
-            the default, is the standard pipeline: a tumour fraction of a few percent leaves many random
-            bags of a positive slide without tumour).
-        tumour_overlap: tumour-overlap fraction of a tumour tile (SMT's layer-3 ``label_overlap``).
-        seed: bag sampling and slide order.
+        seed: seed of the bag draws.
+
+    Raises:
+        ValueError: ``guide`` is not a probability.
     """
 
     def __init__(
         self,
-        network: DenseMIL,
-        entries: Sequence[Mapping[str, Any]],
-        output_dir: str | os.PathLike,
+        keys: Sequence[Hashable] = ("image",),
         tile_size: int = 256,
-        max_epochs: int = 20,
         bag_size: int = 64,
-        learning_rate: float = 1e-4,
-        backend: str = "auto",
-        num_workers: int = 2,
-        device: torch.device | str = "cpu",
-        amp: bool = False,
         guide: float = 0.0,
         tumour_overlap: float = 0.1,
-        seed: int = 0,
+        backend: str = "auto",
+        num_workers: int = 2,
+        seed: int | None = None,
     ) -> None:
         if not 0.0 <= guide <= 1.0:
             raise ValueError(f"guide must be in [0, 1], got {guide}")
-        self.network = network
-        self.entries = list(entries)
-        self.output_dir = Path(output_dir)
+        super().__init__(keys)
+        self.set_random_state(seed)
         self.tile_size = tile_size
-        self.max_epochs = max_epochs
         self.bag_size = bag_size
-        self.device = torch.device(device)
-        self.amp = amp
         self.guide = guide
         self.tumour_overlap = tumour_overlap
         self.num_workers = num_workers
-        self.rng = np.random.default_rng(seed)
         self.cache = SlideCache(backend, capacity=4)
-        self.optimizer = torch.optim.Adam(network.parameters(), lr=learning_rate, weight_decay=1e-4)
         self._tiles: dict[str, np.ndarray] = {}
         self._tumour: dict[str, np.ndarray] = {}
 
-    def _tumour_tiles(self, entry: Mapping[str, Any], boxes: np.ndarray) -> np.ndarray:
+    def tiles(self, path: str) -> np.ndarray:
+        """The slide's tissue tiles (at least one tile, the top-left one, on a slide without tissue)."""
+        if path not in self._tiles:
+            boxes = tile_tissue(self.cache.get(path), self.tile_size)
+            self._tiles[path] = boxes if len(boxes) else np.array([[0.0, 0.0, float(self.tile_size)]])
+        return self._tiles[path]
+
+    def tumour_tiles(self, entry: Mapping[Hashable, Any], path: str) -> np.ndarray:
         """Indices of the tiles of an annotated positive slide whose tumour overlap reaches the threshold."""
-        path = str(entry["image"])
         if path not in self._tumour:
             found = np.zeros(0, dtype=np.int64)
-            if int(entry["label"]) > 0 and entry.get("annotation"):
-                overlap = TumourAnnotation.from_file(entry["annotation"]).overlap_fraction(boxes, samples=8)
+            if int(entry.get("label", 0)) > 0 and entry.get("annotation"):
+                annotation = TumourAnnotation.from_file(str(entry["annotation"]))
+                overlap = annotation.overlap_fraction(self.tiles(path), samples=8)
                 found = np.flatnonzero(overlap >= self.tumour_overlap)
             self._tumour[path] = found
         return self._tumour[path]
 
-    def _pick(self, entry: Mapping[str, Any], boxes: np.ndarray) -> np.ndarray:
+    def pick(self, entry: Mapping[Hashable, Any], path: str) -> np.ndarray:
         """Tile indices of one bag: random, or with ``guide`` a quarter of them tumour tiles."""
-        size = min(self.bag_size, len(boxes))
-        tumour = self._tumour_tiles(entry, boxes) if self.guide > 0 else np.zeros(0, dtype=np.int64)
-        if len(tumour) == 0 or self.rng.random() >= self.guide:
-            return self.rng.choice(len(boxes), size, replace=False)
-        guided = self.rng.choice(tumour, min(len(tumour), max(1, size // 4)), replace=False)
-        rest = np.setdiff1d(np.arange(len(boxes)), guided)
-        return np.concatenate([guided, self.rng.choice(rest, size - len(guided), replace=False)])
+        count = len(self.tiles(path))
+        size = min(self.bag_size, count)
+        tumour = self.tumour_tiles(entry, path) if self.guide > 0 else np.zeros(0, dtype=np.int64)
+        if len(tumour) == 0 or self.R.random() >= self.guide:
+            return self.R.choice(count, size, replace=False)
+        guided = self.R.choice(tumour, min(len(tumour), max(1, size // 4)), replace=False)
+        rest = np.setdiff1d(np.arange(count), guided)
+        return np.concatenate([guided, self.R.choice(rest, size - len(guided), replace=False)])
 
-    def _bag(self, entry: Mapping[str, Any]) -> torch.Tensor:
-        path = str(entry["image"])
-        slide = self.cache.get(path)
-        if path not in self._tiles:
-            self._tiles[path] = tile_tissue(slide, self.tile_size)
-        boxes = self._tiles[path]
-        if len(boxes) == 0:
-            boxes = np.array([[0.0, 0.0, float(self.tile_size)]])
-        pick = self._pick(entry, boxes)
-        images = np.concatenate(
-            [im for _, im in iter_boxes(slide, boxes[np.sort(pick)], self.tile_size, self.num_workers, 64)]
-        )
-        return normalize_he(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))))
+    def randomize(self, data: Any = None) -> None:  # the draws happen in ``pick``, per key
+        pass
 
-    def run(self) -> dict[str, Any]:
-        """Train for ``max_epochs``; writes ``model.pt`` and ``train_log.json`` and returns the log."""
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.network.to(self.device).train()
-        log: dict[str, Any] = {"epochs": []}
-        start = time.perf_counter()
-        for epoch in range(1, self.max_epochs + 1):
-            losses = []
-            for i in self.rng.permutation(len(self.entries)):
-                entry = self.entries[i]
-                bag = self._bag(entry).to(self.device)
-                label = torch.tensor([int(entry["label"])], device=self.device)
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                    logits = self.network(bag)
-                loss = F.cross_entropy(logits.float(), label)
-                self.optimizer.zero_grad()
-                loss.backward()
-                self.optimizer.step()
-                losses.append(loss.item())
-            log["epochs"].append({"epoch": epoch, "loss": round(float(np.mean(losses)), 5)})
-            logger.info("dense epoch %d/%d loss %.4f", epoch, self.max_epochs, np.mean(losses))
-        log["seconds"] = round(time.perf_counter() - start, 2)
-        with atomic_path(self.output_dir / "model.pt") as tmp:
-            torch.save(self.network.state_dict(), tmp)
-        (self.output_dir / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
-        self.cache.close()
-        return log
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            path = str(d[key])
+            boxes = self.tiles(path)[np.sort(self.pick(d, path))]
+            slide = self.cache.get(path)
+            images = np.concatenate(
+                [im for _, im in iter_boxes(slide, boxes, self.tile_size, self.num_workers, 64)]
+            )
+            d[key] = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+        return d
 
 
-class DenseEvaluator:
-    """Predict every slide of a datalist split with :class:`DenseMIL` and write ``metrics.json``.
-
-    The metrics are those ``evaluate.yaml`` writes for SMT (``balanced_accuracy``, ``auc``, ``num_slides``,
-    ``seconds_per_slide``), so the two can be put side by side.
+class DenseEvaluator(SlideEvaluator):
+    """Predicts every slide with :func:`predict_dense` (all tissue tiles), reported through SMT's slide
+    metrics and ``metrics.json`` (one "layer"; no focus outcomes).
 
     Args:
-        network: the trained model.
-        entries: ``{"image", "label"}`` entries.
-        output_path: the ``metrics.json`` to write.
+        device: where the network runs.
+        val_data_loader: loader of ``{"image": path, "label": int}`` entries.
+        network: the :class:`DenseMIL`.
         tile_size: tile side in level-0 pixels.
-        ckpt_path: a ``model.pt`` to load first (``None``: use ``network`` as it is).
-        backend, num_workers, device: as :func:`predict_dense`.
-        amp: bfloat16 autocast (see ``smt_monai.utils.fast_bf16`` for where it pays).
-        progress: show a progress bar over the slides (each takes seconds to minutes).
+        backend: slide backend.
+        num_workers: reading threads.
+        key_val_metric, additional_metrics, val_handlers, amp: as ``SlideEvaluator``.
     """
 
     def __init__(
         self,
+        device: torch.device | str,
+        val_data_loader: DataLoader,
         network: DenseMIL,
-        entries: Sequence[Mapping[str, Any]],
-        output_path: str | os.PathLike,
         tile_size: int = 256,
-        ckpt_path: str | os.PathLike | None = None,
         backend: str = "auto",
         num_workers: int = 2,
-        device: torch.device | str = "cpu",
+        key_val_metric: dict[str, Metric] | None = None,
+        additional_metrics: dict[str, Metric] | None = None,
+        val_handlers: Sequence | None = None,
         amp: bool = False,
-        progress: bool = True,
     ) -> None:
+        super().__init__(device, val_data_loader, key_val_metric, additional_metrics, val_handlers, amp)
         self.network = network
-        self.entries = list(entries)
-        self.output_path = Path(output_path)
-        self.progress = progress
         self.tile_size = tile_size
-        self.ckpt_path = ckpt_path
-        self.backend = backend
         self.num_workers = num_workers
-        self.device = torch.device(device)
-        self.amp = amp
+        self.cache = SlideCache(backend, capacity=2)
 
-    def run(self) -> dict[str, Any]:
-        """Predict all slides; returns the metrics (also written to ``output_path``)."""
-        if self.ckpt_path is not None:
-            load_network(self.network, self.ckpt_path, "checkpoint", self.device)
-        self.network.to(self.device).eval()
-        labels, probs, seconds = [], [], []
-        cache = SlideCache(self.backend, capacity=2)
-        for entry in tqdm(self.entries, desc="dense evaluation", unit="slide", disable=not self.progress):
-            start = time.perf_counter()
+    def evaluate_slide(self, item: Mapping[str, Any]) -> SlideOutcome | None:
+        self.network.eval()
+        try:
+            slide = self.cache.get(str(item["image"]))
             result = predict_dense(
-                self.network,
-                cache.get(str(entry["image"])),
-                self.tile_size,
-                num_workers=self.num_workers,
-                device=self.device,
+                self.network, slide, self.tile_size, num_workers=self.num_workers, device=self.state.device,
                 amp=self.amp,
-            )
-            seconds.append(time.perf_counter() - start)
-            labels.append(int(entry["label"]))
-            probs.append(result["probs"])
-        cache.close()
-        labels_a, probs_a = np.array(labels), np.stack(probs)
-        auc = roc_auc(labels_a, probs_a)
-        metrics = {
-            "balanced_accuracy": round(balanced_accuracy(labels_a, probs_a.argmax(axis=1)), 6),
-            "auc": None if math.isnan(auc) else round(auc, 6),
-            "num_slides": len(labels),
-            "seconds_per_slide": round(float(np.mean(seconds)), 6),
-        }
-        self.output_path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.output_path) as tmp:
-            tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-        return metrics
+            )  # fmt: skip
+        except SlideReadError as exc:
+            logger.warning("evaluation: skipping slide %s", exc)
+            return None
+        return SlideOutcome(result["probs"][None])

@@ -18,9 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from smt_monai.benchmark.accuracy import held_out_datalist, held_out_suffix
+from smt_monai.benchmark.accuracy import held_out_cohort
 from smt_monai.benchmark.bundle_runs import evaluate, run_dir, train
-from smt_monai.benchmark.fixtures import environment, synthetic_cohort
 
 PAPER = {"focus_weight": [1.0, 1.0]}
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -80,20 +79,10 @@ def benchmark_ablation(
     """
     work_dir = Path(work_dir)
     base = dict(smt_overrides or {})
-    datalist = synthetic_cohort(work_dir, num_slides, size, seed)
-    test_datalist = held_out_datalist(work_dir, datalist, extra_test_slides, size, seed)
-    suffix = held_out_suffix(extra_test_slides)
-    out: dict[str, Any] = {
-        "environment": environment(),
-        "cohort": str(datalist.parent),
-        "num_slides": num_slides,
-        "slide_size": size,
-        "extra_test_slides": extra_test_slides,
-        "test_datalist": str(test_datalist),
-        "seeds": list(seeds),
-        "smt_overrides": base,
-        "variants": {},
-    }
+    datalist, test_datalist, suffix, record = held_out_cohort(
+        work_dir, num_slides, size, seed, extra_test_slides
+    )
+    out: dict[str, Any] = {**record, "seeds": list(seeds), "smt_overrides": base, "variants": {}}
     for name, extra in (variants or VARIANTS).items():
         per_seed = []
         for s in seeds:

@@ -67,6 +67,24 @@ def held_out_suffix(extra_slides: int) -> str:
     return f"_plus{extra_slides}" if extra_slides > 0 else ""
 
 
+def held_out_cohort(
+    work_dir: Path, num_slides: int, size: int, seed: int, extra_test_slides: int
+) -> tuple[Path, Path, str, dict[str, Any]]:
+    """The benchmark cohort's datalist, its held-out datalist (``held_out_datalist``), the suffix of the
+    evaluation folders, and the figures that describe them (the head of a benchmark's JSON)."""
+    datalist = synthetic_cohort(work_dir, num_slides, size, seed)
+    test_datalist = held_out_datalist(work_dir, datalist, extra_test_slides, size, seed)
+    record = {
+        "environment": environment(),
+        "cohort": str(datalist.parent),
+        "num_slides": num_slides,
+        "slide_size": size,
+        "extra_test_slides": extra_test_slides,
+        "test_datalist": str(test_datalist),
+    }
+    return datalist, test_datalist, held_out_suffix(extra_test_slides), record
+
+
 def benchmark_accuracy(
     work_dir: str | Path,
     num_slides: int = 48,
@@ -91,21 +109,12 @@ def benchmark_accuracy(
     work_dir = Path(work_dir)
     smt_overrides = dict(smt_overrides or {})
     dense_overrides = {"patch_size": smt_overrides.get("patch_size", 256), **(dense_overrides or {})}
-    datalist = synthetic_cohort(work_dir, num_slides, size, seed)
+    datalist, test_datalist, suffix, record = held_out_cohort(
+        work_dir, num_slides, size, seed, extra_test_slides
+    )
     smt_dir = run_dir(work_dir, datalist, "smt", smt_overrides)
     model = train("train.yaml", datalist, smt_dir / "train", smt_overrides)
-    test_datalist = held_out_datalist(work_dir, datalist, extra_test_slides, size, seed)
-    suffix = held_out_suffix(extra_test_slides)
-    out: dict[str, Any] = {
-        "environment": environment(),
-        "cohort": str(datalist.parent),
-        "num_slides": num_slides,
-        "slide_size": size,
-        "extra_test_slides": extra_test_slides,
-        "test_datalist": str(test_datalist),
-        "smt_overrides": smt_overrides,
-        "dense_overrides": dense_overrides,
-    }
+    out: dict[str, Any] = {**record, "smt_overrides": smt_overrides, "dense_overrides": dense_overrides}
     for k in focus:
         overrides = {**smt_overrides, "num_focus": k}
         metrics = evaluate("evaluate.yaml", test_datalist, model, smt_dir / f"eval_k{k}{suffix}", overrides)

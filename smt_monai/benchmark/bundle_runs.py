@@ -15,6 +15,13 @@ from pathlib import Path
 from typing import Any
 
 CONFIGS = Path(__file__).resolve().parents[2] / "bundle" / "configs"
+MERGED_OVER = {"evaluate.yaml": "train.yaml", "evaluate_dense.yaml": "train_dense.yaml"}
+"""The evaluation configs are merged over their training config, as a user runs them."""
+
+
+def config_files(config: str) -> list[str]:
+    """The files of ``bundle/configs`` that make up ``config``: the config, after its base if it has one."""
+    return [str(CONFIGS / name) for name in (MERGED_OVER.get(config), config) if name]
 
 
 def bundle_workflow(config: str, run_id: str, overrides: Mapping[str, Any]) -> Any:
@@ -22,7 +29,7 @@ def bundle_workflow(config: str, run_id: str, overrides: Mapping[str, Any]) -> A
     from monai.bundle import ConfigWorkflow
 
     flow = ConfigWorkflow(
-        config_file=str(CONFIGS / config),
+        config_file=config_files(config),
         meta_file=str(CONFIGS / "metadata.json"),
         logging_file=str(CONFIGS / "logging.conf"),
         run_id=run_id,

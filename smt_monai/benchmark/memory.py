@@ -16,11 +16,8 @@ import sys
 import psutil
 import torch
 
-from smt_monai.data.dataset import LoadLayer1d
-from smt_monai.engines.region_io import BatchRegionReader
-from smt_monai.inference.cascade import predict_cascade
+from smt_monai.inference.api import SMTPredictor
 from smt_monai.networks import SMT
-from smt_monai.utils import prefetch
 
 
 def peak_rss_mb() -> float:
@@ -31,18 +28,9 @@ def peak_rss_mb() -> float:
 def measure(path: str, num_focus: int, preset: str, backend: str, num_workers: int) -> dict[str, float]:
     """Run SMT inference on ``path`` once and report the process's memory before and after."""
     network = SMT(preset=preset).eval()
-    side = network.read_size
     model_rss = psutil.Process().memory_info().rss / 2**20
-    load = LoadLayer1d(side, backend)
-    reader = BatchRegionReader(side, backend, num_workers, cache=load.cache)
-    item = load({"image": path})
-    predict_cascade(
-        network,
-        item["image"][None],
-        item["box"][None].numpy(),
-        lambda index, boxes: prefetch(reader.bind([path]).chunks(index, boxes)),
-        num_focus=num_focus,
-    )
+    predictor = SMTPredictor(network, num_focus, backend=backend, num_workers=num_workers, amp=False)
+    predictor.predict(path)
     return {"model_rss_mb": round(model_rss, 1), "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 

@@ -104,8 +104,8 @@ def speed_section(
     ``heading`` and ``plot_name`` tell a second speed run (on a GPU) from the first.
     """
     focus = sorted(int(k[len("regions_k") :]) for k in speed if k.startswith("regions_k"))
-    sides = f"regions read at {speed['input_side']} px"
-    if speed.get("network_side", speed["input_side"]) != speed["input_side"]:
+    sides = f"regions read at {speed['read_size']} px"
+    if speed.get("network_side", speed["read_size"]) != speed["read_size"]:
         sides += f", the patch stem's pooled side of {speed['network_side']} px layer inputs"
     lines = [
         f"## {heading}",

@@ -4,9 +4,9 @@ All three run in this process, on the same slide, through the same reader (:mod:
 and the same torch threads. Each timed run opens the slide afresh, so opening, the tissue box and the
 layer-1 read are part of every figure (the operating system's file cache is warm for all of them alike).
 
-- SMT: ``predict_cascade`` with random weights (time does not depend on them), the next layer's regions
-  read in a background thread (``prefetch``) while the network works, as ``SlideListPredictor`` runs it,
-  without its output writers. Regions are read at the network's ``read_size`` (``grid * patch_size //
+- SMT: ``SMTPredictor.predict`` with random weights (time does not depend on them), the next layer's
+  regions read in a background thread while the network works, as every inference runs it, without the
+  output writers. Regions are read at the network's ``read_size`` (``grid * patch_size //
   stem_pool``), as the bundle reads them.
 - I/O floor: open, tissue box, and reading exactly the 1 + K + K^2 regions SMT read, at the side SMT read
   them, nothing else.
@@ -21,7 +21,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,26 +30,14 @@ import torch
 
 from smt_monai.baselines.dense import DenseMIL, predict_dense, tile_tissue
 from smt_monai.benchmark.fixtures import environment, synthetic_slide
-from smt_monai.data.dataset import LoadLayer1d
+from smt_monai.data.errors import SlideReadError
 from smt_monai.data.geometry import square_around
 from smt_monai.data.regions import read_boxes
 from smt_monai.data.slide import open_slide
 from smt_monai.data.tissue import tissue_bbox
-from smt_monai.engines.region_io import BatchRegionReader
-from smt_monai.inference.cascade import predict_cascade
+from smt_monai.inference.api import SMTPredictor
 from smt_monai.networks import SMT
-from smt_monai.utils import fast_bf16, prefetch
-
-
-def _timed(chunks: Iterator[Any], timings: dict[str, float]) -> Iterator[Any]:
-    """``chunks``, adding the seconds spent producing them to ``timings["read"]``."""
-    while True:
-        start = time.perf_counter()
-        chunk = next(chunks, None)
-        timings["read"] = timings.get("read", 0.0) + time.perf_counter() - start
-        if chunk is None:
-            return
-        yield chunk
+from smt_monai.utils import fast_bf16
 
 
 def run_smt(
@@ -66,41 +54,34 @@ def run_smt(
     ``read_wait`` is the time the network waited for regions (reads not hidden behind compute), ``layer1``
     the open, tissue box and layer-1 read, ``compute`` the network.
     """
-    side = int(network.read_size)
     start = time.perf_counter()
-    load = LoadLayer1d(side, backend)
-    reader = BatchRegionReader(side, backend, num_workers, cache=load.cache)
-    item = load({"image": path})
-    layer1 = time.perf_counter() - start
-    timings: dict[str, float] = {}
-    prediction = predict_cascade(
-        network,
-        item["image"][None],
-        item["box"][None].numpy(),
-        lambda index, boxes: _timed(prefetch(reader.bind([path]).chunks(index, boxes)), timings),
-        num_focus=num_focus,
-        device=device,
-        amp=amp,
-        timings=timings,
-    )[0]
+    predictor = SMTPredictor(
+        network, num_focus, backend=backend, num_workers=num_workers, device=device, amp=amp
+    )
+    view = predictor.view(path)
+    prediction = predictor.predict_view(view)
     seconds = time.perf_counter() - start
-    reader.close()
+    predictor.close()
+    if prediction.error:
+        raise SlideReadError(path, prediction.error)
     return {
         "seconds": seconds,
-        "layer1": layer1,
-        "read_wait": timings.get("read", 0.0),
-        "compute": timings.get("compute", 0.0),
+        "layer1": view["load_s"],
+        "read_wait": prediction.read_s - view["load_s"],
+        "compute": prediction.compute_s,
         "boxes": prediction.boxes,
     }
 
 
-def run_floor(path: str, boxes: Sequence[np.ndarray], out_side: int, backend: str, num_workers: int) -> float:
+def run_floor(
+    path: str, boxes: Sequence[np.ndarray], read_size: int, backend: str, num_workers: int
+) -> float:
     """Seconds to open ``path``, find its tissue box and read ``boxes`` (an array per layer), nothing else."""
     start = time.perf_counter()
     with open_slide(path, backend) as slide:
         square_around(tissue_bbox(slide))
         for layer_boxes in boxes:
-            read_boxes(slide, layer_boxes, out_side, num_workers)
+            read_boxes(slide, layer_boxes, read_size, num_workers)
     return time.perf_counter() - start
 
 
@@ -209,7 +190,7 @@ def benchmark_speed(
         "tissue_fraction": tissue,
         "backend": backend_used,
         "preset": preset,
-        "input_side": int(smt.read_size),
+        "read_size": int(smt.read_size),
         "network_side": int(smt.input_size),
         "grid": int(smt.grid),
         "num_workers": num_workers,

@@ -11,6 +11,7 @@ import importlib
 from typing import Any
 
 _MODULE_OF = {
+    "AnnotationOverlap": "annotations",
     "TumourAnnotation": "annotations",
     "DatalistError": "datalist",
     "load_datalist": "datalist",
@@ -24,6 +25,7 @@ _MODULE_OF = {
     "region_key": "geometry",
     "square_around": "geometry",
     "ReadSlideRegions": "regions",
+    "RegionReader": "regions",
     "ReadSlideRegionsd": "regions",
     "SlideCache": "regions",
     "iter_boxes": "regions",

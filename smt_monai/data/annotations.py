@@ -176,6 +176,38 @@ class TumourAnnotation:
 # Parsers: return (polygons, holes, exclusions); raise ValueError with the problem (no file name).
 
 
+class AnnotationOverlap:
+    """Tumour-overlap fractions of regions of several slides, from each slide's annotation file.
+
+    Each annotation file is parsed once and kept. A slide without annotation (an empty path) gives NaN, the
+    "unknown" that ``smt_monai.focus.next_labels`` reads as weak supervision.
+    """
+
+    def __init__(self) -> None:
+        self._loaded: dict[str, TumourAnnotation] = {}
+
+    def annotation(self, path: str) -> TumourAnnotation | None:
+        """The parsed annotation at ``path``, or ``None`` for an empty path."""
+        if not path:
+            return None
+        if path not in self._loaded:
+            self._loaded[path] = TumourAnnotation.from_file(path)
+        return self._loaded[path]
+
+    def __call__(self, paths: Sequence[str], slide_index: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        """``(M,)`` fractions of the boxes ``(M, 3)`` covered by tumour; row ``i`` belongs to the slide whose
+        annotation file is ``paths[slide_index[i]]``."""
+        slide_index = np.asarray(slide_index)
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 3)
+        out = np.full(len(boxes), np.nan)
+        for slide in np.unique(slide_index):
+            annotation = self.annotation(paths[int(slide)])
+            if annotation is not None:
+                rows = np.flatnonzero(slide_index == slide)
+                out[rows] = annotation.overlap_fraction(boxes[rows])
+        return out
+
+
 def _ring(coords: Any, what: str) -> np.ndarray:
     try:
         ring = np.asarray(coords, dtype=np.float64)

@@ -25,14 +25,14 @@ from smt_monai.data.tissue import tissue_bbox
 
 
 class LoadLayer1d(MapTransform):
-    """Read layer 1's input: the square around the slide's tissue, at ``out_side`` pixels.
+    """Read layer 1's input: the square around the slide's tissue, at ``read_size`` pixels.
 
     Adds ``box`` (level-0 ``(x, y, size)`` float64), ``slide_id``, ``path``, ``backend``, ``dimensions``
     (level-0 width, height), ``mpp`` (NaN when unknown), ``error`` ("" when fine), and replaces ``image`` by a
-    ``(3, out_side, out_side)`` uint8 tensor (white when the slide failed).
+    ``(3, read_size, read_size)`` uint8 tensor (white when the slide failed).
 
     Args:
-        out_side: layer input side, the network's ``read_size`` (``grid * patch_size // stem_pool``).
+        read_size: layer input side, the network's ``read_size`` (``grid * patch_size // stem_pool``).
         backend: slide backend (``auto``, ``cucim``, ``openslide``, ``tifffile``).
         keys: the key holding the slide path.
         cache: open slides shared with the region reader (default: its own).
@@ -40,13 +40,13 @@ class LoadLayer1d(MapTransform):
 
     def __init__(
         self,
-        out_side: int,
+        read_size: int,
         backend: str = "auto",
         keys: Sequence[Hashable] = ("image",),
         cache: SlideCache | None = None,
     ) -> None:
         super().__init__(keys)
-        self.out_side = out_side
+        self.read_size = read_size
         self.cache = cache if cache is not None else SlideCache(backend, capacity=2)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
@@ -64,12 +64,12 @@ class LoadLayer1d(MapTransform):
             try:
                 slide = self.cache.get(path)
                 box = square_around(tissue_bbox(slide))
-                image = read_boxes(slide, box[None], self.out_side)[0]
+                image = read_boxes(slide, box[None], self.read_size)[0]
                 d.update(backend=slide.backend, dimensions=slide.dimensions, mpp=slide.mpp or float("nan"))
             except SlideReadError as exc:
                 d["error"] = str(exc)
                 box = np.zeros(3)
-                image = np.full((self.out_side, self.out_side, 3), 255, dtype=np.uint8)
+                image = np.full((self.read_size, self.read_size, 3), 255, dtype=np.uint8)
             d[key] = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
             d["box"] = torch.as_tensor(box, dtype=torch.float64)
         d.setdefault("label", -1)
@@ -79,7 +79,7 @@ class LoadLayer1d(MapTransform):
 
 def layer1_dataset(
     entries: Sequence[Mapping[str, Any]],
-    out_side: int,
+    read_size: int,
     backend: str = "auto",
     cache: bool = True,
     num_workers: int = 2,
@@ -92,7 +92,7 @@ def layer1_dataset(
     """
     return CacheDataset(
         data=list(entries),
-        transform=LoadLayer1d(out_side, backend, cache=slide_cache),
+        transform=LoadLayer1d(read_size, backend, cache=slide_cache),
         cache_rate=1.0 if cache else 0.0,
         num_workers=num_workers,
         progress=progress,

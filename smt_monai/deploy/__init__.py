@@ -9,7 +9,7 @@ from smt_monai.deploy.operators import (
     DeployError,
     SlideListLoaderOperator,
     SMTInferenceOperator,
-    network_input_side,
+    check_smt_export,
     slide_entries,
 )
 
@@ -18,7 +18,7 @@ __all__ = [
     "SMTDeployApp",
     "SMTInferenceOperator",
     "SlideListLoaderOperator",
-    "network_input_side",
+    "check_smt_export",
     "options_from_env",
     "slide_entries",
     "torchscript_model",

@@ -25,9 +25,9 @@ from monai.deploy.conditions import CountCondition
 from monai.deploy.core import AppContext, Application
 from monai.deploy.core.models import TorchScriptModel
 
+from smt_monai.cascade.prediction import AGGREGATIONS
 from smt_monai.data.slide import BACKENDS
 from smt_monai.deploy.operators import DeployError, SlideListLoaderOperator, SMTInferenceOperator
-from smt_monai.inference.cascade import AGGREGATIONS
 
 
 def _positive_int(environ: Mapping[str, str], name: str, default: int) -> int:

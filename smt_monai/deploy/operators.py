@@ -40,16 +40,15 @@ def slide_entries(path: Path) -> list[dict[str, Any]]:
     return load_slide_list(path)
 
 
-def network_input_side(network: Any) -> int:
-    """Side of the layer inputs to read, stored in an SMT TorchScript export as ``read_size``.
-
-    That is ``grid * patch_size // stem_pool``: regions are read already pooled by the stem's factor.
+def check_smt_export(network: Any) -> None:
+    """Check that ``network`` is an SMT TorchScript export: it carries ``read_size`` and ``grid``, the
+    geometry its readers need.
 
     Raises:
-        DeployError: the model is not an SMT export with a ``read_size`` attribute.
+        DeployError: the model is not an SMT export.
     """
     try:
-        return int(network.read_size)
+        int(network.read_size), int(network.grid)
     except (AttributeError, RuntimeError):
         raise DeployError(
             "the model has no 'read_size' attribute: it is not a TorchScript export of the current "
@@ -115,11 +114,11 @@ class SMTInferenceOperator(Operator):
         # The SDK loads the TorchScript file on first access, on the GPU if there is one (as the bundle does).
         network = self.model.predictor
         device = next(network.parameters()).device
+        check_smt_export(network)
         predictor = SlideListPredictor(
             network,
             slides,
             self.output_folder,
-            network_input_side(network),
             num_focus=self.num_focus,
             aggregation=self.aggregation,
             backend=self.backend,

@@ -1,12 +1,9 @@
-"""Ignite workflows of SMT: the cascade trainer and evaluator, and their I/O."""
+"""Ignite workflows of SMT: the cascade trainer and evaluator."""
 
 from smt_monai.engines.evaluator import SMTEvaluator
-from smt_monai.engines.region_io import AnnotationOverlap, BatchRegionReader
 from smt_monai.engines.trainer import SMTTrainer, TrainingDivergedError, average_gradients, smt_param_groups
 
 __all__ = [
-    "AnnotationOverlap",
-    "BatchRegionReader",
     "SMTEvaluator",
     "SMTTrainer",
     "TrainingDivergedError",

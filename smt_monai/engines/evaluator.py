@@ -1,29 +1,41 @@
-"""The SMT evaluator: MONAI's ``Evaluator`` whose iteration runs the inference cascade on a batch of slides.
+"""Slide-level evaluation on MONAI's ``Evaluator``: SMT's, and the base the dense baseline's shares.
 
-The per-batch output feeds the metrics of :mod:`smt_monai.handlers.metrics`: every layer's own slide
-prediction (layer 1 alone should stay near chance on data that needs magnification), and on annotated
-positive slides whether the layer-3 regions found the tumour.
+:class:`SlideEvaluator` predicts each slide of a batch (``evaluate_slide``) and returns what the metrics of
+:mod:`smt_monai.handlers.metrics` and ``MetricsJSONWriter`` read: every layer's own slide prediction (layer 1
+alone should stay near chance on data that needs magnification), and on annotated positive slides whether
+the layer-3 regions found the tumour. :class:`SMTEvaluator` predicts with
+:class:`~smt_monai.inference.api.SMTPredictor`, the code every inference runs.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from ignite.metrics import Metric
+from monai.data import decollate_batch
 from monai.engines import Evaluator
 from torch.utils.data import DataLoader
 
-from smt_monai.data.errors import SlideReadError
-from smt_monai.engines.region_io import AnnotationOverlap, BatchRegionReader
-from smt_monai.focus.score import check_focus_source
-from smt_monai.inference.cascade import SlidePrediction, predict_cascade
+from smt_monai.cascade.prediction import SlidePrediction
+from smt_monai.data.annotations import AnnotationOverlap
+from smt_monai.data.regions import RegionReader
+from smt_monai.inference.api import SMTPredictor
 
 logger = logging.getLogger(__name__)
+
+
+class SlideOutcome(NamedTuple):
+    """One evaluated slide: ``layer_probs`` ``(layers, C)``, each layer's own slide prediction (the last is
+    the method's); ``hit`` and ``precise``, the focus outcomes (NaN where they do not apply)."""
+
+    layer_probs: np.ndarray
+    hit: float = float("nan")
+    precise: float = float("nan")
 
 
 def focus_outcome(prediction: SlidePrediction, label: int, overlap: np.ndarray | None) -> tuple[float, float]:
@@ -38,18 +50,16 @@ def focus_outcome(prediction: SlidePrediction, label: int, overlap: np.ndarray |
     return float((overlap > 0).any()), float(overlap[int(np.argmax(positive))] > 0)
 
 
-class SMTEvaluator(Evaluator):
-    """Evaluates SMT slide by slide with the inference cascade.
+class SlideEvaluator(Evaluator):
+    """MONAI ``Evaluator`` whose iteration evaluates the slides of a batch one by one.
+
+    Subclasses implement :meth:`evaluate_slide`. A slide that cannot be evaluated is logged by name and
+    left out. Ties of the key metric go to the later epoch: the best model is the most trained of the equally
+    good ones.
 
     Args:
         device: where the network runs.
-        val_data_loader: loader of layer-1 items.
-        network: an ``SMT`` module.
-        reader: reader of the focused regions.
-        num_focus: ``K``.
-        aggregation: ``max`` or ``mean`` over the layer-3 regions.
-        focus_source: what each top-K is taken by: ``"q"`` (SMT), ``"score"`` or ``"attention"``
-            (``predict_cascade``; the ablations).
+        val_data_loader: loader of slide items (at least ``path`` or ``image``, and ``label``).
         key_val_metric: ``{name: metric}`` that decides the best checkpoint.
         additional_metrics: more metrics.
         val_handlers: handlers to attach.
@@ -60,11 +70,6 @@ class SMTEvaluator(Evaluator):
         self,
         device: torch.device | str,
         val_data_loader: DataLoader,
-        network: torch.nn.Module,
-        reader: BatchRegionReader,
-        num_focus: int = 4,
-        aggregation: str = "max",
-        focus_source: str = "q",
         key_val_metric: dict[str, Metric] | None = None,
         additional_metrics: dict[str, Metric] | None = None,
         val_handlers: Sequence | None = None,
@@ -75,59 +80,81 @@ class SMTEvaluator(Evaluator):
             val_data_loader=val_data_loader,
             key_val_metric=key_val_metric,
             additional_metrics=additional_metrics,
-            # ties go to the later epoch: the best model is the most trained of the equally accurate ones
             metric_cmp_fn=lambda current, best: current >= best,
             val_handlers=val_handlers,
             amp=amp,
             decollate=False,
         )
-        self.network = network
-        self.reader = reader
-        self.overlap = AnnotationOverlap()
-        self.num_focus = num_focus
-        self.aggregation = aggregation
-        self.focus_source = check_focus_source(focus_source)
 
-    def _iteration(self, engine: SMTEvaluator, batchdata: dict[str, Any]) -> dict[str, Any]:
-        self.network.eval()
-        results = []
-        for i, path in enumerate(batchdata["path"]):
-            label = int(torch.as_tensor(batchdata["label"])[i])
-            if batchdata["error"][i]:
-                logger.warning("evaluation: skipping slide %s: %s", path, batchdata["error"][i])
-                continue
+    def evaluate_slide(self, item: Mapping[str, Any]) -> SlideOutcome | None:
+        """Predict one slide item; ``None`` when it cannot be (the reason is logged)."""
+        raise NotImplementedError
+
+    def _iteration(self, engine: SlideEvaluator, batchdata: dict[str, Any]) -> dict[str, Any]:
+        labels, outcomes, seconds = [], [], []
+        for item in decollate_batch(batchdata, detach=False):
             start = time.perf_counter()
-            try:
-                prediction = predict_cascade(
-                    self.network,
-                    batchdata["image"][i : i + 1],
-                    batchdata["box"][i : i + 1].numpy(),
-                    self.reader.bind([path]).chunks,
-                    num_focus=self.num_focus,
-                    aggregation=self.aggregation,
-                    device=self.state.device,
-                    amp=self.amp,
-                    focus_source=self.focus_source,
-                )[0]
-            except SlideReadError as exc:
-                logger.warning("evaluation: skipping slide %s: %s", path, exc)
+            outcome = self.evaluate_slide(item)
+            if outcome is None:
                 continue
-            seconds = time.perf_counter() - start
-            overlap = None
-            if batchdata["annotation"][i]:
-                overlap = self.overlap.bind([batchdata["annotation"][i]])(
-                    np.zeros(len(prediction.boxes[-1]), dtype=np.int64), prediction.boxes[-1]
-                ).numpy()
-            hit, precise = focus_outcome(prediction, label, overlap)
-            results.append((label, np.stack(prediction.layer_probs), hit, precise, seconds, path, prediction))
-        if not results:
+            seconds.append(time.perf_counter() - start)
+            labels.append(int(item["label"]))
+            outcomes.append(outcome)
+        if not outcomes:
             return {"label": np.zeros(0, int), "layer_probs": np.zeros((0, 3, 2)), "hit": [], "precise": []}
         return {
-            "label": np.array([r[0] for r in results]),
-            "layer_probs": np.stack([r[1] for r in results]),
-            "hit": np.array([r[2] for r in results]),
-            "precise": np.array([r[3] for r in results]),
-            "seconds": np.array([r[4] for r in results]),
-            "path": [r[5] for r in results],
-            "predictions": [r[6] for r in results],
+            "label": np.array(labels),
+            "layer_probs": np.stack([o.layer_probs for o in outcomes]),
+            "hit": np.array([o.hit for o in outcomes]),
+            "precise": np.array([o.precise for o in outcomes]),
+            "seconds": np.array(seconds),
         }
+
+
+class SMTEvaluator(SlideEvaluator):
+    """Evaluates SMT slide by slide from the slides' (cached) layer-1 views.
+
+    Args:
+        device: where the network runs.
+        val_data_loader: loader of layer-1 items (``smt_monai.data.dataset.layer1_dataset``).
+        network: an ``SMT`` module.
+        reader: reader of the focused regions.
+        num_focus: ``K``.
+        aggregation: ``max`` or ``mean`` over the layer-3 regions.
+        focus_source: what each top-K is taken by: ``"q"`` (SMT), ``"score"`` or ``"attention"`` (the
+            ablations).
+        key_val_metric, additional_metrics, val_handlers, amp: as :class:`SlideEvaluator`.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        val_data_loader: DataLoader,
+        network: torch.nn.Module,
+        reader: RegionReader,
+        num_focus: int = 4,
+        aggregation: str = "max",
+        focus_source: str = "q",
+        key_val_metric: dict[str, Metric] | None = None,
+        additional_metrics: dict[str, Metric] | None = None,
+        val_handlers: Sequence | None = None,
+        amp: bool = False,
+    ) -> None:
+        super().__init__(device, val_data_loader, key_val_metric, additional_metrics, val_handlers, amp)
+        self.network = network
+        self.predictor = SMTPredictor(
+            network, num_focus, aggregation, device=device, amp=amp, focus_source=focus_source, reader=reader
+        )
+        self.overlap = AnnotationOverlap()
+
+    def evaluate_slide(self, item: Mapping[str, Any]) -> SlideOutcome | None:
+        prediction = self.predictor.predict_view(dict(item))
+        if prediction.error:
+            logger.warning("evaluation: skipping slide %s", prediction.error)
+            return None
+        overlap = None
+        if item["annotation"]:
+            last = prediction.boxes[-1]
+            overlap = self.overlap([item["annotation"]], np.zeros(len(last), dtype=np.int64), last)
+        hit, precise = focus_outcome(prediction, int(item["label"]), overlap)
+        return SlideOutcome(np.stack(prediction.layer_probs), hit, precise)

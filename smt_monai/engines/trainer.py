@@ -1,9 +1,9 @@
 """The SMT trainer: MONAI's ``Trainer`` whose iteration runs the three-layer cascade (Sec. 3.2-3.3, Eq. 7).
 
-One iteration: layer 1 on the batch's cached tissue squares, top-K by ``q`` (plus the weak-supervision extra
-benign region), reads of the focused regions at the next magnification, layer 2, top-K, reads, layer 3, the
-score-bank update (Eq. 2), the losses of Eq. 7, one backward and one optimiser step. The tensor logic is
-:func:`smt_monai.focus.cascade.cascade_step`; this module adds the I/O, the schedule state that the
+One iteration: the cascade's training walk (:class:`smt_monai.cascade.CascadeTraining`: layer 1 on the
+batch's cached layer-1 views, top-K by ``q`` plus the weak-supervision extra benign region, reads of the
+focused regions at the next magnification, layer 2, top-K, reads, layer 3, the score-bank update of Eq. 2 and
+the losses of Eq. 7), one backward and one optimiser step. This module adds the schedule state that the
 handlers set (``num_layers``, ``lambda_fwd``, ``lambda_bwd``), robustness to broken slides, and gradient
 averaging across processes under ``torchrun``.
 """
@@ -20,13 +20,10 @@ import torch.distributed as dist
 from monai.engines import Trainer
 from torch.utils.data import DataLoader
 
+from smt_monai.cascade.training import CascadeStep, CascadeTraining
+from smt_monai.data.annotations import AnnotationOverlap
 from smt_monai.data.errors import SlideReadError
-from smt_monai.engines.region_io import AnnotationOverlap, BatchRegionReader
-from smt_monai.focus.bank import ScoreBank
-from smt_monai.focus.cascade import cascade_step
-from smt_monai.focus.score import check_focus_source
-from smt_monai.losses.combined import SMTLoss
-from smt_monai.networks.normalization import normalize_he
+from smt_monai.data.regions import RegionReader
 
 logger = logging.getLogger(__name__)
 
@@ -66,17 +63,8 @@ class SMTTrainer(Trainer):
         train_data_loader: loader of layer-1 items (``smt_monai.data.dataset.layer1_dataset``).
         network: an ``SMT`` module.
         optimizer: optimiser over ``smt_param_groups(network)``.
-        loss_function: the Eq. 7 objective.
-        score_bank: the Eq. 2 score bank.
+        cascade: the training walk and its Eq. 7 losses (focusing, selection and loss settings).
         reader: reader of the focused regions.
-        num_focus: ``K``.
-        extra_benign: add the weak-supervision extra benign region (Sec. 3.3).
-        label_overlap: tumour-overlap fraction that makes a region positive (annotated slides), for layers
-            2 and 3 (``cascade_step``).
-        augment: random flips and quarter turns of every layer's inputs (``cascade_step``'s ``augment``).
-        explore: probability that a region's K-th pick is a random patch (``select_regions``).
-        guide: probability that a region's K-th pick is an annotated tumour patch (``cascade_step``).
-        focus_source: what each top-K is taken by: ``"q"``, ``"score"`` or ``"attention"`` (``cascade_step``).
         epoch_length: iterations per epoch (default: the loader's length).
         train_handlers: handlers to attach (MONAI's ``handlers`` argument).
         amp: bfloat16 autocast (``smt_monai.utils.fast_bf16`` says where it pays).
@@ -89,16 +77,8 @@ class SMTTrainer(Trainer):
         train_data_loader: DataLoader,
         network: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
-        loss_function: SMTLoss,
-        score_bank: ScoreBank,
-        reader: BatchRegionReader,
-        num_focus: int = 4,
-        extra_benign: bool = True,
-        label_overlap: float | Sequence[float] = (0.01, 0.1),
-        augment: bool = True,
-        explore: float = 0.25,
-        guide: float = 0.5,
-        focus_source: str = "q",
+        cascade: CascadeTraining,
+        reader: RegionReader,
         epoch_length: int | None = None,
         train_handlers: Sequence | None = None,
         amp: bool = False,
@@ -114,17 +94,9 @@ class SMTTrainer(Trainer):
         )
         self.network = network
         self.optimizer = optimizer
-        self.loss_function = loss_function
-        self.score_bank = score_bank
+        self.cascade = cascade
         self.reader = reader
         self.overlap = AnnotationOverlap()
-        self.num_focus = num_focus
-        self.extra_benign = extra_benign
-        self.label_overlap = label_overlap
-        self.augment = augment
-        self.explore = explore
-        self.guide = guide
-        self.focus_source = check_focus_source(focus_source)
         self.state.num_layers = 3
         self.state.lambda_fwd = [1.0, 1.0, 1.0]
         self.state.lambda_bwd = [0.1, 0.1]
@@ -152,35 +124,26 @@ class SMTTrainer(Trainer):
         logger.warning("epoch %d: skipping slide %s: %s", self.state.epoch, path, reason)
         self.state.skipped_slides.append((self.state.epoch, path))
 
-    def _forward(self, batchdata: dict[str, Any], keep: list[int]) -> Any:
+    def _forward(self, batchdata: dict[str, Any], keep: list[int]) -> CascadeStep:
         rows = torch.as_tensor(keep)
         paths = [batchdata["path"][i] for i in keep]
-        images = normalize_he(batchdata["image"][rows].to(self.state.device))
+        annotations = [batchdata["annotation"][i] for i in keep]
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.state.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            return cascade_step(
+            return self.cascade(
                 self.network,
-                images,
+                batchdata["image"][rows].to(self.state.device),
                 batchdata["box"][rows],
                 torch.as_tensor(batchdata["label"])[rows],
                 [batchdata["slide_id"][i] for i in keep],
-                lambda index, boxes: self.reader.bind(paths)(index, boxes).to(self.state.device),
-                self.loss_function,
-                self.score_bank,
+                lambda index, boxes: self.reader.chunks(paths, index, boxes),
+                lambda index, boxes: self.overlap(annotations, index, boxes),
+                self.state.num_layers,
                 self.state.lambda_fwd,
                 self.state.lambda_bwd,
-                num_focus=self.num_focus,
-                num_layers=self.state.num_layers,
-                extra_benign=self.extra_benign,
-                region_overlap=self.overlap.bind([batchdata["annotation"][i] for i in keep]),
-                label_overlap=self.label_overlap,
-                augment=self.augment,
-                explore=self.explore,
-                focus_source=self.focus_source,
-                guide=self.guide,
             )
 
-    def _backward(self, step: Any, paths: list[str]) -> dict[str, float]:
+    def _backward(self, step: CascadeStep, paths: list[str]) -> dict[str, float]:
         total = step.losses["total"]
         if not math.isfinite(total.item()):
             raise TrainingDivergedError(
@@ -193,8 +156,9 @@ class SMTTrainer(Trainer):
         self.optimizer.step()
         output = {name: float(value.detach()) for name, value in step.losses.items()}
         output["loss"] = output["total"]
-        for layer, (out, labels) in enumerate(zip(step.outputs, step.labels), start=1):
-            output[f"accuracy{layer}"] = float((out.probs.argmax(dim=1).cpu() == labels).float().mean())
+        for layer, (done, labels) in enumerate(zip(step.passes, step.labels), start=1):
+            predicted = done.run.out.probs.argmax(dim=1).cpu()
+            output[f"accuracy{layer}"] = float((predicted == labels).float().mean())
             output[f"positive{layer}"] = float((labels > 0).float().mean())
         for layer, value in enumerate(self.state.lambda_fwd, start=1):
             output[f"lambda_fwd{layer}"] = float(value)

@@ -1,7 +1,6 @@
-"""SMT focusing: Eq. 2 scores, the score bank, top-K selection with next-layer labels, the cascade step."""
+"""SMT focusing: Eq. 2 scores, the score bank, top-K selection with next-layer labels, training flips."""
 
 from smt_monai.focus.bank import ScoreBank
-from smt_monai.focus.cascade import CascadeStep, RegionOverlap, RegionReader, cascade_step
 from smt_monai.focus.score import (
     FOCUS_SOURCES,
     check_focus_source,
@@ -14,12 +13,8 @@ from smt_monai.focus.selection import Selection, next_labels, select_regions
 
 __all__ = [
     "FOCUS_SOURCES",
-    "CascadeStep",
-    "RegionOverlap",
-    "RegionReader",
     "ScoreBank",
     "Selection",
-    "cascade_step",
     "check_focus_source",
     "class_attention",
     "focusing_score",

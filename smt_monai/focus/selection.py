@@ -3,6 +3,7 @@ with which labels it trains."""
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -12,16 +13,18 @@ from smt_monai.data.geometry import child_boxes
 
 
 class Selection(NamedTuple):
-    """The regions one layer hands to the next.
+    """The regions one layer hands to the next, ``K'`` per selection group.
 
     Attributes:
-        index: ``(B, K')`` long patch indices (row-major) in each parent region; the top-K by ``q`` first,
+        index: ``(G, K')`` long patch indices (row-major) in the parent regions; the top-K by ``q`` first,
             in decreasing ``q`` (``t_1 .. t_K`` of Sec. 3.1), then the extra benign patch if requested.
-        boxes: ``(B, K', 3)`` float64 level-0 boxes ``(x, y, size)`` of the next layer's regions.
-        focusable: ``(B, K')`` bool, False for the extra benign region, which is never focused further.
+        parent: ``(G, K')`` long row (among the regions given to ``select_regions``) of each pick's parent.
+        boxes: ``(G, K', 3)`` float64 level-0 boxes ``(x, y, size)`` of the next layer's regions.
+        focusable: ``(G, K')`` bool, False for the extra benign region, which is never focused further.
     """
 
     index: torch.Tensor
+    parent: torch.Tensor
     boxes: torch.Tensor
     focusable: torch.Tensor
 
@@ -36,44 +39,54 @@ def select_regions(
     generator: torch.Generator | None = None,
     guide: float = 0.0,
     target: torch.Tensor | None = None,
+    group: np.ndarray | torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
 ) -> Selection:
     """Top-K patches by the focusing prediction ``q`` (at training and inference), as next-layer regions.
 
+    The top-K is taken per selection group: by default every region is its own group (each layer-2 region
+    picks its own K, so layer 3 reads K^2); regions sharing a ``group`` value pick K together over all their
+    patches (the several layer-1 fields of one slide, so a slide still costs K + K^2 reads after layer 1).
+    Patches marked invalid (``valid`` False: glass, padding beyond the slide) are picked only when a group
+    has fewer than K' valid ones, after all valid patches.
+
     ``L_ret`` (Eq. 4) teaches ``q`` only on the patches the next layer reads, so in training a greedy top-K
     never corrects a patch whose ``q`` is too low, and once the suspicious patches' ``q`` falls below that
-    of untaught ones the focus drifts to normal tissue and stays there. With ``explore`` > 0 each region's
-    K-th pick is, with that probability, a uniformly drawn patch outside its top K - 1 instead
+    of untaught ones the focus drifts to normal tissue and stays there. With ``explore`` > 0 each group's
+    K-th pick is, with that probability, a uniformly drawn valid patch outside its top K - 1 instead
     (epsilon-greedy; same number of reads), which keeps ``q`` calibrated on every kind of patch. Inference
     uses 0.
 
     ``guide`` does the same with an annotation (``target``: the patches that hold tumour): with that
-    probability the K-th pick of a region is drawn from its tumour patches outside the top K - 1, where it
+    probability the K-th pick of a group is drawn from its tumour patches outside the top K - 1, where it
     has any. The cascade has to bootstrap itself, since layer ``l`` learns where to look from layer
     ``l + 1``, which only learns tumour from what layer ``l`` shows it; on annotated slides guidance shows
     the next layers tumour from the first step, so their ``L_ret`` has something to teach. It fades by
     itself: once the tumour patches rank in the top K - 1 there is nothing left to guide to.
 
     With ``benign_score`` (the normalised score ``S~`` of Eq. 3, in weakly supervised training), one more
-    patch is appended per region: the one with the lowest ``S~`` among those not in the top-K, magnified as
+    patch is appended per group: the valid one with the lowest ``S~`` among those not picked, magnified as
     an extra benign sample for the next layer only (Sec. 3.3).
 
     Args:
-        parent_boxes: ``(B, 3)`` level-0 boxes of the regions the layer read.
-        q: ``(B, grid**2)`` focusing predictions of the layer.
-        num_focus: ``K``, patches magnified per region.
+        parent_boxes: ``(R, 3)`` level-0 boxes of the regions the layer read.
+        q: ``(R, grid**2)`` focusing predictions of the layer (or whatever the top-K is taken by).
+        num_focus: ``K``, patches magnified per group.
         grid: patches per side of a layer input.
-        benign_score: optional ``(B, grid**2)`` normalised scores ``S~``.
-        explore: probability that a region's K-th pick is a random patch outside its top K - 1.
+        benign_score: optional ``(R, grid**2)`` normalised scores ``S~``.
+        explore: probability that a group's K-th pick is a random patch outside its top K - 1.
         generator: random source of the exploration and guidance.
-        guide: probability that a region's K-th pick is one of its ``target`` patches outside its top K - 1
+        guide: probability that a group's K-th pick is one of its ``target`` patches outside its top K - 1
             (where there is one; otherwise ``explore`` decides).
-        target: optional ``(B, grid**2)`` bool, the patches guidance draws from.
+        target: optional ``(R, grid**2)`` bool, the patches guidance draws from.
+        group: optional ``(R,)`` selection group of each region (groups in order of first appearance).
+        valid: optional ``(R, grid**2)`` bool, the patches that may be focused.
 
     Returns:
-        ``Selection`` with ``K' = K`` (or ``K + 1`` with ``benign_score``) regions per parent, on the CPU.
+        ``Selection`` with ``K' = K`` (or ``K + 1`` with ``benign_score``) regions per group, on the CPU.
 
     Raises:
-        ValueError: if ``K`` (plus the benign patch) exceeds ``grid**2`` or shapes disagree.
+        ValueError: if ``K`` (plus the benign patch) exceeds a region's patches or shapes disagree.
     """
     num_patches = grid * grid
     extra = benign_score is not None
@@ -84,29 +97,73 @@ def select_regions(
     for name, value in (("explore", explore), ("guide", guide)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be a probability, got {value}")
-    if target is not None and target.shape != q.shape:
-        raise ValueError(f"expected target of shape {tuple(q.shape)}, got {tuple(target.shape)}")
-    parent = torch.as_tensor(parent_boxes, dtype=torch.float64).cpu()
-    order = torch.argsort(q.detach().cpu(), dim=1, descending=True)
+    for name, mask in (("target", target), ("valid", valid)):
+        if mask is not None and mask.shape != q.shape:
+            raise ValueError(f"expected {name} of shape {tuple(q.shape)}, got {tuple(mask.shape)}")
+    rows = _group_rows(q.shape[0], group)
+    flat = _Flat(rows, num_patches)
+    score = flat(q.detach().cpu().double(), -math.inf)
+    real = flat(torch.ones(q.shape, dtype=torch.bool), False)
+    usable = real if valid is None else flat(valid.cpu().bool(), False)
+    # valid patches by decreasing q, then the other real ones, padding last (stable sorts)
+    order = torch.argsort(score, dim=1, descending=True, stable=True)
+    order = order.gather(1, torch.argsort((~usable.gather(1, order)).to(torch.int8), dim=1, stable=True))
     index = order[:, :num_focus].clone()
     rest = order[:, num_focus - 1 :]  # candidates for the K-th pick
     weights = torch.zeros(rest.shape, dtype=torch.float64)
     if explore > 0:
-        weights[torch.rand(q.shape[0], generator=generator) < explore] = 1.0
+        explored = torch.rand(len(rows), generator=generator) < explore
+        weights[explored] = usable.gather(1, rest)[explored].double()
     if target is not None and guide > 0:
-        tumour = target.cpu().bool().gather(1, rest)
-        guided = (torch.rand(q.shape[0], generator=generator) < guide) & tumour.any(dim=1)
+        tumour = (flat(target.cpu().bool(), False) & usable).gather(1, rest)
+        guided = (torch.rand(len(rows), generator=generator) < guide) & tumour.any(dim=1)
         weights = torch.where(guided[:, None], tumour.double(), weights)
-    rows = weights.sum(dim=1).nonzero().squeeze(1)
-    if len(rows):
-        pick = torch.multinomial(weights[rows], 1, generator=generator)
-        index[rows, num_focus - 1] = rest[rows].gather(1, pick).squeeze(1)
-    focusable = torch.ones(q.shape[0], num_focus, dtype=torch.bool)
+    chosen = weights.sum(dim=1).nonzero().squeeze(1)
+    if len(chosen):
+        pick = torch.multinomial(weights[chosen], 1, generator=generator)
+        index[chosen, num_focus - 1] = rest[chosen].gather(1, pick).squeeze(1)
+    focusable = torch.ones(len(rows), num_focus, dtype=torch.bool)
     if benign_score is not None:
-        score = benign_score.detach().cpu().to(torch.float64).scatter(1, index, float("inf"))
-        index = torch.cat([index, score.argmin(dim=1, keepdim=True)], dim=1)
-        focusable = torch.cat([focusable, torch.zeros(q.shape[0], 1, dtype=torch.bool)], dim=1)
-    return Selection(index, child_boxes(parent, index, grid), focusable)
+        benign = flat(benign_score.detach().cpu().double(), math.inf)
+        benign = torch.where(usable, benign, benign + torch.where(real, 1e9, math.inf)).scatter(
+            1, index, math.inf
+        )
+        index = torch.cat([index, benign.argmin(dim=1, keepdim=True)], dim=1)
+        focusable = torch.cat([focusable, torch.zeros(len(rows), 1, dtype=torch.bool)], dim=1)
+    parent = flat.rows[torch.arange(len(rows))[:, None], index // num_patches]
+    patch = index % num_patches
+    boxes = torch.as_tensor(parent_boxes, dtype=torch.float64).cpu()[parent]
+    return Selection(patch, parent, child_boxes(boxes, patch[..., None], grid)[..., 0, :], focusable)
+
+
+def _group_rows(count: int, group: np.ndarray | torch.Tensor | None) -> list[np.ndarray]:
+    """The rows of each selection group, groups in order of first appearance (each row alone by default)."""
+    if group is None:
+        return [np.array([r]) for r in range(count)]
+    group = np.asarray(torch.as_tensor(group).cpu()).reshape(-1)
+    if len(group) != count:
+        raise ValueError(f"expected group of length {count}, got {len(group)}")
+    first = {g: None for g in group.tolist()}
+    return [np.flatnonzero(group == g) for g in first]
+
+
+class _Flat:
+    """Lays each group's regions side by side: per-row ``(R, N)`` values become ``(G, rows * N)``, padded."""
+
+    def __init__(self, rows: list[np.ndarray], num_patches: int) -> None:
+        width = max(len(r) for r in rows)
+        self.rows = torch.zeros(len(rows), width, dtype=torch.long)
+        for g, members in enumerate(rows):
+            self.rows[g, : len(members)] = torch.as_tensor(members)
+            self.rows[g, len(members) :] = int(members[0])
+        self.counts = [len(r) for r in rows]
+        self.num_patches = num_patches
+
+    def __call__(self, values: torch.Tensor, pad: float | bool) -> torch.Tensor:
+        out = values[self.rows].reshape(len(self.counts), -1).clone()
+        for g, count in enumerate(self.counts):
+            out[g, count * self.num_patches :] = pad
+        return out
 
 
 def reaches_overlap(overlap: torch.Tensor, label_overlap: float) -> torch.Tensor:

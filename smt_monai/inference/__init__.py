@@ -1,14 +1,7 @@
-"""SMT at inference: the cascade per slide, slide-list prediction, and the result writers."""
+"""SMT at inference: the Python API, slide-list prediction, the result writers and model loading."""
 
-from smt_monai.inference.cascade import SlidePrediction, aggregate, predict_cascade
+from smt_monai.inference.api import SMTPredictor
 from smt_monai.inference.model import load_network
 from smt_monai.inference.predictor import NoSlideSucceededError, SlideListPredictor
 
-__all__ = [
-    "NoSlideSucceededError",
-    "SlideListPredictor",
-    "SlidePrediction",
-    "aggregate",
-    "load_network",
-    "predict_cascade",
-]
+__all__ = ["NoSlideSucceededError", "SMTPredictor", "SlideListPredictor", "load_network"]

@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from smt_monai.inference.cascade import SlidePrediction
+from smt_monai.cascade.prediction import SlidePrediction
 from smt_monai.utils import atomic_path
 
 LAYER_COLOURS = {1: (0.2, 0.6, 1.0), 2: (1.0, 0.85, 0.0), 3: (1.0, 0.1, 0.1)}

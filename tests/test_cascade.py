@@ -1,50 +1,59 @@
-"""One full SMT training step over the three-layer cascade on random tensors (tiny preset, K = 2, batch 2):
-shapes, labels, score-bank updates, every Eq. 7 term, and which parameters each loss may train."""
+"""The cascade's walk: one full SMT training step on random images (tiny preset, K = 2, batch 2): shapes,
+labels, score-bank updates, every Eq. 7 term, which parameters each loss may train; and the training walk
+and the inference walk choosing the same regions for the same model and slide."""
 
+import numpy as np
 import pytest
 import torch
 
+from smt_monai.cascade import CascadeTraining, predict_slide
 from smt_monai.data.geometry import region_key
-from smt_monai.focus import ScoreBank, cascade_step, class_attention, focusing_score
+from smt_monai.focus import ScoreBank, class_attention, focusing_score
 from smt_monai.losses import TERMS, SMTLoss
-from smt_monai.networks import SMT, smt_tiny
+from smt_monai.networks import SMT, normalize_he, smt_tiny
 from smt_monai.networks.layer import LayerOutput
 
-K, BATCH, SIDE, GRID = 2, 2, 64, 4
+K, BATCH, SIDE, GRID = 2, 2, 32, 4
 LAMBDA_FWD, LAMBDA_BWD = (1.0, 1.0, 1.0), (0.1, 0.1)
 SLIDES = ["slide_a", "slide_b"]
 BOXES = torch.tensor([[0.0, 0.0, 6400.0], [100.0, 200.0, 3200.0]], dtype=torch.float64)
 
 
+def random_images(count: int) -> torch.Tensor:
+    return torch.randint(0, 256, (count, 3, SIDE, SIDE), dtype=torch.uint8)
+
+
 class RandomReader:
-    """Stands in for the region reads: random images, recording what was asked for."""
+    """Stands in for the region reads: random uint8 images in one chunk, recording what was asked for."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.calls: list[tuple[np.ndarray, np.ndarray]] = []
 
-    def __call__(self, slide_index: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    def __call__(self, slide_index: np.ndarray, boxes: np.ndarray):
         self.calls.append((slide_index, boxes))
-        return torch.randn(len(slide_index), 3, SIDE, SIDE)
+        yield np.arange(len(boxes)), random_images(len(boxes))
 
 
-def _step(model: SMT, bank: ScoreBank, reader: RandomReader, **kwargs):
+def _step(model: SMT, bank: ScoreBank, reader, num_layers: int = 3, overlap=None, **settings):
     torch.manual_seed(1)
-    images = torch.randn(BATCH, 3, SIDE, SIDE)
+    cascade = CascadeTraining(SMTLoss(), bank, num_focus=K, **settings)
     labels = torch.tensor([1, 0])
-    return cascade_step(
+    return cascade(
         model,
-        images,
+        random_images(BATCH),
         BOXES,
         labels,
         SLIDES,
         reader,
-        SMTLoss(),
-        bank,
+        overlap,
+        num_layers,
         LAMBDA_FWD,
         LAMBDA_BWD,
-        num_focus=K,
-        **kwargs,
     )
+
+
+def outputs(step) -> list[LayerOutput]:
+    return [p.run.out for p in step.passes]
 
 
 def _groups(model: SMT) -> dict[str, list[torch.nn.Parameter]]:
@@ -98,15 +107,15 @@ def test_full_cascade_training_step() -> None:
     step = _step(model, bank, reader)
 
     # Layer sizes: B, B * (K + 1) with the extra benign region, B * K * (K + 1).
-    assert [o.logits.shape[0] for o in step.outputs] == [2, 6, 12]
+    assert [o.logits.shape[0] for o in outputs(step)] == [2, 6, 12]
     assert [len(b) for _, b in reader.calls] == [6, 12]
-    assert step.slide_index[1].tolist() == [0, 0, 0, 1, 1, 1]
+    assert step.passes[1].regions.slide.tolist() == [0, 0, 0, 1, 1, 1]
     assert step.labels[1].tolist() == [1, 1, 0, 0, 0, 0]  # slide label; extra benign region 0
     assert step.labels[2].tolist() == [1, 1, 0] * 2 + [0, 0, 0] * 2
-    sel1 = step.selections[0]
-    torch.testing.assert_close(reader.calls[0][1], sel1.boxes.reshape(-1, 3))
-    assert sel1.index[:, :K].tolist() == torch.topk(step.outputs[0].q, K).indices.tolist()
-    assert step.selections[1].index.shape == (BATCH * K, K + 1)  # only focusable layer-2 regions focus on
+    sel1 = step.passes[0].selection
+    np.testing.assert_allclose(reader.calls[0][1], sel1.boxes.reshape(-1, 3).numpy())
+    assert sel1.index[:, :K].tolist() == torch.topk(outputs(step)[0].q, K).indices.tolist()
+    assert step.passes[1].selection.index.shape == (BATCH * K, K + 1)  # only focusable regions focus on
 
     # Score bank: the layer-1 regions and the focusable layer-2 regions, S = (1 - eps) g after one step.
     assert len(bank) == BATCH + BATCH * K
@@ -158,37 +167,37 @@ def test_staged_activation(num_layers: int, terms: set[str], reads: int) -> None
     reader = RandomReader()
     step = _step(smt_tiny().train(), ScoreBank(), reader, num_layers=num_layers)
     assert set(step.losses) == terms | {"L_V", "L_F", "total"}
-    assert len(reader.calls) == reads and len(step.outputs) == num_layers
+    assert len(reader.calls) == reads and len(step.passes) == num_layers
 
 
 def test_annotations_and_no_extra_region() -> None:
     reader = RandomReader()
 
-    def overlap(slide_index: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    def overlap(slide_index: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         # slide 0 annotated: tumour in its left half; slide 1 unannotated
-        left = (boxes[:, 0] + boxes[:, 2] / 2 < 3200.0).to(torch.float64)
-        return torch.where(slide_index == 0, left, torch.full_like(left, float("nan")))
+        left = (boxes[:, 0] + boxes[:, 2] / 2 < 3200.0).astype(np.float64)
+        return np.where(slide_index == 0, left, np.nan)
 
-    step = _step(smt_tiny().train(), ScoreBank(), reader, extra_benign=False, region_overlap=overlap)
-    assert [o.logits.shape[0] for o in step.outputs] == [2, 4, 8]
-    boxes = step.boxes[1]
+    step = _step(smt_tiny().train(), ScoreBank(), reader, extra_benign=False, overlap=overlap)
+    assert [o.logits.shape[0] for o in outputs(step)] == [2, 4, 8]
+    boxes = step.passes[1].regions.boxes
     expected = [int(b[0] + b[2] / 2 < 3200.0) for b in boxes[:2].tolist()] + [0, 0]
     assert step.labels[1].tolist() == expected
-    assert step.selections[0].focusable.all()
+    assert step.passes[0].selection.focusable.all()
 
 
 def test_label_overlap_per_layer() -> None:
     """Layer 2's regions are labelled with the first threshold, layer 3's with the second."""
 
-    def overlap(slide_index: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        return torch.where(boxes[:, 2] > 1000.0, 0.05, 0.5).to(torch.float64)  # layer 2: 0.05, layer 3: 0.5
+    def overlap(slide_index: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        return np.where(boxes[:, 2] > 1000.0, 0.05, 0.5)  # layer 2: 0.05, layer 3: 0.5
 
     labels = {}
     for thresholds in ((0.01, 0.1), (0.1, 0.6), 0.3):
         step = _step(smt_tiny().train(), ScoreBank(), RandomReader(), label_overlap=thresholds)
         assert step.labels[1].tolist() == [1, 1, 0, 0, 0, 0]  # no annotation: slide labels
         step = _step(
-            smt_tiny().train(), ScoreBank(), RandomReader(), region_overlap=overlap, label_overlap=thresholds
+            smt_tiny().train(), ScoreBank(), RandomReader(), overlap=overlap, label_overlap=thresholds
         )
         labels[thresholds] = (step.labels[1][:2].tolist(), step.labels[2][:2].tolist())
     assert labels[(0.01, 0.1)] == ([1, 1], [1, 1])
@@ -203,35 +212,31 @@ def test_guide_shows_the_next_layers_the_annotated_tumour() -> None:
     the next layer, so layers 2 and 3 get positive regions whatever the untrained focus picks; slides
     without annotation are not guided."""
 
-    def overlap(slide_index: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    def overlap(slide_index: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         # slide 0 annotated, tumour in a 200-px square at (5000, 5000); slide 1 unannotated
-        lo = torch.clamp(torch.maximum(boxes[:, 0], torch.tensor(5000.0)), max=5200.0)
-        hi = torch.clamp(torch.minimum(boxes[:, 0] + boxes[:, 2], torch.tensor(5200.0)), min=5000.0)
-        top = torch.clamp(torch.maximum(boxes[:, 1], torch.tensor(5000.0)), max=5200.0)
-        bottom = torch.clamp(torch.minimum(boxes[:, 1] + boxes[:, 2], torch.tensor(5200.0)), min=5000.0)
+        lo = np.clip(np.maximum(boxes[:, 0], 5000.0), None, 5200.0)
+        hi = np.clip(np.minimum(boxes[:, 0] + boxes[:, 2], 5200.0), 5000.0, None)
+        top = np.clip(np.maximum(boxes[:, 1], 5000.0), None, 5200.0)
+        bottom = np.clip(np.minimum(boxes[:, 1] + boxes[:, 2], 5200.0), 5000.0, None)
         fraction = (hi - lo) * (bottom - top) / boxes[:, 2] ** 2
-        return torch.where(slide_index == 0, fraction.to(torch.float64), float("nan"))
+        return np.where(slide_index == 0, fraction, np.nan)
 
     for seed in range(5):
         torch.manual_seed(seed)
-        step = cascade_step(
+        cascade = CascadeTraining(
+            SMTLoss(), ScoreBank(), num_focus=K, label_overlap=(0.001, 0.001), guide=1.0
+        )
+        step = cascade(
             smt_tiny().train(),
-            torch.randn(BATCH, 3, SIDE, SIDE),
+            random_images(BATCH),
             BOXES,
             torch.tensor([1, 0]),
             SLIDES,
             RandomReader(),
-            SMTLoss(),
-            ScoreBank(),
-            LAMBDA_FWD,
-            LAMBDA_BWD,
-            num_focus=K,
-            region_overlap=overlap,
-            label_overlap=(0.001, 0.001),
-            guide=1.0,
+            overlap,
         )
         # layer 1 of slide 0 (6400 px, patches of 1600): the tumour lies in patch 15 (x, y >= 4800)
-        assert 15 in step.selections[0].index[0, :K].tolist()
+        assert 15 in step.passes[0].selection.index[0, :K].tolist()
         assert step.labels[1][:K].sum() >= 1  # a positive layer-2 region
         assert step.labels[2][: K * (K + 1)].sum() >= 1  # and layer 3 gets one from it (slide 0 rows)
         assert step.labels[1][(K + 1) :].eq(0).all()  # slide 1: negative slide, no annotation
@@ -266,13 +271,18 @@ class PatchLocalSMT(torch.nn.Module):
         self.layer3 = PatchLocalLayer(GRID, False)
 
 
-def _box_reader(slide_index: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """Images that depend on the box alone, so two runs that select the same boxes read the same pixels."""
+def box_images(boxes: np.ndarray) -> torch.Tensor:
+    """uint8 images that depend on the box alone, so two runs that select the same boxes read the same
+    pixels."""
     images = []
-    for box in torch.as_tensor(boxes):
+    for box in np.asarray(boxes):
         generator = torch.Generator().manual_seed(int(box.sum()) % 2**31)
-        images.append(torch.rand(3, SIDE, SIDE, generator=generator))
+        images.append(torch.randint(0, 256, (3, SIDE, SIDE), generator=generator, dtype=torch.uint8))
     return torch.stack(images)
+
+
+def _box_reader(slide_index: np.ndarray, boxes: np.ndarray):
+    yield np.arange(len(boxes)), box_images(boxes)
 
 
 def test_augmented_step_selects_and_scores_as_unaugmented() -> None:
@@ -285,9 +295,9 @@ def test_augmented_step_selects_and_scores_as_unaugmented() -> None:
         steps.append(_step(model, bank, _box_reader, augment=augment))
         banks.append(bank.state_dict())
     plain, augmented = steps
-    for a, b in zip(plain.boxes, augmented.boxes):
-        torch.testing.assert_close(a, b)
-    for a, b in zip(plain.outputs, augmented.outputs):
+    for a, b in zip(plain.passes, augmented.passes):
+        np.testing.assert_allclose(a.regions.boxes, b.regions.boxes)
+    for a, b in zip(outputs(plain), outputs(augmented)):
         torch.testing.assert_close(a.patch_embeddings, b.patch_embeddings)
     assert banks[0]["keys"] == banks[1]["keys"]
     torch.testing.assert_close(banks[1]["scores"], banks[0]["scores"])
@@ -302,13 +312,68 @@ def test_focus_source_decides_the_top_k(source: str) -> None:
     torch.manual_seed(0)
     model = smt_tiny().train()
     step = _step(model, ScoreBank(eps=0.9), RandomReader(), focus_source=source)
-    first = step.outputs[0]
+    first = outputs(step)[0]
     if source == "score":
         ranking = focusing_score(first.probs, first.attn)
     else:
         ranking = class_attention(first.attn)
-    assert step.selections[0].index[:, :K].tolist() == torch.topk(ranking, K).indices.tolist()
-    assert step.selections[0].index[:, :K].tolist() != torch.topk(first.q, K).indices.tolist()
+    chosen = step.passes[0].selection.index[:, :K].tolist()
+    assert chosen == torch.topk(ranking, K).indices.tolist()
+    assert chosen != torch.topk(first.q, K).indices.tolist()
     assert torch.isfinite(step.losses["ret1"])
     with pytest.raises(ValueError, match="focus_source"):
         _step(model, ScoreBank(), RandomReader(), focus_source="gradcam")
+
+
+class BoxRegions:
+    """A region reader for ``predict_slide`` whose images depend on the box alone (``box_images``)."""
+
+    def chunks(self, paths: list[str], slide_index: np.ndarray, boxes: np.ndarray):
+        yield from _box_reader(slide_index, boxes)
+
+
+def test_training_and_inference_walks_choose_the_same_regions() -> None:
+    """The one cascade: the training walk (no flips, no exploration, no guidance) and the inference walk, on
+    the same model and slide, read the same boxes at every layer (the training walk adds the extra benign
+    region, which is never focused further)."""
+    torch.manual_seed(3)
+    model = smt_tiny()
+    box = BOXES[0].numpy()
+    image = box_images(box[None])
+    step = CascadeTraining(SMTLoss(), ScoreBank(), num_focus=K)(
+        model.train(), image, box[None], torch.tensor([1]), ["slide_a"], _box_reader
+    )
+    prediction = predict_slide(model.eval(), {"path": "a", "image": image[0], "box": box}, BoxRegions(), K)
+    for layer, done in enumerate(step.passes):
+        focused = done.regions.boxes[done.regions.rank < K]
+        np.testing.assert_allclose(focused, prediction.boxes[layer])
+    torch.testing.assert_close(
+        torch.as_tensor(prediction.focus_map.ravel()),
+        model.layer1(normalize_he(image)).q[0].detach(),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_fields_of_one_slide_select_k_together() -> None:
+    """A slide larger than one layer-1 field: its fields run as layer-1 rows and pick K patches together,
+    so the slide still costs K + K^2 reads after layer 1, in training and at inference."""
+    torch.manual_seed(0)
+    model = smt_tiny()
+    boxes = np.array([[0.0, 0.0, 3200.0], [3200.0, 0.0, 3200.0], [0.0, 0.0, 6400.0]])
+    images = box_images(boxes)
+    reader = RandomReader()
+    step = CascadeTraining(SMTLoss(), ScoreBank(), num_focus=K, extra_benign=False)(
+        model.train(), images, boxes, torch.tensor([1, 0]), SLIDES, reader, field_slide=np.array([0, 0, 1])
+    )
+    assert [len(b) for _, b in reader.calls] == [2 * K, 2 * K * K]
+    assert step.passes[1].regions.slide.tolist() == [0] * K + [1] * K
+    assert set(step.passes[1].regions.parent[:K].tolist()) <= {0, 1}
+    assert all(torch.isfinite(v) for v in step.losses.values())
+    regions = BoxRegions()
+    view = {"path": "a", "image": images[:2], "box": boxes[:2]}
+    prediction = predict_slide(model.eval(), view, regions, K)
+    assert [len(b) for b in prediction.boxes] == [2, K, K * K]
+    first = model.layer1(normalize_he(images[:2])).q.detach()
+    chosen = torch.topk(first.reshape(-1), K).indices
+    np.testing.assert_array_equal(prediction.parent[1], (chosen // GRID**2).numpy())

@@ -1,0 +1,160 @@
+"""The cascade at inference: one slide in, its prediction and where the model looked out (method-notes
+"Selection" and "Prediction").
+
+:func:`predict_slide` is the one entry point every user of a trained model goes through (the slide-list
+predictor, the evaluator, the benchmarks, the Deploy app, the Python API): layer 1 on the slide's layer-1
+view, the top-K patches by ``q``, layer 2 on those K regions, the top-K of each, layer 3 on the K^2 regions,
+and the slide prediction aggregated from layer 3. Exactly 1 + K + K^2 regions are read. The network runs
+chunk by chunk (:class:`~smt_monai.cascade.walk.ChunkedRunner`) while the next chunk is read in a background
+thread (``prefetch``), so reads and compute overlap and memory does not grow with K^2.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from smt_monai.cascade.walk import ChunkedRunner, LayerPass, Regions, TopK, timed, walk
+from smt_monai.data.regions import RegionReader
+from smt_monai.utils import prefetch
+
+AGGREGATIONS = ("max", "mean")
+
+
+def aggregate(probs: np.ndarray, mode: str) -> np.ndarray:
+    """Slide probabilities from region probabilities ``(n, C)``.
+
+    ``max``: the region with the largest positive mass ``sum_{c>0} p_c`` speaks for the slide (binary
+    diagnosis: a slide is positive when any focused region is); ``mean``: the average (multi-class grading).
+    """
+    if mode == "max":
+        return probs[int(np.argmax(probs[:, 1:].sum(axis=1)))]
+    if mode == "mean":
+        return probs.mean(axis=0)
+    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {mode!r}")
+
+
+@dataclass
+class SlidePrediction:
+    """What the cascade saw and concluded for one slide.
+
+    Per layer ``l`` (index ``l - 1``), row ``r`` of the arrays is one region the layer read:
+    ``boxes`` level-0 ``(x, y, size)``; ``region_probs`` the layer's class probabilities; ``focus`` the ``q``
+    of the parent layer's patch that chose it (NaN for layer 1); ``rank`` its rank by ``q`` among its
+    siblings (0 = highest); ``parent`` the row of its parent region in the previous layer (-1 for layer 1).
+    ``layer_probs[l]`` is layer ``l``'s own slide prediction (its regions aggregated); ``probs`` is the last
+    layer's, SMT's. ``read_s`` and ``compute_s`` are the seconds spent waiting for region reads and in the
+    network, ``seconds`` the whole prediction; ``error`` is the reason a slide could not be predicted (then
+    only ``path`` is set). ``dimensions`` (level-0 width, height), ``mpp`` (None when the file holds none),
+    ``backend`` and ``thumbnail`` (layer 1's ``(side, side, 3)`` uint8 input) describe the slide.
+    """
+
+    path: str = ""
+    dimensions: tuple[int, int] = (0, 0)
+    mpp: float | None = None
+    backend: str = ""
+    thumbnail: np.ndarray | None = None
+    probs: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    layer_probs: list[np.ndarray] = field(default_factory=list)
+    boxes: list[np.ndarray] = field(default_factory=list)
+    region_probs: list[np.ndarray] = field(default_factory=list)
+    focus: list[np.ndarray] = field(default_factory=list)
+    rank: list[np.ndarray] = field(default_factory=list)
+    parent: list[np.ndarray] = field(default_factory=list)
+    focus_map: np.ndarray | None = None
+    read_s: float = 0.0
+    compute_s: float = 0.0
+    seconds: float = 0.0
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+    @property
+    def prediction(self) -> int:
+        """The predicted class: the argmax of ``probs``."""
+        return int(np.argmax(self.probs))
+
+
+def predict_slide(
+    model: torch.nn.Module,
+    view: Mapping[str, Any],
+    reader: RegionReader,
+    num_focus: int = 4,
+    aggregation: str = "max",
+    focus_source: str = "q",
+    num_layers: int = 3,
+    device: torch.device | str = "cpu",
+    amp: bool = False,
+) -> SlidePrediction:
+    """Run the cascade on one slide.
+
+    Args:
+        model: an ``SMT`` module (eager or TorchScript) with ``layer1..layer3``, ``grid`` and ``read_size``.
+        view: the slide's layer-1 view, as :class:`~smt_monai.data.dataset.LoadLayer1d` makes it: ``path``,
+            ``image`` ``(3, read_size, read_size)`` uint8 and its level-0 ``box`` ``(3,)``; ``dimensions``,
+            ``mpp`` and ``backend`` are copied into the prediction.
+        reader: reader of the focused regions (at the network's ``read_size``).
+        num_focus: ``K``.
+        aggregation: ``max`` or ``mean`` over the last layer's regions.
+        focus_source: what the top-K is taken by: ``"q"`` (SMT), ``"score"`` or ``"attention"`` (the
+            ablations; see :class:`~smt_monai.cascade.walk.TopK`).
+        num_layers: layers to run (fewer during the staged schedule; the last one run predicts).
+        device: where the network runs.
+        amp: bfloat16 autocast (``smt_monai.utils.fast_bf16`` says where it pays).
+
+    Raises:
+        SlideReadError: a region of the slide could not be read.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    start = time.perf_counter()
+    device = torch.device(device)
+    path = str(view["path"])
+    image = torch.as_tensor(view["image"])
+    images = image.reshape(-1, *image.shape[-3:])
+    regions = Regions.first(view["box"], slide=np.zeros(len(images), dtype=np.int64))
+    timings: dict[str, float] = {}
+    passes = walk(
+        model,
+        regions,
+        iter([(np.arange(len(images)), images)]),
+        lambda index, boxes: timed(prefetch(reader.chunks([path], index, boxes)), timings),
+        ChunkedRunner(device, amp, timings),
+        TopK(num_focus, int(model.grid), focus_source),
+        num_layers,
+        device,
+    )
+    result = _slide_prediction(passes, aggregation, int(model.grid))
+    mpp = float(view.get("mpp", float("nan")))
+    width, height = (int(v) for v in view.get("dimensions", (0, 0)))
+    result.path, result.backend, result.dimensions = path, str(view.get("backend", "")), (width, height)
+    result.mpp = None if math.isnan(mpp) else mpp
+    result.thumbnail = images[0].permute(1, 2, 0).numpy()
+    result.read_s, result.compute_s = timings.get("read", 0.0), timings.get("compute", 0.0)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _slide_prediction(passes: list[LayerPass], aggregation: str, grid: int) -> SlidePrediction:
+    """The walk's passes over one slide as a :class:`SlidePrediction`."""
+    result = SlidePrediction()
+    for step in passes:
+        probs = step.run.out.probs.numpy()
+        result.boxes.append(step.regions.boxes)
+        result.region_probs.append(probs)
+        result.focus.append(step.regions.focus)
+        result.rank.append(step.regions.rank)
+        result.parent.append(step.regions.parent)
+        result.layer_probs.append(aggregate(probs, aggregation))
+    result.probs = result.layer_probs[-1]
+    if passes[0].ranking is not None:
+        result.focus_map = passes[0].ranking[0].numpy().reshape(grid, grid)
+    return result

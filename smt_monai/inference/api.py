@@ -1,0 +1,128 @@
+"""The Python API of a trained SMT: slides in, :class:`~smt_monai.cascade.SlidePrediction` objects out.
+
+    predictor = SMTPredictor(network, num_focus=4)
+    result = predictor.predict("slide.svs")
+    for result in predictor.predict_many(paths): ...
+
+A predictor owns the slide reading (an open-slide cache shared by the layer-1 loader and the region reader)
+and runs :func:`smt_monai.cascade.predict_slide` on each slide; ``predict_many`` reads the next slide's
+layer-1 view in a background thread while the current one computes, and returns an unreadable slide as a
+result whose ``error`` says why instead of stopping.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from smt_monai.cascade.prediction import SlidePrediction, predict_slide
+from smt_monai.data.dataset import LoadLayer1d
+from smt_monai.data.errors import SlideReadError
+from smt_monai.data.regions import RegionReader, SlideCache
+from smt_monai.utils import fast_bf16
+
+
+class SMTPredictor:
+    """A trained SMT network with everything needed to predict slides.
+
+    Args:
+        network: an ``SMT`` module or its TorchScript export (its ``read_size`` and ``grid`` say how regions
+            are read).
+        num_focus: ``K``.
+        aggregation: ``max`` or ``mean`` over the layer-3 regions.
+        backend: slide backend (``auto``, ``cucim``, ``openslide``, ``tifffile``).
+        num_workers: region-reading threads.
+        device: where the network runs.
+        amp: bfloat16 autocast (default: where it is fast, ``fast_bf16``).
+        focus_source: ``q`` (SMT) or, for the ablations, ``score`` / ``attention``.
+        reader: a region reader to share (its open-slide cache serves the layer-1 views too); default: one
+            of its own, ``backend`` and ``num_workers`` apply to it.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        num_focus: int = 4,
+        aggregation: str = "max",
+        backend: str = "auto",
+        num_workers: int = 2,
+        device: torch.device | str = "cpu",
+        amp: bool | None = None,
+        focus_source: str = "q",
+        reader: RegionReader | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        self.network = network.to(self.device)
+        self.num_focus = num_focus
+        self.aggregation = aggregation
+        self.focus_source = focus_source
+        self.amp = fast_bf16(self.device) if amp is None else amp
+        read_size = int(network.read_size)
+        # Chunks of K regions: layer 3 reads its K^2 regions in K chunks, one read ahead of the network.
+        chunks = max(1, num_focus)
+        self.reader = reader or RegionReader(read_size, backend, num_workers, chunks, SlideCache(backend, 4))
+        self.load_view = LoadLayer1d(read_size, backend, cache=self.reader.cache)
+
+    def view(self, path: str | os.PathLike) -> dict[str, Any]:
+        """The slide's layer-1 view (``LoadLayer1d``), with ``load_s``, the seconds it took to read."""
+        start = time.perf_counter()
+        view = self.load_view({"image": os.fspath(path)})
+        view["load_s"] = time.perf_counter() - start
+        return view
+
+    def predict_view(self, view: dict[str, Any]) -> SlidePrediction:
+        """Predict a slide from its layer-1 view; an unreadable slide gives a result with ``error`` set."""
+        if view["error"]:
+            return SlidePrediction(path=view["path"], error=view["error"])
+        self.network.eval()
+        try:
+            result = predict_slide(
+                self.network,
+                view,
+                self.reader,
+                self.num_focus,
+                self.aggregation,
+                self.focus_source,
+                device=self.device,
+                amp=self.amp,
+            )
+        except SlideReadError as exc:
+            return SlidePrediction(path=view["path"], error=str(exc))
+        load_s = float(view.get("load_s", 0.0))
+        result.read_s += load_s
+        result.seconds += load_s
+        return result
+
+    def predict(self, path: str | os.PathLike) -> SlidePrediction:
+        """Predict one slide.
+
+        Raises:
+            SlideReadError: the slide cannot be read (the message names the file and the problem).
+        """
+        result = self.predict_view(self.view(path))
+        if result.error:
+            raise SlideReadError(result.path, result.error.removeprefix(f"{result.path}: "))
+        return result
+
+    def predict_many(self, paths: Iterable[str | os.PathLike]) -> Iterator[SlidePrediction]:
+        """Predict slides in order, yielding each result as it is done (errors as results with a reason).
+
+        The next slide's layer-1 view is read in a background thread while the current slide computes.
+        """
+        queue = list(paths)
+        with ThreadPoolExecutor(1) as loader:
+            pending: Future | None = loader.submit(self.view, queue[0]) if queue else None
+            for index in range(len(queue)):
+                assert pending is not None
+                view = pending.result()
+                pending = loader.submit(self.view, queue[index + 1]) if index + 1 < len(queue) else None
+                yield self.predict_view(view)
+
+    def close(self) -> None:
+        """Close the open slides."""
+        self.reader.close()
