@@ -160,7 +160,11 @@ def test_resume_passes_over_a_corrupt_newer_checkpoint_and_a_tie_keeps_the_earli
 
     with caplog.at_level(logging.WARNING, logger="smt_monai.handlers.checkpoint"):
         trainer = training(out, max_epochs=3, resume=True, scores=scores, run="second")
-    warnings = [r.getMessage() for r in caplog.records if r.name == "smt_monai.handlers.checkpoint"]
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "smt_monai.handlers.checkpoint" and r.levelno >= logging.WARNING
+    ]
     assert len(warnings) == 1 and str(newest) in warnings[0] and "truncated or corrupt" in warnings[0]
     trainer.run()
     assert trainer.state.epoch == 3
