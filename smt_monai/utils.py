@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,17 +41,64 @@ def fast_bf16(device: torch.device | str) -> bool:
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path`` (atomic on one filesystem).
 
-    Readers never see a half-written file, and an interrupted write leaves the previous file intact.
-    ``suffix`` ends the temporary name, for writers that choose the format from it (``.nii.gz``).
+    Readers never see a half-written file, and an interrupted write leaves the previous file intact. The
+    temporary file is flushed to disk before the rename and the folder after it, so that a crash or power
+    loss never leaves an empty or partial file under the final name. ``suffix`` ends the temporary name, for
+    writers that choose the format from it (``.nii.gz``). A killed process leaves its temporary file behind:
+    :func:`remove_stale_temporaries` clears those.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{suffix}")
     try:
         yield tmp
+        _fsync(tmp)
         os.replace(tmp, path)
+        with contextlib.suppress(OSError):  # some filesystems cannot sync a folder; the rename still stands
+            _fsync(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file or a folder) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ``.NAME.tmpPID`` and an optional suffix: the temporary names :func:`atomic_path` gives.
+_TEMPORARY_NAME = re.compile(r"\.(?P<name>.+)\.tmp(?P<pid>[1-9]\d*)(?P<suffix>.*)")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files of :func:`atomic_path` in ``folder`` whose writing process is gone.
+
+    A process killed while writing (``kill -9``, out of memory, power loss) leaves ``.NAME.tmpPID...``
+    behind; files of processes still running on this machine are kept. Returns the removed paths.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in sorted(folder.iterdir()):
+        match = _TEMPORARY_NAME.fullmatch(entry.name)
+        if match and entry.is_file() and not _process_alive(int(match.group("pid"))):
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 def prefetch(iterator: Iterator[T], depth: int = 1) -> Iterator[T]:

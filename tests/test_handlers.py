@@ -1,4 +1,5 @@
-"""Handlers on bare Ignite engines: staged activation, loss-weight ramp, score-bank persistence, metrics."""
+"""Handlers on bare Ignite engines: staged activation, loss-weight ramp, score-bank persistence (a crafted
+file refused), metrics."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from ignite.engine import Engine, Events
 from smt_monai.focus import ScoreBank
 from smt_monai.handlers import (
     BalancedAccuracy,
+    CheckpointError,
     FocusRate,
     LossWeightRamp,
     MetricsJSONWriter,
@@ -65,6 +67,37 @@ def test_score_bank_is_saved_each_epoch_and_restored_on_resume(tmp_path: Path) -
     assert len(restored) == 2
     torch.testing.assert_close(restored.get(["slide@2"]), bank.get(["slide@2"]))
     assert not list(tmp_path.glob(".*tmp*"))  # written atomically, nothing left behind
+
+
+class _Payload:
+    """A pickle that creates a file when unpickled: what a crafted ``score_bank.pt`` could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.marker,))
+
+
+def test_crafted_score_bank_is_refused_not_run(tmp_path: Path) -> None:
+    marker = tmp_path / "code_ran"
+    torch.save({"keys": ["x"], "scores": _Payload(marker)}, tmp_path / "score_bank.pt")
+    engine = Engine(lambda e, b: None)
+    ScoreBankPersistence(ScoreBank(), tmp_path / "score_bank.pt", resume=True).attach(engine)
+    with pytest.raises(CheckpointError, match="score_bank.pt: refused: it holds Python objects") as info:
+        engine.run([0])
+    assert not marker.exists()
+    assert "\n" not in str(info.value)
+
+
+def test_score_bank_of_the_wrong_shape_is_named(tmp_path: Path) -> None:
+    torch.save({"keys": ["x", "y"], "scores": torch.ones(3, 4)}, tmp_path / "score_bank.pt")
+    engine = Engine(lambda e, b: None)
+    ScoreBankPersistence(ScoreBank(), tmp_path / "score_bank.pt", resume=True).attach(engine)
+    with pytest.raises(
+        CheckpointError, match=r"score_bank.pt: not a score bank \(2 keys but scores of shape"
+    ):
+        engine.run([0])
 
 
 def test_bank_merge_unites_keys() -> None:

@@ -9,12 +9,14 @@ reads regions through the fastest path that backend offers:
 - tifffile: only the JPEG/Deflate tiles a region touches are read (``os.pread``) and decoded in a thread
   pool; MONAI's ``TiffFileWSIReader.get_data`` decodes the whole level on every call instead.
 
-Before cuCIM is chosen, the TIFF header is inspected: cuCIM is only used for tiled JPEG (and Aperio
-JPEG 2000) pyramids, because it crashes the process on some other encodings (e.g. Deflate with a predictor),
-and every region it returns as all zeros is re-read strictly, because it returns black pixels, with no
-error, for corrupt JPEG tiles. Whatever the backend, the pyramid levels are the real ones (never an SVS
-thumbnail, label or macro page), mpp comes from the file's metadata or is ``None``, and every problem with
-the file becomes a :class:`SlideReadError` naming the file.
+Before any backend opens a TIFF, :mod:`smt_monai.data.inspect` checks its header: every page's declared
+sizes against the file and a memory budget (a backend that trusts them can abort the process), the pixel
+format, the real levels. cuCIM is only used for tiled JPEG (and Aperio JPEG 2000) pyramids, because it
+crashes the process on some other encodings (e.g. Deflate with a predictor), and every region it returns as
+all zeros is re-read strictly, because it returns black pixels, with no error, for corrupt JPEG tiles.
+Whatever the backend, the pyramid levels are the real ones (never an SVS thumbnail, label or macro page),
+mpp comes from the file's metadata or is ``None``, and every problem with the file becomes a
+:class:`SlideReadError` naming the file.
 """
 
 from __future__ import annotations
@@ -22,25 +24,29 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from smt_monai.data.errors import SlideReadError
+from smt_monai.data.inspect import (
+    TIFF_MAGIC,
+    TiffInfo,
+    check_file,
+    check_pixel_format,
+    inspect_tiff,
+    jpeg_stream_problem,
+    touched_chunks,
+)
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("cucim", "openslide", "tifffile")
 WHITE = 255
-_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-# TIFF compression codes cuCIM decodes without risk: JPEG, Aperio JPEG 2000 (YCbCr and RGB).
-_CUCIM_SAFE_COMPRESSION = {7, 33003, 33005}
 
 
 _CUCIM_IMPORT: list[Any] = []
@@ -61,162 +67,6 @@ def cucim_available() -> bool:
             except Exception:  # any failure to load native libraries means: not available
                 _CUCIM_IMPORT.append(False)
         return bool(_CUCIM_IMPORT[0])
-
-
-@dataclass
-class TiffLevel:
-    """One real pyramid level of a TIFF: its page index, size, tiling and encoding."""
-
-    page_index: int
-    width: int
-    height: int
-    chunk_width: int
-    chunk_height: int
-    compression: int
-    offsets: tuple[int, ...]
-    bytecounts: tuple[int, ...]
-
-
-@dataclass
-class TiffInfo:
-    """What the TIFF header says about a slide, read without decoding any pixel."""
-
-    levels: list[TiffLevel]
-    samples_per_pixel: int
-    bits_per_sample: int
-    mpp: float | None
-    cucim_safe: bool
-    problems: list[str] = field(default_factory=list)
-
-
-def _tiff_mpp(page: Any) -> float | None:
-    """Microns per pixel from Aperio's ``MPP =`` or from resolution tags with a real unit; else ``None``."""
-    match = re.search(r"MPP\s*=\s*([0-9.eE+-]+)", page.description or "")
-    if match:
-        with contextlib.suppress(ValueError):
-            value = float(match.group(1))
-            if value > 0:
-                return value
-    tags = page.tags
-    if "XResolution" in tags and "ResolutionUnit" in tags:
-        num, den = tags["XResolution"].value
-        unit = int(tags["ResolutionUnit"].value)
-        per_unit_um = {2: 25400.0, 3: 10000.0}.get(unit)  # inch, centimeter; 1 = no absolute unit
-        if per_unit_um and num > 0 and den > 0:
-            return per_unit_um * den / num
-    return None
-
-
-def inspect_tiff(path: str) -> TiffInfo:
-    """Read a TIFF's header: real pyramid levels, pixel format, mpp, and whether cuCIM may read it.
-
-    Real levels are the pages of tifffile's first series (the baseline pyramid; SVS thumbnail, label and
-    macro pages are separate series) whose aspect ratio matches level 0 and whose size decreases.
-
-    Raises:
-        SlideReadError: the file is not a readable TIFF.
-    """
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            pages = [lvl.keyframe for lvl in series.levels]
-            base = pages[0]
-            levels: list[TiffLevel] = []
-            for page in pages:
-                if levels and not (
-                    page.imagewidth < levels[-1].width
-                    and abs(page.imagewidth / page.imagelength - base.imagewidth / base.imagelength)
-                    < 0.02 * base.imagewidth / base.imagelength
-                ):
-                    continue
-                chunk_h = page.tilelength if page.is_tiled else page.rowsperstrip
-                chunk_w = page.tilewidth if page.is_tiled else page.imagewidth
-                levels.append(
-                    TiffLevel(
-                        page_index=page.index,
-                        width=page.imagewidth,
-                        height=page.imagelength,
-                        chunk_width=chunk_w,
-                        chunk_height=min(chunk_h, page.imagelength),
-                        compression=int(page.compression),
-                        offsets=tuple(page.dataoffsets),
-                        bytecounts=tuple(page.databytecounts),
-                    )
-                )
-            info = TiffInfo(
-                levels=levels,
-                samples_per_pixel=int(base.samplesperpixel),
-                bits_per_sample=int(np.atleast_1d(base.bitspersample)[0]),
-                mpp=_tiff_mpp(base),
-                cucim_safe=all(lvl.compression in _CUCIM_SAFE_COMPRESSION for lvl in levels)
-                and all(pg.is_tiled for pg in pages),
-            )
-    except SlideReadError:
-        raise
-    except Exception as exc:
-        raise SlideReadError(path, f"corrupt or unsupported TIFF ({type(exc).__name__}: {exc})") from None
-    size = os.path.getsize(path)
-    for lvl in info.levels:
-        if any(off + cnt > size for off, cnt in zip(lvl.offsets, lvl.bytecounts)):
-            info.problems.append(
-                f"truncated TIFF: level {lvl.width}x{lvl.height} has tile data beyond the end of the file "
-                f"({size} bytes)"
-            )
-    return info
-
-
-def touched_chunks(lvl: TiffLevel, x0: int, y0: int, x1: int, y1: int) -> list[tuple[int, int, int]]:
-    """``(index, column, row)`` of the tiles (or strips) of ``lvl`` touched by ``[x0, x1) x [y0, y1)``."""
-    across = -(-lvl.width // lvl.chunk_width)
-    return [
-        (ty * across + tx, tx, ty)
-        for ty in range(y0 // lvl.chunk_height, (y1 - 1) // lvl.chunk_height + 1)
-        for tx in range(x0 // lvl.chunk_width, (x1 - 1) // lvl.chunk_width + 1)
-    ]
-
-
-def jpeg_stream_problem(head: bytes, tail: bytes) -> str | None:
-    """What is wrong with a JPEG tile's marker structure, or ``None``; reads headers only, decodes nothing.
-
-    cuCIM decodes corrupt JPEG tiles to zeros or garbage without an error, so its reads are guarded by this
-    check: the stream must start with SOI, every marker segment before SOS must have a sane length, and the
-    stream must end with EOI (trailing zero padding allowed).
-    """
-    if head[:2] != b"\xff\xd8":
-        return "JPEG tile does not start with an SOI marker"
-    pos = 2
-    while pos + 4 <= len(head):
-        if head[pos] != 0xFF:
-            return f"JPEG tile has bytes where a marker should be (offset {pos})"
-        marker = head[pos + 1]
-        if marker == 0xDA:
-            break
-        if marker == 0xFF or 0xD0 <= marker <= 0xD7 or marker == 0x01:
-            pos += 1 if marker == 0xFF else 2
-            continue
-        length = int.from_bytes(head[pos + 2 : pos + 4], "big")
-        if length < 2:
-            return "JPEG tile has a bogus marker length"
-        pos += 2 + length
-    if tail.rstrip(b"\x00")[-2:] != b"\xff\xd9":
-        return "JPEG tile is truncated (no EOI marker)"
-    return None
-
-
-def check_pixel_format(path: str, info: TiffInfo) -> None:
-    """Reject images that are not 8-bit RGB(A): H&E models expect 8-bit RGB.
-
-    Raises:
-        SlideReadError: grayscale, two-channel or non-8-bit images.
-    """
-    if info.samples_per_pixel < 3:
-        raise SlideReadError(
-            path, f"grayscale image ({info.samples_per_pixel} channel); H&E models expect 8-bit RGB"
-        )
-    if info.bits_per_sample != 8:
-        raise SlideReadError(path, f"{info.bits_per_sample}-bit image; H&E models expect 8-bit RGB")
 
 
 def slide_id_of(path: str | os.PathLike) -> str:
@@ -463,20 +313,6 @@ class Slide:
         return f"Slide({self.path!r}, backend={self.backend!r}, levels={self.level_dimensions})"
 
 
-def _check_file(path: str) -> bytes:
-    if not os.path.exists(path):
-        raise SlideReadError(path, "file does not exist")
-    if not os.path.isfile(path):
-        raise SlideReadError(path, "not a regular file")
-    if os.path.getsize(path) == 0:
-        raise SlideReadError(path, "file is empty (0 bytes)")
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(4)
-    except OSError as exc:
-        raise SlideReadError(path, f"cannot open file ({exc.strerror})") from None
-
-
 def _open_with(path: str, backend: str, tiff: TiffInfo | None) -> Slide:
     """Open ``path`` with one backend through MONAI's WSIReader and wrap it as a :class:`Slide`."""
     from monai.data import WSIReader
@@ -516,6 +352,8 @@ def _unusable_reason(backend: str, is_tiff: bool, tiff: TiffInfo | None, path: s
             return "OpenSlide does not recognise the format"
     elif not is_tiff:
         return "tifffile reads only TIFF files"
+    elif tiff is not None and not tiff.chunks_fit:
+        return "tifffile decodes whole strips, and this slide's exceed the memory budget"
     return None
 
 
@@ -536,13 +374,11 @@ def open_slide(path: str | os.PathLike, backend: str = "auto") -> Slide:
     path = os.fspath(path)
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
-    magic = _check_file(path)
-    is_tiff = magic in _TIFF_MAGIC
+    magic = check_file(path)
+    is_tiff = magic in TIFF_MAGIC
     tiff = inspect_tiff(path) if is_tiff else None
     if tiff is not None:
         check_pixel_format(path, tiff)
-        if tiff.problems:
-            raise SlideReadError(path, "; ".join(tiff.problems))
     candidates = BACKENDS if backend == "auto" else (backend,)
     reasons: list[str] = []
     for name in candidates:

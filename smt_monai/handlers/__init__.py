@@ -1,6 +1,6 @@
 """Ignite handlers of SMT training and evaluation, each a small class with ``attach(engine)``."""
 
-from smt_monai.handlers.checkpoint import TrainingCheckpoint
+from smt_monai.handlers.checkpoint import BestModelCheckpoint, CheckpointError, TrainingCheckpoint
 from smt_monai.handlers.metrics import BalancedAccuracy, FocusRate, QuadraticKappa, SlideAUC
 from smt_monai.handlers.reporting import MetricsJSONWriter, ProgressBarHandler
 from smt_monai.handlers.schedule import LossWeightRamp, StagedLayerActivation
@@ -8,6 +8,8 @@ from smt_monai.handlers.score_bank import ScoreBankPersistence
 
 __all__ = [
     "BalancedAccuracy",
+    "BestModelCheckpoint",
+    "CheckpointError",
     "FocusRate",
     "LossWeightRamp",
     "MetricsJSONWriter",

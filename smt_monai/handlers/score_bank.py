@@ -11,6 +11,7 @@ import torch.distributed as dist
 from ignite.engine import Engine, Events
 
 from smt_monai.focus.bank import ScoreBank
+from smt_monai.handlers.checkpoint import CheckpointError, is_main_process, load_trusted
 from smt_monai.utils import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -39,8 +40,18 @@ class ScoreBankPersistence:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def load(self, engine: Engine) -> None:
+        """Restore the bank from ``path`` when resuming and the file exists.
+
+        Raises:
+            CheckpointError: the file does not load as tensors and plain data (a crafted pickle is refused,
+                never run), or is not a score bank.
+        """
         if self.resume and self.path.exists():
-            self.bank.load_state_dict(torch.load(self.path, weights_only=False))
+            state = load_trusted(self.path, ("keys", "scores"))
+            try:
+                self.bank.load_state_dict(state)
+            except (TypeError, ValueError) as exc:
+                raise CheckpointError(self.path, f"not a score bank ({exc})") from None
             logger.info("score bank restored from %s (%d regions)", self.path, len(self.bank))
 
     def __call__(self, engine: Engine) -> None:
@@ -49,8 +60,8 @@ class ScoreBankPersistence:
             dist.all_gather_object(states, self.bank.state_dict())
             for state in states:
                 self.bank.merge_state_dict(state)
-            if dist.get_rank() != 0:
-                return
+        if not is_main_process():
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.path) as tmp:
             torch.save(self.bank.state_dict(), tmp)
