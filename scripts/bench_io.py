@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from smt_monai.data import child_boxes, open_slide, read_boxes, square_around, tissue_bbox
+from smt_monai.data.inspect import inspect_tiff, touched_chunks
 from smt_monai.data.regions import plan_read
-from smt_monai.data.slide import BACKENDS, cucim_available, inspect_tiff, touched_chunks
+from smt_monai.data.slide import BACKENDS, cucim_available
 
 
 def smt_pattern(slide_path: str, k: int, grid: int, seed: int = 0) -> list[np.ndarray]:

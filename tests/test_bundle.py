@@ -196,6 +196,8 @@ def test_evaluate_infer_and_export_from_the_command_line(tmp_path: Path) -> None
         str(exported),
         "--ckpt_file",
         str(run / "model.pt"),
+        "--key_in_ckpt",
+        "model",
         "--meta_file",
         str(CONFIGS / "metadata.json"),
         "--config_file",

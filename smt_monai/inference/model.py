@@ -19,8 +19,8 @@ def load_network(
 
     Args:
         network_def: the ``SMT`` module to load weights into (``checkpoint`` format only).
-        ckpt_path: ``model.pt`` (a state dict, as the bundle's ``CheckpointSaver`` writes it, possibly under a
-            ``model`` or ``network`` key) or ``model.ts`` (``ckpt_export`` output).
+        ckpt_path: ``model.pt`` (``BestModelCheckpoint``'s ``{"model": state dict, "best_metric", ...}``, or
+            a bare state dict) or ``model.ts`` (``ckpt_export`` output).
         model_format: ``checkpoint`` or ``torchscript``.
         device: where the network runs.
 

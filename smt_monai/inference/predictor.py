@@ -29,7 +29,7 @@ from smt_monai.data.slide import slide_id_of
 from smt_monai.handlers.metrics import balanced_accuracy, roc_auc
 from smt_monai.inference.api import SMTPredictor
 from smt_monai.inference.writers import write_focus_map, write_geojson, write_overlay
-from smt_monai.utils import atomic_path
+from smt_monai.utils import atomic_path, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +95,9 @@ class SlideListPredictor:
             NoSlideSucceededError: no slide succeeded (exit status 1).
         """
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (self.output_dir, *self.output_dir.iterdir()):
+            if folder.is_dir():
+                remove_stale_temporaries(folder)
         folders = output_folders([str(e["image"]) for e in self.slides])
         todo = {i for i, name in enumerate(folders) if not (self.output_dir / name / RESULT_FILE).exists()}
         resumed = len(self.slides) - len(todo)
