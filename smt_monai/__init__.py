@@ -14,10 +14,12 @@ _SUBPACKAGES = (
     "networks",
     "focus",
     "losses",
+    "cascade",
     "engines",
     "handlers",
     "inference",
     "baselines",
+    "benchmark",
     "deploy",
     "utils",
 )

@@ -51,15 +51,20 @@ class SlidePrediction:
     ``layer_probs[l]`` is layer ``l``'s own slide prediction (its regions aggregated); ``probs`` is the last
     layer's, SMT's. ``read_s`` and ``compute_s`` are the seconds spent waiting for region reads and in the
     network, ``seconds`` the whole prediction; ``error`` is the reason a slide could not be predicted (then
-    only ``path`` is set). ``dimensions`` (level-0 width, height), ``mpp`` (None when the file holds none),
-    ``backend`` and ``thumbnail`` (layer 1's ``(side, side, 3)`` uint8 input) describe the slide.
+    only ``path`` is set). ``dimensions`` (level-0 width, height), ``mpp`` (the level-0 um/px the slide was
+    read at; None when unknown), ``backend`` and ``fields`` (layer 1's ``(F, side, side, 3)`` uint8 inputs,
+    one per field of view) describe the slide; ``read_mpp`` is the resolution of layer 3's reads (the
+    model's ``layer3_mpp``, or the scan's where it is coarser; the region's um/px in the tissue geometry).
+    ``focus_map`` is ``(F, grid, grid)``, the layer-1 rank values of each field. ``prediction`` is the
+    class: for two classes P(positive) against ``threshold``, else the most probable.
     """
 
     path: str = ""
     dimensions: tuple[int, int] = (0, 0)
     mpp: float | None = None
     backend: str = ""
-    thumbnail: np.ndarray | None = None
+    fields: np.ndarray | None = None
+    read_mpp: float | None = None
     probs: np.ndarray = field(default_factory=lambda: np.zeros(0))
     layer_probs: list[np.ndarray] = field(default_factory=list)
     boxes: list[np.ndarray] = field(default_factory=list)
@@ -71,6 +76,8 @@ class SlidePrediction:
     read_s: float = 0.0
     compute_s: float = 0.0
     seconds: float = 0.0
+    threshold: float = 0.5
+    class_names: list[str] = field(default_factory=list)
     error: str = ""
 
     @property
@@ -78,9 +85,46 @@ class SlidePrediction:
         return not self.error
 
     @property
+    def positive(self) -> float:
+        """P(positive): the probability of the classes above 0."""
+        return float(self.probs[1:].sum())
+
+    @property
     def prediction(self) -> int:
-        """The predicted class: the argmax of ``probs``."""
+        """The predicted class (see the class docstring)."""
+        if len(self.probs) == 2:
+            return int(self.positive >= self.threshold)
         return int(np.argmax(self.probs))
+
+    @property
+    def label(self) -> str:
+        """The predicted class's name (``class_names``, else its number)."""
+        names = self.class_names or [str(c) for c in range(len(self.probs))]
+        return names[self.prediction]
+
+    def regions(self) -> list[dict[str, Any]]:
+        """Every region the cascade read, one row each: ``layer``, ``rank``, ``parent`` (row in the previous
+        layer), the level-0 box ``x``, ``y``, ``size`` in px and (when the mpp is known) ``x_um``, ``y_um``,
+        ``size_um``, the parent's focus value ``q`` (None in layer 1) and the region's ``p_positive``."""
+        rows = []
+        for layer, boxes in enumerate(self.boxes):
+            positive = self.region_probs[layer][:, 1:].sum(axis=1)
+            for row, (x, y, size) in enumerate(boxes):
+                q = float(self.focus[layer][row])
+                entry = {
+                    "layer": layer + 1,
+                    "rank": int(self.rank[layer][row]),
+                    "parent": int(self.parent[layer][row]),
+                    "x": float(x),
+                    "y": float(y),
+                    "size": float(size),
+                    "q": None if math.isnan(q) else q,
+                    "p_positive": float(positive[row]),
+                }
+                if self.mpp is not None:
+                    entry.update(x_um=x * self.mpp, y_um=y * self.mpp, size_um=size * self.mpp)
+                rows.append(entry)
+        return rows
 
 
 def predict_slide(
@@ -93,14 +137,15 @@ def predict_slide(
     num_layers: int = 3,
     device: torch.device | str = "cpu",
     amp: bool = False,
+    threshold: float = 0.5,
 ) -> SlidePrediction:
     """Run the cascade on one slide.
 
     Args:
         model: an ``SMT`` module (eager or TorchScript) with ``layer1..layer3``, ``grid`` and ``read_size``.
         view: the slide's layer-1 view, as :class:`~smt_monai.data.dataset.LoadLayer1d` makes it: ``path``,
-            ``image`` ``(3, read_size, read_size)`` uint8 and its level-0 ``box`` ``(3,)``; ``dimensions``,
-            ``mpp`` and ``backend`` are copied into the prediction.
+            ``image`` ``(F, 3, read_size, read_size)`` uint8, one per field of view, and their level-0
+            ``box`` ``(F, 3)``; ``dimensions``, ``mpp`` and ``backend`` are copied into the prediction.
         reader: reader of the focused regions (at the network's ``read_size``).
         num_focus: ``K``.
         aggregation: ``max`` or ``mean`` over the last layer's regions.
@@ -109,6 +154,7 @@ def predict_slide(
         num_layers: layers to run (fewer during the staged schedule; the last one run predicts).
         device: where the network runs.
         amp: bfloat16 autocast (``smt_monai.utils.fast_bf16`` says where it pays).
+        threshold: decision threshold on P(positive) of a binary model.
 
     Raises:
         SlideReadError: a region of the slide could not be read.
@@ -137,9 +183,13 @@ def predict_slide(
     width, height = (int(v) for v in view.get("dimensions", (0, 0)))
     result.path, result.backend, result.dimensions = path, str(view.get("backend", "")), (width, height)
     result.mpp = None if math.isnan(mpp) else mpp
-    result.thumbnail = images[0].permute(1, 2, 0).numpy()
+    result.fields = images.permute(0, 2, 3, 1).numpy()
+    if result.mpp is not None and len(passes) == 3:
+        region_mpp = float(np.mean(result.boxes[-1][:, 2])) * result.mpp / int(model.read_size)
+        result.read_mpp = max(region_mpp, result.mpp)
     result.read_s, result.compute_s = timings.get("read", 0.0), timings.get("compute", 0.0)
     result.seconds = time.perf_counter() - start
+    result.threshold = threshold
     return result
 
 
@@ -156,5 +206,5 @@ def _slide_prediction(passes: list[LayerPass], aggregation: str, grid: int) -> S
         result.layer_probs.append(aggregate(probs, aggregation))
     result.probs = result.layer_probs[-1]
     if passes[0].ranking is not None:
-        result.focus_map = passes[0].ranking[0].numpy().reshape(grid, grid)
+        result.focus_map = passes[0].ranking.numpy().reshape(-1, grid, grid)
     return result

@@ -60,6 +60,17 @@ def load_datalist(
     return validate_entries(entries, f"{path} [{split}]", base, require_label, check_files)
 
 
+def class_names(datalist: str | os.PathLike, num_classes: int) -> list[str]:
+    """Class names from a datalist's ``labels`` map (``{"0": "negative", "1": "tumour"}``, as MONAI's
+    decathlon datalists and ``smt-monai synth`` write it); ``class_<c>`` where it names none."""
+    try:
+        labels = json.loads(Path(datalist).read_text()).get("labels", {})
+    except (OSError, ValueError, AttributeError):
+        labels = {}
+    names = labels if isinstance(labels, dict) else {}
+    return [str(names.get(str(c), f"class_{c}")) for c in range(int(num_classes))]
+
+
 def validate_entries(
     entries: Any, source: str, base: Path, require_label: bool, check_files: bool
 ) -> list[dict[str, Any]]:

@@ -4,14 +4,17 @@ The App SDK owns the command line: ``-i`` the slides (a folder, one slide, a dat
 list), ``-o`` the output folder, ``-m`` the TorchScript model (``ckpt_export`` output, or a MONAI Application
 Package's ``models/`` folder holding it), ``-l`` the log level; ``HOLOSCAN_INPUT_PATH``,
 ``HOLOSCAN_OUTPUT_PATH`` and ``HOLOSCAN_MODEL_PATH`` stand in for them. Its parser rejects any other flag, so
-the inference options come from the environment, which is also how a packaged container is configured:
+the inference options come from the environment, which is also how a packaged container is configured.
+Unset, K, the aggregation and the threshold are the model's own (its card, carried in the export):
 
-=================== ======= =================================================
-``SMT_NUM_FOCUS``   ``4``   ``K``, patches magnified per region
-``SMT_AGGREGATION`` ``max`` ``max`` or ``mean`` over the layer-3 regions
-``SMT_BACKEND``     ``auto`` slide reader: ``auto``, ``cucim``, ``openslide``, ``tifffile``
-``SMT_NUM_WORKERS`` ``2``   region-reading threads
-=================== ======= =================================================
+===================== ======== ====================================================
+``SMT_NUM_FOCUS``     model's  ``K``, patches magnified per region
+``SMT_AGGREGATION``   model's  ``max`` or ``mean`` over the layer-3 regions
+``SMT_THRESHOLD``     model's  decision threshold on P(positive) of a binary model
+``SMT_DEFAULT_MPP``   none     the scanner's level-0 um/px for slides whose file holds none
+``SMT_BACKEND``       ``auto`` slide reader: ``auto``, ``cucim``, ``openslide``, ``tifffile``
+``SMT_NUM_WORKERS``   ``2``    region-reading threads
+===================== ======== ====================================================
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from smt_monai.data.slide import BACKENDS
 from smt_monai.deploy.operators import DeployError, SlideListLoaderOperator, SMTInferenceOperator
 
 
-def _positive_int(environ: Mapping[str, str], name: str, default: int) -> int:
+def _positive_int(environ: Mapping[str, str], name: str, default: int | None) -> int | None:
     value = environ.get(name, "").strip()
     if not value:
         return default
@@ -39,22 +42,39 @@ def _positive_int(environ: Mapping[str, str], name: str, default: int) -> int:
     return int(value)
 
 
-def _choice(environ: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+def _positive_float(environ: Mapping[str, str], name: str) -> float | None:
+    value = environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not number > 0:
+        raise DeployError(f"{name}={value!r}: expected a positive number")
+    return number
+
+
+def _choice(
+    environ: Mapping[str, str], name: str, default: str | None, choices: tuple[str, ...]
+) -> str | None:
     value = environ.get(name, "").strip() or default
-    if value not in choices:
+    if value is not None and value not in choices:
         raise DeployError(f"{name}={value!r}: expected one of {', '.join(choices)}")
     return value
 
 
 def options_from_env(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
-    """Inference options from ``SMT_*`` environment variables, defaults as in the bundle's inference config.
+    """Inference options from ``SMT_*`` environment variables; ``None``: the model's own.
 
     Raises:
         DeployError: a variable holds a value the predictor cannot use.
     """
     return {
-        "num_focus": _positive_int(environ, "SMT_NUM_FOCUS", 4),
-        "aggregation": _choice(environ, "SMT_AGGREGATION", "max", AGGREGATIONS),
+        "num_focus": _positive_int(environ, "SMT_NUM_FOCUS", None),
+        "aggregation": _choice(environ, "SMT_AGGREGATION", None, AGGREGATIONS),
+        "threshold": _positive_float(environ, "SMT_THRESHOLD"),
+        "default_mpp": _positive_float(environ, "SMT_DEFAULT_MPP"),
         "backend": _choice(environ, "SMT_BACKEND", "auto", ("auto", *BACKENDS)),
         "num_workers": _positive_int(environ, "SMT_NUM_WORKERS", 2),
     }

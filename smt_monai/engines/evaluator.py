@@ -17,7 +17,6 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from ignite.metrics import Metric
-from monai.data import decollate_batch
 from monai.engines import Evaluator
 from torch.utils.data import DataLoader
 
@@ -59,7 +58,8 @@ class SlideEvaluator(Evaluator):
 
     Args:
         device: where the network runs.
-        val_data_loader: loader of slide items (at least ``path`` or ``image``, and ``label``).
+        val_data_loader: loader of slide items (at least ``path`` or ``image``, and ``label``), batched as
+            lists (``collate_fn=smt_monai.data.view_list``).
         key_val_metric: ``{name: metric}`` that decides the best checkpoint.
         additional_metrics: more metrics.
         val_handlers: handlers to attach.
@@ -90,9 +90,9 @@ class SlideEvaluator(Evaluator):
         """Predict one slide item; ``None`` when it cannot be (the reason is logged)."""
         raise NotImplementedError
 
-    def _iteration(self, engine: SlideEvaluator, batchdata: dict[str, Any]) -> dict[str, Any]:
+    def _iteration(self, engine: SlideEvaluator, batchdata: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         labels, outcomes, seconds = [], [], []
-        for item in decollate_batch(batchdata, detach=False):
+        for item in batchdata:
             start = time.perf_counter()
             outcome = self.evaluate_slide(item)
             if outcome is None:

@@ -60,7 +60,7 @@ class SMTTrainer(Trainer):
     Args:
         device: where the network runs.
         max_epochs: epochs to train.
-        train_data_loader: loader of layer-1 items (``smt_monai.data.dataset.layer1_dataset``).
+        train_data_loader: loader of layer-1 views (``layer1_dataset``, batched by ``collate_views``).
         network: an ``SMT`` module.
         optimizer: optimiser over ``smt_param_groups(network)``.
         cascade: the training walk and its Eq. 7 losses (focusing, selection and loss settings).
@@ -125,22 +125,25 @@ class SMTTrainer(Trainer):
         self.state.skipped_slides.append((self.state.epoch, path))
 
     def _forward(self, batchdata: dict[str, Any], keep: list[int]) -> CascadeStep:
-        rows = torch.as_tensor(keep)
         paths = [batchdata["path"][i] for i in keep]
         annotations = [batchdata["annotation"][i] for i in keep]
+        field_slide = torch.as_tensor(batchdata["field_slide"])
+        fields = torch.isin(field_slide, torch.as_tensor(keep)).nonzero().squeeze(1)
+        renumbered = torch.searchsorted(torch.as_tensor(keep), field_slide[fields]).numpy()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.state.device.type, dtype=torch.bfloat16, enabled=self.amp):
             return self.cascade(
                 self.network,
-                batchdata["image"][rows].to(self.state.device),
-                batchdata["box"][rows],
-                torch.as_tensor(batchdata["label"])[rows],
+                batchdata["image"][fields].to(self.state.device),
+                batchdata["box"][fields],
+                torch.as_tensor(batchdata["label"])[torch.as_tensor(keep)],
                 [batchdata["slide_id"][i] for i in keep],
                 lambda index, boxes: self.reader.chunks(paths, index, boxes),
                 lambda index, boxes: self.overlap(annotations, index, boxes),
                 self.state.num_layers,
                 self.state.lambda_fwd,
                 self.state.lambda_bwd,
+                renumbered,
             )
 
     def _backward(self, step: CascadeStep, paths: list[str]) -> dict[str, float]:

@@ -218,9 +218,9 @@ class BestModelCheckpoint:
     Attach it to the validation evaluator. Higher is better; a tie goes to the later epoch (the most trained
     of equally good models), so an epoch re-run after a resume that fell back to an earlier checkpoint does
     not replace the model that epoch already gave. The file holds ``{"model": network.state_dict(),
-    "best_metric": ..., "best_epoch": ..., **metadata}`` and loads with ``weights_only=True``; with
-    ``resume``, the best score and epoch are read back from it, so a worse epoch of the resumed run does not
-    replace the best model of the run before.
+    "best_metric": ..., "best_epoch": ..., "metrics": {every finite validation metric}, **metadata}`` and
+    loads with ``weights_only=True``; with ``resume``, the best score and epoch are read back from it, so a
+    worse epoch of the resumed run does not replace the best model of the run before.
 
     Args:
         save_dir: folder of the model file.
@@ -229,7 +229,7 @@ class BestModelCheckpoint:
         metric_name: the metric to compare; ``None``: the engine's key metric (``state.key_metric_name``).
         resume: read the best score of an earlier run from the model file, if it exists.
         metadata: entries added to the file (plain data and tensors), or a function returning them at each
-            save; they may not use the keys ``model``, ``best_metric`` or ``best_epoch``.
+            save; they may not use the keys ``model``, ``best_metric``, ``best_epoch`` or ``metrics``.
     """
 
     def __init__(
@@ -275,15 +275,18 @@ class BestModelCheckpoint:
         ):
             return
         metadata = dict(self.metadata() if callable(self.metadata) else self.metadata or {})
-        if clash := sorted(set(metadata) & set(_BEST_KEYS)):
+        if clash := sorted(set(metadata) & {*_BEST_KEYS, "metrics"}):
             raise ValueError(f"metadata may not use the keys {clash}")
         self.best_metric, self.best_epoch = current, epoch
         if not is_main_process():
             return
+        metrics = {
+            name: float(value)
+            for name, value in engine.state.metrics.items()
+            if isinstance(value, (int, float)) and math.isfinite(value)
+        }
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        saved = {"model": self.network.state_dict(), "best_metric": current, "best_epoch": epoch}
         with atomic_path(self.path) as tmp:
-            torch.save(
-                {"model": self.network.state_dict(), "best_metric": current, "best_epoch": epoch, **metadata},
-                tmp,
-            )
+            torch.save({**saved, "metrics": metrics, **metadata}, tmp)
         logger.info("saved %s (%g at epoch %d)", self.path, current, epoch)

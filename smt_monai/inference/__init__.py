@@ -1,7 +1,15 @@
-"""SMT at inference: the Python API, slide-list prediction, the result writers and model loading."""
+"""SMT at inference: the Python API, slide-list prediction, the result writers and the model file."""
 
 from smt_monai.inference.api import SMTPredictor
-from smt_monai.inference.model import load_network
+from smt_monai.inference.model import CARD_KEY, ModelCard, ModelFileError, load_model
 from smt_monai.inference.predictor import NoSlideSucceededError, SlideListPredictor
 
-__all__ = ["NoSlideSucceededError", "SMTPredictor", "SlideListPredictor", "load_network"]
+__all__ = [
+    "CARD_KEY",
+    "ModelCard",
+    "ModelFileError",
+    "NoSlideSucceededError",
+    "SMTPredictor",
+    "SlideListPredictor",
+    "load_model",
+]

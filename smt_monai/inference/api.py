@@ -1,7 +1,7 @@
 """The Python API of a trained SMT: slides in, :class:`~smt_monai.cascade.SlidePrediction` objects out.
 
-    predictor = SMTPredictor(network, num_focus=4)
-    result = predictor.predict("slide.svs")
+    predictor = SMTPredictor.from_checkpoint("model.pt")
+    result = predictor.predict("slide.svs")   # result.probs, result.label, result.regions(), ...
     for result in predictor.predict_many(paths): ...
 
 A predictor owns the slide reading (an open-slide cache shared by the layer-1 loader and the region reader)
@@ -23,18 +23,24 @@ import torch
 from smt_monai.cascade.prediction import SlidePrediction, predict_slide
 from smt_monai.data.dataset import LoadLayer1d
 from smt_monai.data.errors import SlideReadError
+from smt_monai.data.magnification import LayerScale
 from smt_monai.data.regions import RegionReader, SlideCache
+from smt_monai.inference.model import ModelCard, load_model
 from smt_monai.utils import fast_bf16
 
 
 class SMTPredictor:
     """A trained SMT network with everything needed to predict slides.
 
+    Settings left ``None`` come from the model card the network carries (``load_model``), or the defaults
+    (K = 4, ``max``, 0.5, ``class_0 ..``) for a network without one.
+
     Args:
-        network: an ``SMT`` module or its TorchScript export (its ``read_size`` and ``grid`` say how regions
-            are read).
+        network: an ``SMT`` module or its TorchScript export (its ``read_size``, ``grid``, ``geometry`` and
+            ``layer3_mpp`` say how regions are read).
         num_focus: ``K``.
         aggregation: ``max`` or ``mean`` over the layer-3 regions.
+        threshold: decision threshold on P(positive) of a binary model.
         backend: slide backend (``auto``, ``cucim``, ``openslide``, ``tifffile``).
         num_workers: region-reading threads.
         device: where the network runs.
@@ -42,31 +48,52 @@ class SMTPredictor:
         focus_source: ``q`` (SMT) or, for the ablations, ``score`` / ``attention``.
         reader: a region reader to share (its open-slide cache serves the layer-1 views too); default: one
             of its own, ``backend`` and ``num_workers`` apply to it.
+        default_mpp: the scanner's level-0 um/px for slides whose file holds none.
     """
 
     def __init__(
         self,
         network: torch.nn.Module,
-        num_focus: int = 4,
-        aggregation: str = "max",
+        num_focus: int | None = None,
+        aggregation: str | None = None,
         backend: str = "auto",
         num_workers: int = 2,
         device: torch.device | str = "cpu",
         amp: bool | None = None,
         focus_source: str = "q",
         reader: RegionReader | None = None,
+        default_mpp: float | None = None,
+        threshold: float | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.network = network.to(self.device)
-        self.num_focus = num_focus
-        self.aggregation = aggregation
+        card = ModelCard.of(network) if getattr(network, "card", "") else None
+        classes = int(network.layer3.head.out_features) if hasattr(network.layer3, "head") else 2
+        self.num_focus = int(num_focus or (card.num_focus if card else 4))
+        self.aggregation = aggregation or (card.aggregation if card else "max")
+        self.threshold = float(threshold if threshold is not None else card.threshold if card else 0.5)
+        self.class_names = card.class_names if card else [f"class_{c}" for c in range(classes)]
         self.focus_source = focus_source
         self.amp = fast_bf16(self.device) if amp is None else amp
         read_size = int(network.read_size)
         # Chunks of K regions: layer 3 reads its K^2 regions in K chunks, one read ahead of the network.
-        chunks = max(1, num_focus)
+        chunks = self.num_focus
         self.reader = reader or RegionReader(read_size, backend, num_workers, chunks, SlideCache(backend, 4))
-        self.load_view = LoadLayer1d(read_size, backend, cache=self.reader.cache)
+        self.load_view = LoadLayer1d(
+            LayerScale.of(network), backend, cache=self.reader.cache, default_mpp=default_mpp
+        )
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | os.PathLike, device: torch.device | str = "cpu", **options: Any
+    ) -> SMTPredictor:
+        """A predictor of the model file at ``path`` (``model.pt`` or ``model.ts``), with its own settings
+        unless ``options`` (any argument of the constructor) say otherwise.
+
+        Raises:
+            ModelFileError: the file is missing or not a self-describing smt-monai model.
+        """
+        return cls(load_model(path, device), device=device, **options)
 
     def view(self, path: str | os.PathLike) -> dict[str, Any]:
         """The slide's layer-1 view (``LoadLayer1d``), with ``load_s``, the seconds it took to read."""
@@ -90,9 +117,11 @@ class SMTPredictor:
                 self.focus_source,
                 device=self.device,
                 amp=self.amp,
+                threshold=self.threshold,
             )
         except SlideReadError as exc:
             return SlidePrediction(path=view["path"], error=str(exc))
+        result.class_names = list(self.class_names)
         load_s = float(view.get("load_s", 0.0))
         result.read_s += load_s
         result.seconds += load_s

@@ -1,46 +1,258 @@
-"""Loading a trained SMT for inference: the eager checkpoint or its TorchScript export."""
+"""A trained SMT as a file that says what it is, loaded back with its path alone.
+
+``model.pt`` holds, beside the weights (``"model"``), a model card under ``"smt_monai"``
+(:class:`ModelCard`): the network config (preset and every ``SMTConfig`` field, the geometry included:
+``geometry`` and ``layer3_mpp``), the class names, the input normalisation, the inference settings it was
+trained and validated with (K, aggregation, decision threshold), the package version, and a summary of its
+training data; :class:`~smt_monai.handlers.BestModelCheckpoint` adds the best validation score, its epoch and
+the validation metrics. Everything is plain data, so the file loads with ``torch.load(weights_only=True)``
+and a crafted file cannot run code. :func:`load_model` rebuilds the network from the card and keeps the card
+on it as JSON (``network.card``, a string a TorchScript export carries too), so evaluation, inference,
+``ckpt_export`` and the Deploy app all read the model's own settings.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 
-MODEL_FORMATS = ("checkpoint", "torchscript")
+from smt_monai import __version__
+from smt_monai.networks.normalization import HE_OD_MEAN, HE_OD_STD
+from smt_monai.networks.smt import SMT, SMTConfig
+
+CARD_KEY = "smt_monai"
+STRUCTURE = ("preset", *(f.name for f in dataclasses.fields(SMTConfig)))
+"""What a user may state when loading a model, checked against its card (``load_model``'s ``expect``)."""
 
 
-def load_network(
-    network_def: torch.nn.Module | None,
-    ckpt_path: str | os.PathLike,
-    model_format: str = "checkpoint",
-    device: torch.device | str = "cpu",
-) -> torch.nn.Module:
-    """The network to run, in eval mode on ``device``.
+class ModelFileError(ValueError):
+    """A model file that cannot be used as given; the message names the file and says what to do."""
+
+    def __init__(self, path: str | os.PathLike, problem: str) -> None:
+        self.path = str(path)
+        super().__init__(f"{self.path}: {' '.join(problem.split())}")
+
+
+def normalisation() -> dict[str, Any]:
+    """The input normalisation this version applies (``normalize_he``), recorded with every model."""
+    return {"name": "normalize_he", "od_mean": list(HE_OD_MEAN), "od_std": HE_OD_STD}
+
+
+@dataclass
+class ModelCard:
+    """What a trained SMT is and how it is meant to be used.
+
+    Attributes:
+        preset: the preset the network was built from (``paper`` or ``tiny``).
+        network: every ``SMTConfig`` field (the geometry included).
+        class_names: one name per class (class 0 negative).
+        num_focus: ``K`` it was trained and validated with.
+        aggregation: ``max`` or ``mean`` over the layer-3 regions.
+        threshold: decision threshold on P(positive) of a binary model.
+        normalization: the input normalisation (``normalisation()``).
+        version: the smt-monai version that trained it.
+        training: what it was trained on and how (datalist, slide counts, schedule).
+        validation: best validation score, its epoch and the validation metrics then.
+    """
+
+    preset: str
+    network: dict[str, Any]
+    class_names: list[str]
+    num_focus: int = 4
+    aggregation: str = "max"
+    threshold: float = 0.5
+    normalization: dict[str, Any] = field(default_factory=normalisation)
+    version: str = __version__
+    training: dict[str, Any] = field(default_factory=dict)
+    validation: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def for_training(
+        cls,
+        network: SMT,
+        preset: str,
+        class_names: Sequence[str] | None = None,
+        num_focus: int = 4,
+        aggregation: str = "max",
+        threshold: float = 0.5,
+        training: Mapping[str, Any] | None = None,
+    ) -> ModelCard:
+        """The card of a network about to be trained (``train.yaml``'s ``model_card``)."""
+        config = dataclasses.asdict(network.config)
+        names = list(class_names) if class_names else [f"class_{c}" for c in range(config["num_classes"])]
+        if len(names) != config["num_classes"]:
+            raise ValueError(f"{len(names)} class names for {config['num_classes']} classes: {names}")
+        return cls(preset, _plain(config), names, int(num_focus), aggregation, float(threshold),
+                   training=_plain(dict(training or {})))  # fmt: skip
+
+    @classmethod
+    def of(cls, network: Any) -> ModelCard:
+        """The card a loaded network carries (``network.card``, eager or TorchScript).
+
+        Raises:
+            ValueError: the network carries none (it was not made by ``load_model``).
+        """
+        text = str(getattr(network, "card", "") or "")
+        if not text:
+            raise ValueError(
+                "this network carries no model card: load it with smt_monai.inference.load_model"
+            )
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], path: str | os.PathLike = "model") -> ModelCard:
+        """A card from its ``to_dict`` form.
+
+        Raises:
+            ModelFileError: keys are missing or unknown.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        required -= {f.name for f in dataclasses.fields(cls) if f.default_factory is not dataclasses.MISSING}
+        if missing := sorted(required - set(data)):
+            raise ModelFileError(path, f"the model card lacks {missing}")
+        if unknown := sorted(set(data) - names):
+            raise ModelFileError(path, f"the model card has unknown entries {unknown} (a newer smt-monai?)")
+        return cls(**dict(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def metadata(self) -> dict[str, Any]:
+        """The entry of ``model.pt`` that holds the card (``BestModelCheckpoint``'s ``metadata``)."""
+        return {CARD_KEY: self.to_dict()}
+
+    def config(self) -> SMTConfig:
+        return SMTConfig(**self.network)
+
+    def describe(self) -> str:
+        """One paragraph a user reads before running the model."""
+        net = self.network
+        lines = [
+            f"SMT, preset {self.preset}: grid {net['grid']}, patch {net['patch_size']} px, "
+            f"{net['num_classes']} classes ({', '.join(self.class_names)})",
+            f"geometry {net['geometry']}"
+            + (f", layer 3 reads at {net['layer3_mpp']:g} um/px" if net["geometry"] == "physical" else ""),
+            f"K = {self.num_focus}, aggregation {self.aggregation}, threshold {self.threshold:g}",
+            f"trained with smt-monai {self.version}",
+        ]
+        if self.validation:
+            best = self.validation.get("best_metric")
+            lines.append(f"best validation score {best} at epoch {self.validation.get('best_epoch')}")
+        return "\n".join(lines)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON-like plain data (tuples to lists, tensors to lists, NaN to None)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _plain(value.tolist())
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", **expect: Any) -> torch.nn.Module:
+    """The trained network at ``path`` (``model.pt`` or its TorchScript export), in eval mode on ``device``,
+    with its card as ``network.card``.
 
     Args:
-        network_def: the ``SMT`` module to load weights into (``checkpoint`` format only).
-        ckpt_path: ``model.pt`` (``BestModelCheckpoint``'s ``{"model": state dict, "best_metric", ...}``, or
-            a bare state dict) or ``model.ts`` (``ckpt_export`` output).
-        model_format: ``checkpoint`` or ``torchscript``.
+        path: the model file.
         device: where the network runs.
+        **expect: settings the caller states (``preset``, ``grid``, ``patch_size``, any ``SMTConfig`` field);
+            ``None`` values are ignored, others must equal the card's.
 
     Raises:
-        FileNotFoundError: ``ckpt_path`` does not exist.
-        ValueError: unknown ``model_format``, or ``checkpoint`` without ``network_def``.
+        ModelFileError: the file is missing, not a model, a bare state dict without card, or contradicts
+            ``expect``; the message names the file and the values.
     """
-    if model_format not in MODEL_FORMATS:
-        raise ValueError(f"model_format must be one of {MODEL_FORMATS}, got {model_format!r}")
-    if not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(f"{ckpt_path}: model file does not exist (train first, or pass --ckpt_path)")
-    if model_format == "torchscript":
-        network = torch.jit.load(str(ckpt_path), map_location=device)
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(path, "model file does not exist (train first, or pass --ckpt_path)")
+    if _is_torchscript(path):
+        network = torch.jit.load(str(path), map_location=device)
+        card = ModelCard.of(network)
     else:
-        if network_def is None:
-            raise ValueError("model_format 'checkpoint' needs network_def")
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        for key in ("model", "network"):
-            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-                state = state[key]
-        network_def.load_state_dict(state)
-        network = network_def.to(device)
-    return network.eval()
+        content = _load(path, device)
+        if not isinstance(content, dict) or CARD_KEY not in content:
+            raise ModelFileError(
+                path,
+                "holds weights without a model card (a state dict saved by an older smt-monai or another "
+                "tool): retrain with this version, or build the network yourself (SMT(preset=..., grid=..., "
+                "patch_size=..., geometry='tissue')) and load_state_dict the weights",
+            )
+        card = ModelCard.from_dict(content[CARD_KEY], path)
+        card.validation = _plain(
+            {k: content[k] for k in ("best_metric", "best_epoch", "metrics") if k in content}
+        )
+        network = SMT(config=card.config())
+        try:
+            network.load_state_dict(content["model"])
+        except RuntimeError as exc:
+            problem = str(exc).split("\n")[0]
+            raise ModelFileError(
+                path, f"weights do not fit the network its card describes ({problem})"
+            ) from None
+        network.card = card.to_json()
+    _check(path, card, expect)
+    return network.to(device).eval()
+
+
+def _is_torchscript(path: Path) -> bool:
+    """TorchScript exports are zip archives holding ``constants.pkl`` and code; checkpoints are not."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/code/__torch__.py") or "/code/" in name for name in archive.namelist())
+
+
+def _load(path: Path, device: torch.device | str) -> Any:
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # a crafted pickle, a truncated or foreign file: never unpickle code
+        problem = " ".join(str(exc).split("\n")[0].split())[:300]
+        raise ModelFileError(
+            path, f"not a loadable smt-monai model ({type(exc).__name__}: {problem})"
+        ) from None
+
+
+def _check(path: Path, card: ModelCard, expect: Mapping[str, Any]) -> None:
+    """Every stated value equals the card's; the normalisation is this version's."""
+    if unknown := sorted(set(expect) - set(STRUCTURE)):
+        raise ValueError(f"cannot check {unknown} against a model card; known: {STRUCTURE}")
+    recorded = {"preset": card.preset, **card.network}
+    for key, value in expect.items():
+        if value is None:
+            continue
+        have = recorded[key]
+        same = math.isclose(float(value), float(have)) if isinstance(have, float) else _plain(value) == have
+        if not same:
+            raise ModelFileError(
+                path,
+                f"{key} {value!r} was given, but the model was trained with {key} {have!r}; leave it out "
+                "(the model file says it)",
+            )
+    if card.normalization != normalisation():
+        raise ModelFileError(
+            path,
+            f"was trained with input normalisation {card.normalization}, this smt-monai applies "
+            f"{normalisation()}: use the version that trained it ({card.version})",
+        )

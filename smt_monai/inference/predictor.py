@@ -58,14 +58,17 @@ class SlideListPredictor:
         network: an ``SMT`` module or its TorchScript export.
         slides: entries ``{"image": path, "label": optional int}`` (``smt_monai.data.load_slide_list``).
         output_dir: where results go.
-        num_focus: ``K``.
-        aggregation: ``max`` or ``mean`` over the layer-3 regions.
+        num_focus: ``K`` (default: the model card's).
+        aggregation: ``max`` or ``mean`` over the layer-3 regions (default: the model card's).
         backend: slide backend.
         num_workers: region-reading threads.
         device: where the network runs.
         amp: bfloat16 autocast (``smt_monai.utils.fast_bf16`` says where it pays).
-        class_names: names of the probability columns (default ``prob_0``, ``prob_1``, ...).
+        class_names: class names (default: the model card's); column ``prob_<name>`` holds each class's
+            probability and ``class`` the predicted one's name.
         progress: show a progress bar.
+        default_mpp: the scanner's level-0 um/px for slides whose file holds none.
+        threshold: decision threshold on P(positive) of a binary model (default: the model card's).
     """
 
     def __init__(
@@ -73,20 +76,27 @@ class SlideListPredictor:
         network: torch.nn.Module,
         slides: Sequence[Mapping[str, Any]],
         output_dir: str | os.PathLike,
-        num_focus: int = 4,
-        aggregation: str = "max",
+        num_focus: int | None = None,
+        aggregation: str | None = None,
         backend: str = "auto",
         num_workers: int = 2,
         device: torch.device | str = "cpu",
         amp: bool = False,
         class_names: Sequence[str] | None = None,
         progress: bool = True,
+        default_mpp: float | None = None,
+        threshold: float | None = None,
     ) -> None:
         self.slides = list(slides)
         self.output_dir = Path(output_dir)
-        self.class_names = list(class_names) if class_names else None
         self.progress = progress
-        self.predictor = SMTPredictor(network, num_focus, aggregation, backend, num_workers, device, amp)
+        self.predictor = SMTPredictor(
+            network, num_focus, aggregation, backend, num_workers, device, amp,
+            default_mpp=default_mpp, threshold=threshold,
+        )  # fmt: skip
+        if class_names:
+            self.predictor.class_names = list(class_names)
+        self.prob_columns = [f"prob_{name}" for name in self.predictor.class_names]
 
     def run(self) -> dict[str, Any]:
         """Process every slide; returns the summary (also written to ``summary.json``).
@@ -149,9 +159,11 @@ class SlideListPredictor:
         write_overlay(
             prediction, prediction.thumbnail, out / "overlay.png", title=self._title(entry, prediction)
         )
-        row.update(status="ok", prediction=prediction.prediction)
+        row.update(status="ok", prediction=prediction.prediction, **{"class": prediction.label})
         row.update(self._prob_columns(prediction))
         row.update(
+            scan_mpp="" if prediction.mpp is None else round(prediction.mpp, 4),
+            read_mpp="" if prediction.read_mpp is None else round(prediction.read_mpp, 4),
             read_s=round(prediction.read_s, 4),
             compute_s=round(prediction.compute_s, 4),
             total_s=round(prediction.seconds, 4),
@@ -161,17 +173,16 @@ class SlideListPredictor:
         return row
 
     def _prob_columns(self, prediction: SlidePrediction) -> dict[str, float]:
-        names = self.class_names or [f"prob_{c}" for c in range(len(prediction.probs))]
-        return {name: round(float(p), 6) for name, p in zip(names, prediction.probs)}
+        return {name: round(float(p), 6) for name, p in zip(self.prob_columns, prediction.probs)}
 
     def _title(self, entry: Mapping[str, Any], prediction: SlidePrediction) -> str:
         label = f", label {entry['label']}" if entry.get("label", "") != "" else ""
         return f"{Path(str(entry['image'])).name}: P(positive) = {prediction.probs[1:].sum():.3f}{label}"
 
     def _write_tables(self, rows: list[dict[str, Any]], resumed: int) -> dict[str, Any]:
-        prob_columns = self.class_names or sorted({k for r in rows for k in r if k.startswith("prob_")})
-        columns = ["image", "status", "error", "label", "prediction", *prob_columns]
-        columns += ["read_s", "compute_s", "total_s", "backend"]
+        prob_columns = self.prob_columns
+        columns = ["image", "status", "error", "label", "prediction", "class", *prob_columns]
+        columns += ["scan_mpp", "read_mpp", "read_s", "compute_s", "total_s", "backend"]
         with atomic_path(self.output_dir / "predictions.csv") as tmp, open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()

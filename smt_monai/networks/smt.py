@@ -15,7 +15,8 @@ inputs already pooled: the bundle's readers deliver the latter, so resizing and 
 
 TorchScript: ``torch.jit.script(SMT(...))`` works; the scripted module runs any layer with
 ``forward(x, layer)``, exposes the layers as ``.layer1``, ``.layer2``, ``.layer3`` and keeps ``grid``,
-``input_size`` and ``read_size``, so an export carries the geometry its readers need.
+``input_size``, ``read_size``, ``geometry``, ``layer3_mpp`` and ``card`` (the model card as JSON), so an
+export carries the geometry its readers need and the settings it was trained with.
 """
 
 import dataclasses
@@ -47,6 +48,11 @@ class SMTConfig:
         stem_channels: channels of the stem's strided convolutions.
         stem_strides: strides of the stem's strided convolutions.
         focus_grad_to_encoder: whether the losses on ``q`` reach the encoders (default False).
+        geometry: what a layer sees of a slide (``smt_monai.data.magnification``): ``"physical"``, a fixed
+            um/px per layer, or ``"tissue"``, layer 1 on the square around the tissue.
+        layer3_mpp: um/px of the images layer 3 reads (``read_size`` px); layer ``l`` reads at
+            ``layer3_mpp * grid**(3 - l)``. 1.0 for both presets: the paper preset's 2048 px inputs are then
+            at 0.25 um/px (40x) before the stem's pooling.
     """
 
     grid: int = 8
@@ -62,12 +68,17 @@ class SMTConfig:
     stem_channels: Sequence[int] = (32, 128)
     stem_strides: Sequence[int] = (4, 4)
     focus_grad_to_encoder: bool = False
+    geometry: str = "physical"
+    layer3_mpp: float = 1.0
 
     def __post_init__(self) -> None:
         # Configs arrive from YAML/JSON with lists; keep the frozen config hashable and comparable.
         object.__setattr__(self, "stem_channels", tuple(self.stem_channels))
         object.__setattr__(self, "stem_strides", tuple(self.stem_strides))
 
+
+SCALE_FIELDS = ("geometry", "layer3_mpp")
+"""``SMTConfig`` fields that say how the model sees a slide rather than how a layer is built."""
 
 PRESETS: dict[str, SMTConfig] = {
     "paper": SMTConfig(),
@@ -108,7 +119,12 @@ class SMT(nn.Module):
         self.grid = config.grid
         self.input_size = config.grid * config.patch_size
         self.read_size = self.input_size // config.stem_pool
-        layer_kwargs = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        self.geometry = config.geometry
+        self.layer3_mpp = float(config.layer3_mpp)
+        self.card = ""  # the model card as JSON once trained weights are loaded (smt_monai.inference.model)
+        layer_kwargs = {
+            f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in SCALE_FIELDS
+        }
         self.layer1 = SMTLayer(**layer_kwargs, focus=True)
         self.layer2 = SMTLayer(**layer_kwargs, focus=True)
         self.layer3 = SMTLayer(**layer_kwargs, focus=False)
