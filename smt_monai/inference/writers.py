@@ -74,8 +74,13 @@ def focus_geojson(prediction: SlidePrediction, width: int, height: int, marked: 
     ``properties.isLocked``; ``properties.measurements`` as an object of name -> number (QuPath reads it
     into the object's measurement list, shown in its measurement tables; the list form
     ``[{"name", "value"}]`` is QuPath 0.3's). Coordinates are level-0 pixels with the origin at the top left,
-    as QuPath's (qupath-docs, "Exporting annotations"). JSON has no NaN, so a value that is not a number
-    (``q`` of layer 1, which no parent chose) is left out rather than written as null.
+    as QuPath's (qupath-docs, "Exporting annotations"). QuPath reads measurements as numbers and JSON has no
+    NaN, so a value that is not a number (``q`` of layer 1, which no parent chose) is left out of the
+    measurements (the plain ``focus`` property is null).
+
+    Measurements: ``P(positive)`` (``sum_{c>0} p_c``), ``P(class c)`` for each positive class when there are
+    more than two, ``q`` (the parent patch's focus that chose the region), ``layer`` and ``rank`` (0 = the
+    highest ``q`` among the regions one parent chose).
 
     Args:
         prediction: the slide's cascade result.
@@ -99,14 +104,7 @@ def focus_geojson(prediction: SlidePrediction, width: int, height: int, marked: 
             focus = float(prediction.focus[layer - 1][row])
             q = None if math.isnan(focus) else round(focus, 6)
             rank = int(prediction.rank[layer - 1][row])
-            measurements: dict[str, float] = {"P(positive)": p}
-            if probs.shape[1] > 2:
-                measurements.update(
-                    {f"P(class {c})": round(float(probs[row, c]), 6) for c in range(1, probs.shape[1])}
-                )
-            if q is not None:
-                measurements["q"] = q
-            measurements.update(layer=layer, rank=rank)
+            measurements = _measurements(p, probs[row], q, layer, rank)
             name = f"layer {layer}: P(positive) {p:.2f}"
             if layer == last and row in numbers:
                 name = f"#{numbers[row]} {name}"
@@ -136,6 +134,18 @@ def focus_geojson(prediction: SlidePrediction, width: int, height: int, marked: 
                 }
             )
     return {"type": "FeatureCollection", "features": features}
+
+
+def _measurements(p: float, probs: np.ndarray, q: float | None, layer: int, rank: int) -> dict[str, float]:
+    """QuPath measurements of one region: P(positive) ``p``, class probabilities ``(C,)`` (see
+    ``focus_geojson``)."""
+    measurements = {"P(positive)": p}
+    if len(probs) > 2:
+        measurements.update({f"P(class {c})": round(float(probs[c]), 6) for c in range(1, len(probs))})
+    if q is not None:
+        measurements["q"] = q
+    measurements.update(layer=layer, rank=rank)
+    return measurements
 
 
 def write_geojson(

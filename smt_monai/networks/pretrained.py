@@ -103,21 +103,29 @@ def read_vit_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise PretrainedWeightsError(path, "pretrained weights file does not exist")
+    load_safetensors = _safetensors_loader(path) if path.suffix == ".safetensors" else None
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            content: object = load_file(str(path), device="cpu")
+        if load_safetensors is not None:
+            content: object = load_safetensors(str(path), device="cpu")
         else:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 content = torch.load(path, map_location="cpu", weights_only=True)
-    except ImportError as exc:
-        raise PretrainedWeightsError(path, f"reading it needs the safetensors package ({exc})") from None
     except Exception as exc:  # any unreadable file: one line, not the unpickler's traceback
         raise PretrainedWeightsError(
             path, f"cannot read pretrained weights: {_first_sentence(exc)}"
         ) from None
     return _unwrap(content, path)
+
+
+def _safetensors_loader(path: Path):
+    """``safetensors.torch.load_file``, or a one-line error naming the optional package."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise PretrainedWeightsError(
+            path, "reading .safetensors needs the safetensors package (pip install 'smt-monai[pretrained]')"
+        ) from None
+    return load_file
 
 
 def _first_sentence(exc: Exception) -> str:
