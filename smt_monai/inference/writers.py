@@ -1,10 +1,16 @@
 """Per-slide results in the formats pathologists and their tools open.
 
-- ``focus.geojson``: the focused boxes of all three layers as a QuPath-importable FeatureCollection, in
-  level-0 pixel coordinates (clipped to the slide), with ``layer``, ``rank``, ``focus`` (q) and
-  ``probability`` (P(positive)) properties.
-- ``overlay.png``: the layer-1 view with the layer-1 focus map as a heat overlay and the boxes of layers 2
-  and 3 drawn, with a legend.
+- ``focus.geojson``: the focused boxes of all three layers as a QuPath-importable FeatureCollection in level-0
+  pixel coordinates (clipped to the slide). Each feature carries QuPath's ``classification`` (one class per
+  layer), ``measurements`` (``P(positive)``, ``q``, ``layer``, ``rank``), a ``color`` from P(positive), and
+  the same numbers as plain properties for scripts (``layer``, ``rank``, ``parent``, ``focus``,
+  ``probability``).
+- ``overlay.png``: two views of the layer-1 image. Left, where the model looked: the layer-1 focus map as a
+  heat map stretched over the tissue patches, with the layer-2 regions it chose. Right, what it found: the
+  last layer's regions coloured by P(positive) on a colour bar, the ``marked`` highest numbered.
+- ``gallery.png``: the last layer's regions of highest P(positive) read from the slide, each labelled with its
+  number (the overlay's), P(positive) and level-0 position (and micrometres when the mpp is known): the cells
+  that decided the slide.
 - ``focus_map.nii.gz``: the layer-1 focus map as NIfTI, its affine giving the physical size of a patch
   (millimetres when the slide's mpp is known, level-0 pixels otherwise).
 
@@ -14,14 +20,25 @@ Every file is written to a temporary name and renamed, so a crash never leaves a
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Callable
 
 import numpy as np
 
 from smt_monai.cascade.prediction import SlidePrediction
+from smt_monai.data.tissue import tissue_mask
 from smt_monai.utils import atomic_path
 
 LAYER_COLOURS = {1: (0.2, 0.6, 1.0), 2: (1.0, 0.85, 0.0), 3: (1.0, 0.1, 0.1)}
+PROBABILITY_CMAP = "RdYlBu_r"  # P(positive): blue (0) to red (1), readable with red-green colour blindness
+FOCUS_CMAP = "viridis"  # focus q: yellow at the top stands out on H&E's pinks and purples
+MIN_TISSUE_FRACTION = 0.05  # a layer-1 patch with less tissue than this is background for the heat map
+GALLERY_DPI = 160
+GALLERY_TILE_PX = 544  # a gallery tile's side on the PNG: 3.4 in at GALLERY_DPI
+
+RegionReader = Callable[[tuple[float, float, float]], np.ndarray]
+"""``(x, y, size)`` level-0 box -> ``(H, W, 3)`` uint8 RGB image of it."""
 
 
 def _positive(probs: np.ndarray) -> np.ndarray:
@@ -34,15 +51,63 @@ def clip_box(box: np.ndarray, width: int, height: int) -> tuple[float, float, fl
     return max(0.0, x), max(0.0, y), min(float(width), x + size), min(float(height), y + size)
 
 
-def focus_geojson(prediction: SlidePrediction, width: int, height: int) -> dict:
-    """The FeatureCollection of the focused boxes (see module docstring)."""
+def top_regions(prediction: SlidePrediction, top: int) -> np.ndarray:
+    """Rows of the last layer's regions with the highest P(positive), highest first (at most ``top``).
+
+    The overlay numbers these regions and the gallery shows them in this order, so number ``n`` is the same
+    region in both (and in the GeoJSON names).
+    """
+    positive = _positive(prediction.region_probs[-1])
+    return np.argsort(-positive, kind="stable")[: max(0, top)]
+
+
+def _rgb255(colour: tuple[float, ...]) -> list[int]:
+    return [int(round(255 * c)) for c in colour[:3]]
+
+
+def focus_geojson(prediction: SlidePrediction, width: int, height: int, marked: int = 3) -> dict:
+    """The FeatureCollection of the focused boxes, in QuPath's GeoJSON conventions.
+
+    Followed from QuPath's reader (``qupath.lib.io.PathObjectTypeAdapters``, QuPath 0.4 and later):
+    ``properties.objectType`` ``"annotation"``; ``properties.name``; ``properties.color`` as ``[r, g, b]``
+    (0-255, drawn instead of the class colour); ``properties.classification`` as ``{"name", "color"}``;
+    ``properties.isLocked``; ``properties.measurements`` as an object of name -> number (QuPath reads it
+    into the object's measurement list, shown in its measurement tables; the list form
+    ``[{"name", "value"}]`` is QuPath 0.3's). Coordinates are level-0 pixels with the origin at the top left,
+    as QuPath's (qupath-docs, "Exporting annotations"). QuPath reads measurements as numbers and JSON has no
+    NaN, so a value that is not a number (``q`` of layer 1, which no parent chose) is left out of the
+    measurements (the plain ``focus`` property is null).
+
+    Measurements: ``P(positive)`` (``sum_{c>0} p_c``), ``P(class c)`` for each positive class when there are
+    more than two, ``q`` (the parent patch's focus that chose the region), ``layer`` and ``rank`` (0 = the
+    highest ``q`` among the regions one parent chose).
+
+    Args:
+        prediction: the slide's cascade result.
+        width: slide width in level-0 pixels (boxes are clipped to it).
+        height: slide height in level-0 pixels.
+        marked: the last layer's regions of highest P(positive) named with their number, as in the overlay
+            and gallery.
+    """
+    from matplotlib import colormaps
+
+    cmap = colormaps[PROBABILITY_CMAP]
+    numbers = {int(row): n for n, row in enumerate(top_regions(prediction, marked), start=1)}
+    last = len(prediction.boxes)
     features = []
     for layer, boxes in enumerate(prediction.boxes, start=1):
-        colour = [int(255 * c) for c in LAYER_COLOURS[layer]]
-        positive = _positive(prediction.region_probs[layer - 1])
+        probs = prediction.region_probs[layer - 1]
+        positive = _positive(probs)
         for row, box in enumerate(boxes):
             x0, y0, x1, y1 = clip_box(box, width, height)
+            p = round(float(positive[row]), 6)
             focus = float(prediction.focus[layer - 1][row])
+            q = None if math.isnan(focus) else round(focus, 6)
+            rank = int(prediction.rank[layer - 1][row])
+            measurements = _measurements(p, probs[row], q, layer, rank)
+            name = f"layer {layer}: P(positive) {p:.2f}"
+            if layer == last and row in numbers:
+                name = f"#{numbers[row]} {name}"
             features.append(
                 {
                     "type": "Feature",
@@ -52,22 +117,43 @@ def focus_geojson(prediction: SlidePrediction, width: int, height: int) -> dict:
                     },
                     "properties": {
                         "objectType": "annotation",
-                        "name": f"layer {layer} #{int(prediction.rank[layer - 1][row]) + 1}",
-                        "classification": {"name": f"SMT layer {layer}", "color": colour},
+                        "name": name,
+                        "color": _rgb255(cmap(p)),
+                        "classification": {
+                            "name": f"SMT layer {layer}",
+                            "color": _rgb255(LAYER_COLOURS[layer]),
+                        },
+                        "isLocked": True,
+                        "measurements": measurements,
                         "layer": layer,
-                        "rank": int(prediction.rank[layer - 1][row]),
+                        "rank": rank,
                         "parent": int(prediction.parent[layer - 1][row]),
-                        "focus": None if np.isnan(focus) else round(focus, 6),
-                        "probability": round(float(positive[row]), 6),
+                        "focus": q,
+                        "probability": p,
                     },
                 }
             )
     return {"type": "FeatureCollection", "features": features}
 
 
-def write_geojson(prediction: SlidePrediction, width: int, height: int, path: str | os.PathLike) -> None:
+def _measurements(p: float, probs: np.ndarray, q: float | None, layer: int, rank: int) -> dict[str, float]:
+    """QuPath measurements of one region: P(positive) ``p``, class probabilities ``(C,)`` (see
+    ``focus_geojson``)."""
+    measurements = {"P(positive)": p}
+    if len(probs) > 2:
+        measurements.update({f"P(class {c})": round(float(probs[c]), 6) for c in range(1, len(probs))})
+    if q is not None:
+        measurements["q"] = q
+    measurements.update(layer=layer, rank=rank)
+    return measurements
+
+
+def write_geojson(
+    prediction: SlidePrediction, width: int, height: int, path: str | os.PathLike, marked: int = 3
+) -> None:
+    """Write :func:`focus_geojson` to ``path``."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(focus_geojson(prediction, width, height)))
+        tmp.write_text(json.dumps(focus_geojson(prediction, width, height, marked)))
 
 
 def write_focus_map(prediction: SlidePrediction, mpp: float | None, path: str | os.PathLike) -> None:
@@ -92,55 +178,248 @@ def write_focus_map(prediction: SlidePrediction, mpp: float | None, path: str | 
         nib.save(image, str(tmp))
 
 
-def write_overlay(
-    prediction: SlidePrediction, layer1_image: np.ndarray, path: str | os.PathLike, title: str = ""
-) -> None:
-    """Draw the layer-1 view with the focus heat map and the boxes of layers 2 and 3, with a legend."""
-    import matplotlib
+def patch_tissue(image: np.ndarray, grid: int) -> np.ndarray:
+    """``(grid, grid)`` bool: the patches of a layer-1 image with ``MIN_TISSUE_FRACTION`` tissue or more."""
+    mask = tissue_mask(image)
+    side = (mask.shape[0] // grid) * grid
+    fraction = mask[:side, :side].reshape(grid, side // grid, grid, side // grid).mean(axis=(1, 3))
+    return fraction >= MIN_TISSUE_FRACTION
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def focus_heat(focus_map: np.ndarray, tissue: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
+    """The layer-1 focus map as an RGBA heat map, stretched over the tissue patches.
+
+    ``q`` is min-max scaled over the tissue patches (all patches when none has tissue), so a map whose ``q``
+    spans 0.50 to 0.51 uses the whole colour map as one spanning 0 to 1 does: what the overlay shows is
+    where layer 1 looked, relative to the rest of the tissue. Opacity grows with the scaled ``q`` and is zero
+    off the tissue, so the background and the least focused tissue stay visible.
+
+    Returns:
+        ``(rgba (grid, grid, 4), (q_min, q_max))``, the range the colours span.
+    """
+    from matplotlib import colormaps
+
+    q = np.asarray(focus_map, dtype=np.float64)
+    on = tissue if tissue.any() else np.ones_like(tissue)
+    lo, hi = float(q[on].min()), float(q[on].max())
+    scaled = np.clip((q - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.full_like(q, 0.5)
+    rgba = colormaps[FOCUS_CMAP](scaled)
+    rgba[..., 3] = np.where(on, 0.05 + 0.5 * scaled, 0.0)
+    return rgba, (lo, hi)
+
+
+def overlay_figure(prediction: SlidePrediction, layer1_image: np.ndarray, title: str = "", marked: int = 3):
+    """The overlay's matplotlib figure (see the module docstring; ``write_overlay`` saves it).
+
+    Args:
+        prediction: the slide's cascade result.
+        layer1_image: ``(side, side, 3)`` uint8 layer-1 view (the square of ``prediction.boxes[0][0]``).
+        title: figure title (slide name, P(positive), label).
+        marked: how many of the last layer's regions of highest P(positive) are outlined and numbered.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(16, 8.8), dpi=100)
+    fig.suptitle(title, fontsize=13)
+    looked = fig.add_axes((0.01, 0.1, 0.43, 0.8))
+    found = fig.add_axes((0.5, 0.1, 0.43, 0.8))
+    for ax in (looked, found):
+        ax.imshow(layer1_image, interpolation="antialiased")
+        ax.set_axis_off()
+    view = _ViewOf(prediction.boxes[0][0], layer1_image.shape[0])
+    handles = _draw_where_looked(fig, looked, prediction, layer1_image, view)
+    handles += _draw_what_found(fig, found, prediction, view, marked)
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=10, frameon=False)
+    return fig
+
+
+class _ViewOf:
+    """Maps level-0 boxes ``(x, y, size)`` to pixels of the layer-1 view of the square ``origin``."""
+
+    def __init__(self, origin: np.ndarray, side: int) -> None:
+        self.x0, self.y0, self.scale = float(origin[0]), float(origin[1]), side / float(origin[2])
+
+    def __call__(self, box: np.ndarray) -> tuple[float, float, float]:
+        return (box[0] - self.x0) * self.scale, (box[1] - self.y0) * self.scale, box[2] * self.scale
+
+
+def _outline(ax, box: tuple[float, float, float], widths: tuple[float, float]) -> None:
+    """A black line with a white one inside it around ``box``: visible on tissue and on glass."""
+    from matplotlib.patches import Rectangle
+
+    x, y, size = box
+    for lw, colour in zip(widths, ("black", "white")):
+        ax.add_patch(Rectangle((x, y), size, size, fill=False, lw=lw, ec=colour))
+
+
+def _draw_where_looked(fig, ax, prediction: SlidePrediction, image: np.ndarray, view: _ViewOf) -> list:
+    """Left panel: the stretched layer-1 focus heat map and the layer-2 regions with their P(positive)."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.patches import Patch
+
+    ax.set_title("Where layer 1 looked: focus q and the regions it chose", fontsize=11)
+    side = image.shape[0]
+    if prediction.focus_map is not None:
+        heat, (lo, hi) = focus_heat(prediction.focus_map, patch_tissue(image, prediction.focus_map.shape[0]))
+        ax.imshow(heat, interpolation="nearest", extent=(0, side, side, 0))
+        scale = ScalarMappable(Normalize(lo, hi), colormaps[FOCUS_CMAP])
+        bar = fig.colorbar(scale, cax=fig.add_axes((0.445, 0.15, 0.01, 0.7)))
+        bar.set_label("layer-1 focus q (stretched over the tissue patches)")
+    if len(prediction.boxes) < 2:
+        return []
+    positive = _positive(prediction.region_probs[1])
+    label_box = {"facecolor": "black", "alpha": 0.6, "pad": 1.2, "lw": 0}
+    for row, box in enumerate(prediction.boxes[1]):
+        x, y, size = view(box)
+        _outline(ax, (x, y, size), (3.0, 1.4))
+        ax.text(x + 3, y + 3, f"{positive[row]:.2f}", color="white", fontsize=8, va="top", bbox=label_box)
+    return [Patch(fill=False, ec="black", lw=1.5, label=f"layer-2 region ({len(positive)}), its P(positive)")]
+
+
+def _draw_what_found(fig, ax, prediction: SlidePrediction, view: _ViewOf, marked: int) -> list:
+    """Right panel: the last layer's regions filled by P(positive), the ``marked`` highest numbered."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch, Rectangle
 
-    side = layer1_image.shape[0]
-    x0, y0, size = (float(v) for v in prediction.boxes[0][0])
-    fig, ax = plt.subplots(figsize=(8, 8.6), dpi=100)
-    ax.imshow(layer1_image)
-    handles = []
-    if prediction.focus_map is not None:
-        heat = ax.imshow(
-            prediction.focus_map, cmap="inferno", alpha=0.45, vmin=0, vmax=1, extent=(0, side, side, 0)
+    ax.set_title("What the last layer found: its regions by P(positive)", fontsize=11)
+    if len(prediction.boxes) < 2:
+        return []
+    for box in prediction.boxes[1]:
+        x, y, size = view(box)
+        ax.add_patch(Rectangle((x, y), size, size, fill=False, lw=0.8, ec="white", ls="--"))
+    cmap = colormaps[PROBABILITY_CMAP]
+    positive = _positive(prediction.region_probs[-1])
+    for row, box in enumerate(prediction.boxes[-1]):
+        x, y, size = view(box)
+        colour = cmap(float(positive[row]))
+        ax.add_patch(Rectangle((x, y), size, size, fc=(*colour[:3], 0.6), ec=colour, lw=1.0))
+    badge = {"boxstyle": "circle,pad=0.25", "fc": "black", "ec": "white", "lw": 1.2}
+    chosen = top_regions(prediction, marked)
+    for n, row in enumerate(chosen, start=1):
+        x, y, size = view(prediction.boxes[-1][row])
+        _outline(ax, (x, y, size), (4.0, 1.8))
+        ax.annotate(
+            str(n),
+            (x + size, y),
+            xytext=(6, 6),
+            textcoords="offset points",
+            fontsize=11,
+            fontweight="bold",
+            color="white",
+            ha="left",
+            va="bottom",
+            bbox=badge,
         )
-        fig.colorbar(heat, ax=ax, fraction=0.046, pad=0.02, label="layer-1 focus q")
-    for layer in (2, 3):
-        if layer > len(prediction.boxes):
-            break
-        positive = _positive(prediction.region_probs[layer - 1])
-        for row, box in enumerate(prediction.boxes[layer - 1]):
-            bx = (box[0] - x0) / size * side
-            by = (box[1] - y0) / size * side
-            bs = box[2] / size * side
-            ax.add_patch(
-                Rectangle(
-                    (bx, by), bs, bs, fill=False, lw=2.2 if layer == 2 else 1.2, ec=LAYER_COLOURS[layer]
-                )
-            )
-            if layer == 2:
-                ax.text(
-                    bx + 2,
-                    by + 2,
-                    f"{positive[row]:.2f}",
-                    color="white",
-                    fontsize=7,
-                    va="top",
-                    bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "lw": 0},
-                )
-        label = f"layer {layer}: {len(positive)} regions"
-        handles.append(Patch(fill=False, ec=LAYER_COLOURS[layer], label=label))
-    ax.legend(handles=handles, loc="lower right", fontsize=8, framealpha=0.8)
-    ax.set_title(title, fontsize=10)
-    ax.set_axis_off()
+    bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), cmap), cax=fig.add_axes((0.935, 0.15, 0.01, 0.7)))
+    bar.set_label("P(positive) of the region")
+    swatch = cmap(0.85)
+    regions = f"layer-{len(prediction.boxes)} region ({len(positive)}), colour = P(positive)"
+    numbered = f"the {len(chosen)} of highest P(positive), numbered as in the gallery"
+    return [
+        Patch(fc=(*swatch[:3], 0.6), ec=swatch, label=regions),
+        Line2D([], [], marker="s", ms=11, mfc="none", mec="black", mew=2.5, ls="none", label=numbered),
+    ]
+
+
+def write_overlay(
+    prediction: SlidePrediction,
+    layer1_image: np.ndarray,
+    path: str | os.PathLike,
+    title: str = "",
+    marked: int = 3,
+) -> None:
+    """Save :func:`overlay_figure` as a PNG at ``path``."""
+    _save(overlay_figure(prediction, layer1_image, title, marked), path)
+
+
+def gallery_figure(
+    prediction: SlidePrediction,
+    read_region: RegionReader,
+    top: int = 8,
+    mpp: float | None = None,
+    title: str = "",
+):
+    """The gallery's matplotlib figure: the last layer's ``top`` regions of highest P(positive), read from the
+    slide (``write_gallery`` saves it).
+
+    Tiles are in the order of :func:`top_regions` (number ``n`` is the overlay's number ``n``), four to a
+    row, each labelled with its number, P(positive), level-0 position and side in pixels and, with ``mpp``,
+    in micrometres. A tile's frame has its P(positive) colour from the overlay's colour bar.
+
+    Args:
+        prediction: the slide's cascade result.
+        read_region: reads one level-0 box ``(x, y, size)`` as an ``(H, W, 3)`` uint8 RGB image, e.g. from
+            the slide's level 0; tiles are drawn ``GALLERY_TILE_PX`` wide, so reading more pixels than that
+            adds none.
+        top: how many regions (fewer when the layer has fewer).
+        mpp: level-0 micrometres per pixel, for positions in micrometres.
+        title: figure title (slide name, P(positive), label).
+    """
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    chosen = top_regions(prediction, top)
+    positive = _positive(prediction.region_probs[-1])
+    columns = max(1, min(4, len(chosen)))
+    lines = max(1, math.ceil(len(chosen) / columns))
+    fig = Figure(figsize=(3.4 * columns, 3.95 * lines + 0.6), dpi=GALLERY_DPI)
+    axes = fig.subplots(lines, columns, squeeze=False)
+    cmap = colormaps[PROBABILITY_CMAP]
+    for ax in axes.ravel()[len(chosen) :]:
+        ax.set_axis_off()
+    for n, (ax, row) in enumerate(zip(axes.ravel(), chosen), start=1):
+        x, y, size = (float(v) for v in prediction.boxes[-1][row])
+        ax.imshow(_fit(np.asarray(read_region((x, y, size))), GALLERY_TILE_PX))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_edgecolor(cmap(float(positive[row])))
+            spine.set_linewidth(5)
+        ax.set_title(f"#{n}   P(positive) {positive[row]:.3f}", fontsize=11, fontweight="bold")
+        where = f"level 0: x {x:,.0f}, y {y:,.0f} px; side {size:,.0f} px"
+        if mpp:
+            where += f"\nx {x * mpp:,.0f}, y {y * mpp:,.0f} um; side {size * mpp:,.0f} um"
+        ax.set_xlabel(where, fontsize=8)
+    fig.suptitle(title or "Regions of highest P(positive)", fontsize=12)
     fig.tight_layout()
+    return fig
+
+
+def write_gallery(
+    prediction: SlidePrediction,
+    read_region: RegionReader,
+    path: str | os.PathLike,
+    top: int = 8,
+    mpp: float | None = None,
+    title: str = "",
+) -> None:
+    """Save :func:`gallery_figure` as a PNG at ``path``."""
+    _save(gallery_figure(prediction, read_region, top, mpp, title), path)
+
+
+def _fit(image: np.ndarray, side: int) -> np.ndarray:
+    """``image`` area-reduced to at most ``side`` pixels a side: matplotlib's own resampling of a large tile
+    costs most of a figure's drawing time, PIL's box filter a few milliseconds."""
+    from PIL import Image
+
+    if max(image.shape[:2]) <= side:
+        return image
+    tile = Image.fromarray(np.ascontiguousarray(image[..., :3], dtype=np.uint8))
+    tile.thumbnail((side, side), Image.Resampling.BOX)
+    return np.asarray(tile)
+
+
+def _save(fig, path: str | os.PathLike) -> None:
+    """Write ``fig`` as a PNG at ``path``, atomically.
+
+    The figures are ``matplotlib.figure.Figure`` objects made without pyplot: no global state, nothing to
+    close, and writers may run in threads.
+    """
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)

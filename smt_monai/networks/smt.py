@@ -20,6 +20,7 @@ export carries the geometry its readers need and the settings it was trained wit
 """
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from smt_monai.networks.layer import LayerOutput, SMTLayer
+from smt_monai.networks.pretrained import load_pretrained
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,14 +103,27 @@ class SMT(nn.Module):
     Args:
         preset: name of the base config in ``PRESETS`` (``"paper"`` or ``"tiny"``).
         config: a full config instead of a preset (``preset`` is then ignored).
+        pretrained: a ViT checkpoint (timm, DeiT or DINO layout; ``.pth``/``.pt``/``.safetensors``) whose
+            transformer initialises the layers in ``pretrained_layers`` after their random initialisation (the
+            paper's ImageNet start, Sec. 4.1); stems, heads and focusing predictors stay as initialised. See
+            ``smt_monai.networks.pretrained``.
+        pretrained_layers: which layers (1, 2, 3) take the ``pretrained`` weights.
         **overrides: ``SMTConfig`` fields that replace the base config's, e.g. ``grid=16, num_classes=6``.
 
     Raises:
-        ValueError: if ``preset`` is unknown.
+        ValueError: if ``preset`` is unknown or ``pretrained_layers`` names no layer 1, 2 or 3.
         TypeError: if an override is not an ``SMTConfig`` field.
+        PretrainedWeightsError: ``pretrained`` is missing, unreadable, or does not fit the layers.
     """
 
-    def __init__(self, preset: str = "paper", config: SMTConfig | None = None, **overrides: Any):
+    def __init__(
+        self,
+        preset: str = "paper",
+        config: SMTConfig | None = None,
+        pretrained: str | os.PathLike | None = None,
+        pretrained_layers: Sequence[int] = (1, 2, 3),
+        **overrides: Any,
+    ):
         super().__init__()
         if config is None:
             if preset not in PRESETS:
@@ -128,6 +143,8 @@ class SMT(nn.Module):
         self.layer1 = SMTLayer(**layer_kwargs, focus=True)
         self.layer2 = SMTLayer(**layer_kwargs, focus=True)
         self.layer3 = SMTLayer(**layer_kwargs, focus=False)
+        if pretrained is not None:
+            load_pretrained(self, pretrained, pretrained_layers)
 
     def forward(self, x: torch.Tensor, layer: int = 1) -> LayerOutput:
         """Run layer ``layer`` (1, 2 or 3) on normalised images ``x`` of shape ``(B, 3, side, side)``.
