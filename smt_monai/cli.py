@@ -1,4 +1,5 @@
-"""The ``smt-monai`` command: ``info`` (what a slide holds) and ``synth`` (make a synthetic cohort)."""
+"""The ``smt-monai`` command: predict slides with a trained model, look at a slide or a model file, make a
+synthetic cohort, run the benchmarks."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from smt_monai import __version__
 from smt_monai.data.errors import SlideReadError
 
 
@@ -50,6 +53,51 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def slide_entries(sources: Sequence[str]) -> list[dict]:
+    """Slides from command-line arguments: slide files, folders of slides, and lists (datalist JSON, CSV with
+    an ``image`` column, text files of paths), in the order given."""
+    from smt_monai.data.datalist import SLIDE_SUFFIXES, load_slide_list
+
+    entries: list[dict] = []
+    for source in sources:
+        if Path(source).suffix.lower() in SLIDE_SUFFIXES or not Path(source).exists():
+            entries.append({"image": source})  # a missing slide becomes an error row, not a dead run
+        else:
+            entries += load_slide_list(source)
+    return entries
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from smt_monai.inference import SlideListPredictor, load_model
+    from smt_monai.inference.predictor import summary_line
+
+    slides = slide_entries(args.slides)
+    network = load_model(args.model, args.device)
+    predictor = SlideListPredictor(
+        network,
+        slides,
+        args.output,
+        num_focus=args.k,
+        backend=args.backend,
+        num_workers=args.workers,
+        device=args.device,
+        amp=None,
+        progress=not args.quiet,
+        default_mpp=args.default_mpp,
+        gallery_top=args.gallery,
+    )
+    print(summary_line(predictor.run(), args.output))
+    return 0
+
+
+def _cmd_model(args: argparse.Namespace) -> int:
+    from smt_monai.inference import ModelCard, load_model
+
+    card = ModelCard.of(load_model(args.model))
+    print(json.dumps(card.to_dict(), indent=2) if args.json else card.describe())
+    return 0
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     from smt_monai.data.synth import run_synth
 
@@ -66,8 +114,45 @@ def build_parser() -> argparse.ArgumentParser:
     from smt_monai.benchmark import add_benchmark_arguments
     from smt_monai.data.synth import add_synth_arguments
 
-    parser = argparse.ArgumentParser(prog="smt-monai", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="smt-monai",
+        description="SMT (Self-reform Multilayer Transformer): fast whole-slide image classification that "
+        "reads only the regions it focuses on. Predict slides with a trained model, look at a slide or a "
+        "model file, make a synthetic cohort, or run the benchmarks.",
+    )
+    parser.add_argument("--version", action="version", version=f"smt-monai {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    predict = sub.add_parser(
+        "predict",
+        help="predict slides with a trained model",
+        description="Predict slides with a trained model: predictions.csv and summary.json in OUT, and per "
+        "slide a QuPath GeoJSON of where the model looked, an overlay, a gallery of the deciding regions and "
+        "a focus map. K, the aggregation and the threshold are the model's own unless given.",
+    )
+    predict.add_argument(
+        "slides", nargs="+", help="slide files, folders of slides, or lists (JSON, CSV, text)"
+    )
+    predict.add_argument("--model", "-m", required=True, help="the trained model (model.pt or model.ts)")
+    predict.add_argument("--output", "-o", required=True, help="the folder results go to")
+    predict.add_argument(
+        "--k", type=int, default=None, help="regions focused per step (default: the model's)"
+    )
+    predict.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    predict.add_argument(
+        "--default-mpp",
+        type=float,
+        default=None,
+        help="micrometres per pixel of slides whose file holds none",
+    )
+    predict.add_argument("--backend", default="auto", choices=["auto", "cucim", "openslide", "tifffile"])
+    predict.add_argument("--workers", type=int, default=2, help="threads reading regions (default: 2)")
+    predict.add_argument("--gallery", type=int, default=8, help="regions shown in gallery.png (0: none)")
+    predict.add_argument("--quiet", action="store_true", help="no progress bar")
+    predict.set_defaults(func=_cmd_predict)
+    model = sub.add_parser("model", help="print what a model file says about itself")
+    model.add_argument("model")
+    model.add_argument("--json", action="store_true", help="print the whole model card as JSON")
+    model.set_defaults(func=_cmd_model)
     info = sub.add_parser("info", help="print a slide's backend, levels, mpp and tissue box")
     info.add_argument("slide")
     info.add_argument("--backend", default="auto", choices=["auto", "cucim", "openslide", "tifffile"])
@@ -83,11 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; a slide problem prints one line and exits 2, with no traceback."""
+    """Run the command line; a problem with a slide, a list or a model file prints one line and exits 2, with
+    no traceback."""
+    from smt_monai.data.datalist import DatalistError
+    from smt_monai.inference.model import ModelFileError
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except SlideReadError as exc:
+    except (SlideReadError, DatalistError, ModelFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -13,9 +13,8 @@ import torch
 from conftest import write_cohort
 
 from smt_monai.data import load_slide_list
-from smt_monai.inference import SlideListPredictor, load_network
+from smt_monai.inference import ModelCard, SlideListPredictor, load_model
 from smt_monai.networks import SMT
-from smt_monai.utils import fast_bf16
 
 SDK_CORE = pytest.importorskip("monai.deploy.core", reason="needs the deploy extra: pip install -e .[deploy]")
 
@@ -29,16 +28,17 @@ from smt_monai.deploy import (  # noqa: E402
 from smt_monai.deploy.__main__ import main  # noqa: E402
 
 TIMING_COLUMNS = {"read_s", "compute_s", "total_s"}
-SLIDE_OUTPUTS = ("focus.geojson", "overlay.png", "focus_map.nii.gz", "result.json")
+SLIDE_OUTPUTS = ("focus.geojson", "overlay.png", "gallery.png", "focus_map.nii.gz", "result.json")
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """Two tiny slides in a folder, and an untrained tiny SMT exported with TorchScript."""
+    """Two tiny slides in a folder, and an untrained tiny SMT with its model card, exported to TorchScript."""
     root = tmp_path_factory.mktemp("deploy")
     write_cohort(root / "slides", count=2)
     torch.manual_seed(0)
     model = SMT(preset="tiny", grid=4, patch_size=16).eval()
+    model.card = ModelCard.for_training(model, "tiny", ["benign", "tumour"], num_focus=2).to_json()
     torch.jit.script(model).save(str(root / "model.ts"))
     return root / "slides", root / "model.ts"
 
@@ -64,15 +64,12 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 def test_app_writes_what_the_predictor_writes(cohort: tuple[Path, Path], tmp_path: Path) -> None:
     slides, model = cohort
     out = tmp_path / "app"
-    result = run_app("-i", str(slides), "-o", str(out), "-m", str(model), SMT_NUM_FOCUS="2")
+    result = run_app("-i", str(slides), "-o", str(out), "-m", str(model))  # K = 2 from the model card
     assert result.returncode == 0, result.stderr[-3000:]
 
     reference = tmp_path / "reference"
-    network = load_network(None, model, "torchscript", "cpu")
-    amp = fast_bf16("cpu")  # the app's default, as the bundle's inference.yaml
-    SlideListPredictor(
-        network, load_slide_list(slides), reference, num_focus=2, amp=amp, progress=False
-    ).run()
+    network = load_model(model)
+    SlideListPredictor(network, load_slide_list(slides), reference, progress=False).run()
 
     rows = read_rows(out / "predictions.csv")
     assert [Path(r["image"]).name for r in rows] == ["slide_0.tif", "slide_1.tif"]
@@ -108,6 +105,8 @@ def test_geometry_comes_from_the_model(cohort: tuple[Path, Path]) -> None:
     _, model = cohort
     network = torchscript_model(SDK_CORE.AppContext({"model": str(model)})).predictor
     assert network.read_size == 32  # grid 4 x patch 16, read pooled by the tiny stem_pool 2
+    assert (network.geometry, network.layer3_mpp) == ("physical", 1.0)
+    assert ModelCard.of(network).class_names == ["benign", "tumour"]
     check_smt_export(network)
     with pytest.raises(DeployError, match="read_size"):
         check_smt_export(torch.jit.script(torch.nn.Linear(2, 2)))
@@ -123,9 +122,17 @@ def test_model_from_a_package_models_folder(cohort: tuple[Path, Path], tmp_path:
 
 
 def test_options_from_env() -> None:
-    assert options_from_env({}) == {"num_focus": 4, "aggregation": "max", "backend": "auto", "num_workers": 2}
-    assert options_from_env({"SMT_NUM_FOCUS": "2", "SMT_BACKEND": "tifffile"})["num_focus"] == 2
-    for env in ({"SMT_NUM_FOCUS": "0"}, {"SMT_AGGREGATION": "median"}, {"SMT_BACKEND": "pil"}):
+    defaults = {"num_focus": None, "aggregation": None, "threshold": None, "default_mpp": None}
+    assert options_from_env({}) == {**defaults, "backend": "auto", "num_workers": 2}  # None: the model's
+    options = options_from_env({"SMT_NUM_FOCUS": "2", "SMT_BACKEND": "tifffile", "SMT_DEFAULT_MPP": "0.5"})
+    assert (options["num_focus"], options["default_mpp"]) == (2, 0.5)
+    bad = (
+        {"SMT_NUM_FOCUS": "0"},
+        {"SMT_AGGREGATION": "median"},
+        {"SMT_BACKEND": "pil"},
+        {"SMT_THRESHOLD": "x"},
+    )
+    for env in bad:
         with pytest.raises(DeployError, match=next(iter(env))):
             options_from_env(env)
 

@@ -19,6 +19,7 @@ from smt_monai.cascade import predict_slide
 from smt_monai.data import open_slide
 from smt_monai.data.geometry import child_boxes
 from smt_monai.focus import class_attention, focusing_score
+from smt_monai.inference import ModelCard, save_model
 from smt_monai.networks import SMT, normalize_he, smt_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +33,7 @@ def model_and_list(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
     datalist = write_cohort(folder / "data", count=4, splits=(0, 0, 4))
     torch.manual_seed(0)
     model = SMT(preset="tiny", grid=TINY_OVERRIDES["grid"], patch_size=TINY_OVERRIDES["patch_size"])
-    torch.save(model.state_dict(), folder / "model.pt")
+    save_model(model, ModelCard.for_training(model, "tiny", ["benign", "tumour"]), folder / "model.pt")
     data = datalist.parent
     (data / "empty.svs").write_bytes(b"")
     (data / "notes.svs").write_text("this is not a slide\n")
@@ -74,7 +75,9 @@ def test_slide_list_with_broken_files(model_and_list: tuple[Path, Path, list[Pat
     for good in ("slide_0.tif", "slide_1.tif", "slide_2.tif"):
         row = status[good]
         assert row["status"] == "ok" and row["error"] == "" and row["backend"]
-        assert abs(float(row["prob_0"]) + float(row["prob_1"]) - 1) < 1e-4
+        assert abs(float(row["prob_benign"]) + float(row["prob_tumour"]) - 1) < 1e-4
+        assert row["class"] in ("benign", "tumour") and float(row["scan_mpp"]) == 0.5
+        assert float(row["read_mpp"]) == pytest.approx(1.0, rel=0.1)  # the tiny preset's layer3_mpp
         assert float(row["total_s"]) >= float(row["compute_s"]) > 0 and float(row["read_s"]) > 0
     reasons = {"missing.svs": "does not exist", "empty.svs": "empty", "truncated.tif": "truncated",
                "notes.svs": "not a slide"}  # fmt: skip
@@ -92,7 +95,8 @@ def test_slide_list_with_broken_files(model_and_list: tuple[Path, Path, list[Pat
             width, height = slide.dimensions
             mpp = slide.mpp
         check_geojson(json.loads((folder / "focus.geojson").read_text()), width, height, k=2)
-        assert (folder / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        for picture in ("overlay.png", "gallery.png"):
+            assert (folder / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         focus_map = nib.load(folder / "focus_map.nii.gz")
         assert focus_map.shape[:2] == (TINY_OVERRIDES["grid"],) * 2
         assert 0 <= float(focus_map.get_fdata().min()) and float(focus_map.get_fdata().max()) <= 1

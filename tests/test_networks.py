@@ -35,7 +35,7 @@ def test_layer_outputs(model: SMT) -> None:
     x = torch.randn(2, 3, SIDE, SIDE)
     width, heads, tokens = 64, 4, 1 + GRID * GRID
     for layer in (1, 2, 3):
-        out = model(x, layer)
+        out = model.layer_output(x, layer)
         assert out.logits.shape == out.probs.shape == (2, 2)
         torch.testing.assert_close(out.probs.sum(-1), torch.ones(2))
         assert out.cls_embedding.shape == (2, width)
@@ -48,7 +48,8 @@ def test_layer_outputs(model: SMT) -> None:
         else:
             assert out.q is None
     with pytest.raises(ValueError, match="layer must be"):
-        model(x, 4)
+        model.layer_output(x, 4)
+    torch.testing.assert_close(model(x, 2), model.layer_output(x, 2).probs)  # the zoo's one-module view
     with pytest.raises(ValueError, match="expected 64 x 64 .* or 32 x 32"):
         model(torch.randn(1, 3, 48, 48))
     with pytest.raises(ValueError, match="expected 64 x 64"):
@@ -63,7 +64,7 @@ def test_pooled_inputs_match_full_resolution(model: SMT) -> None:
     pooled = torch.nn.functional.avg_pool2d(x, model.config.stem_pool)
     with torch.no_grad():
         for layer in (1, 3):
-            full, read = model(x, layer), model(pooled, layer)
+            full, read = model.layer_output(x, layer), model.layer_output(pooled, layer)
             for name, a, b in zip(full._fields, full, read, strict=True):
                 if a is None:
                     assert b is None, name
@@ -183,8 +184,9 @@ def test_torchscript_export_reproduces_every_layer(model: SMT, tmp_path) -> None
     with torch.no_grad():
         for layer, side in ((1, SIDE), (2, READ), (3, READ)):
             x = torch.randn(3, 3, side, side)
-            eager = model(x, layer)
-            for exported in (loaded(x, layer), getattr(loaded, f"layer{layer}")(x)):
+            eager = model.layer_output(x, layer)
+            torch.testing.assert_close(loaded(x, layer), eager.probs, atol=1e-4, rtol=0)  # forward: probs
+            for exported in (loaded.layer_output(x, layer), getattr(loaded, f"layer{layer}")(x)):
                 assert exported._fields == eager._fields
                 for name, a, b in zip(eager._fields, eager, exported, strict=True):
                     if a is None:
@@ -198,9 +200,9 @@ def test_bfloat16_autocast_keeps_the_layer_outputs(model: SMT) -> None:
     torch.manual_seed(1)
     x = normalize_he(torch.randint(0, 256, (3, 3, READ, READ), dtype=torch.uint8))
     with torch.inference_mode():
-        full = model(x, 1)
+        full = model.layer_output(x, 1)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            half = model(x, 1)
+            half = model.layer_output(x, 1)
     assert half.probs.dtype == torch.float32 and half.q is not None and half.q.dtype == torch.float32
     torch.testing.assert_close(half.probs.sum(-1), torch.ones(3))  # not to bfloat16's 3 digits
     torch.testing.assert_close(half.probs, full.probs, atol=0.02, rtol=0)

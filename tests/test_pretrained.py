@@ -187,7 +187,7 @@ def test_loaded_model_exports_to_torchscript(source: SMTLayer, tmp_path: Path) -
     scripted = torch.jit.script(model)
     x = torch.randn(1, 3, model.read_size, model.read_size)
     with torch.no_grad():
-        torch.testing.assert_close(scripted(x, 2).probs, model(x, 2).probs)
+        torch.testing.assert_close(scripted.layer_output(x, 2).probs, model.layer_output(x, 2).probs)
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +214,7 @@ def paper() -> tuple[SMT, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     model = SMT(preset="paper").eval()
     x = torch.randn(1, 3, model.read_size, model.read_size)
     with torch.no_grad():
-        probs = model(x, 1).probs
+        probs = model.layer_output(x, 1).probs
     return model, {k: v.clone() for k, v in model.state_dict().items()}, x, probs
 
 
@@ -251,7 +251,7 @@ def test_timm_vit_small_loads_into_the_paper_preset(timm_vit, paper, layout: str
             h, _ = model.layer1.first_block(tokens)
             ours = model.layer1.norm(model.layer1.blocks(h))
             theirs = vit.norm(vit.blocks(tokens))
-            probs = model(x, 1).probs
+            probs = model.layer_output(x, 1).probs
         # LayerNorm eps 1e-5 here against timm's 1e-6: equal to about 1e-5
         torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=1e-4)
         assert not torch.allclose(probs, initial_probs)

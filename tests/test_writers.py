@@ -11,8 +11,8 @@ import pytest
 from matplotlib import colormaps
 from PIL import Image
 
+from smt_monai.cascade import SlidePrediction
 from smt_monai.data.geometry import child_boxes
-from smt_monai.inference.cascade import SlidePrediction
 from smt_monai.inference.writers import (
     FOCUS_CMAP,
     GALLERY_TILE_PX,
@@ -43,6 +43,7 @@ def prediction(p3: np.ndarray, focus_map: np.ndarray | None = None, classes: int
     p2 = np.linspace(0.9, 0.2, K)
     focus_map = np.linspace(0, 1, GRID * GRID).reshape(GRID, GRID) if focus_map is None else focus_map
     return SlidePrediction(
+        fields=tissue_image()[None],
         probs=probs(p3[[np.argmax(p3)]])[0],
         layer_probs=[probs(np.array([0.4]))[0], probs(p2[:1])[0], probs(p3[[np.argmax(p3)]])[0]],
         boxes=[box1, box2, box3],
@@ -50,7 +51,7 @@ def prediction(p3: np.ndarray, focus_map: np.ndarray | None = None, classes: int
         focus=[np.full(1, np.nan), np.linspace(0.99, 0.9, K), np.tile(np.linspace(0.8, 0.1, K), K)],
         rank=[np.zeros(1, dtype=np.int64), np.arange(K), np.tile(np.arange(K), K)],
         parent=[np.full(1, -1), np.zeros(K, dtype=np.int64), np.repeat(np.arange(K), K)],
-        focus_map=focus_map,
+        focus_map=focus_map[None],
     )
 
 
@@ -109,21 +110,20 @@ def pixel(fig, ax, xy: tuple[float, float]) -> tuple[int, int]:
 
 
 def centre(pred: SlidePrediction, row: int) -> tuple[float, float]:
-    """Centre of the last layer's region ``row`` in layer-1 view pixels."""
-    x, y, size = pred.boxes[-1][row] / SLIDE * SIDE
+    """Centre of the last layer's region ``row`` in level-0 pixels (the overlay's coordinates)."""
+    x, y, size = pred.boxes[-1][row]
     return x + size / 2, y + size / 2
 
 
 def test_overlay_colours_regions_by_probability_and_stretches_the_focus_map(tmp_path: Path) -> None:
     """Layer-3 regions are coloured by P(positive), the three highest numbered; a focus map whose q spans
     only 0.50 to 0.51 still runs from the lowest to the highest colour."""
-    step = SIDE / GRID
+    step = SLIDE / GRID  # a layer-1 patch, level-0 px
     pred = prediction(P3, focus_map=np.linspace(0.50, 0.51, GRID * GRID).reshape(GRID, GRID))
-    image = tissue_image()
     title = "slide_0.svs: P(positive) = 0.990, label 1"
-    write_overlay(pred, image, tmp_path / "overlay.png", title=title)
+    write_overlay(pred, tmp_path / "overlay.png", title=title)
     png = np.asarray(Image.open(tmp_path / "overlay.png").convert("RGB")).astype(int)
-    fig = overlay_figure(pred, image, title=title)  # the same figure, for its coordinates
+    fig = overlay_figure(pred, title=title)  # the same figure, for its coordinates
     assert png.shape[:2] == (int(fig.bbox.height), int(fig.bbox.width))
     looked, found = fig.axes[:2]
 
@@ -193,3 +193,25 @@ def test_gallery_shows_the_top_regions_labelled(tmp_path: Path) -> None:
     shown = [ax.images[0].get_array().shape for ax in three.axes if ax.images]
     assert shown == [(GALLERY_TILE_PX, GALLERY_TILE_PX, 3)] * 3  # reduced to the tile's pixels before drawing
     assert (three.bbox.width, three.bbox.height) == pytest.approx((1632, 728))  # one row of three tiles
+
+
+def test_the_focus_map_of_several_fields_is_one_map_over_the_slide(tmp_path: Path) -> None:
+    """Two fields side by side: the overlay and the NIfTI focus map place each field's patches at their
+    level-0 position (one patch-sized cell per layer-1 patch)."""
+    import nibabel as nib
+
+    from smt_monai.inference.writers import focus_raster, write_focus_map
+
+    pred = prediction(P3)
+    pred.boxes[0] = np.array([[0.0, 0.0, float(SLIDE)], [float(SLIDE), 0.0, float(SLIDE)]])
+    pred.fields = np.concatenate([tissue_image()[None]] * 2)
+    maps = np.stack([np.zeros((GRID, GRID)), np.ones((GRID, GRID))])
+    pred.focus_map = maps
+    values, step = focus_raster(pred, maps)
+    assert values.shape == (GRID, 2 * GRID) and step == SLIDE / GRID
+    assert (values[:, :GRID] == 0).all() and (values[:, GRID:] == 1).all()
+    write_focus_map(pred, 0.5, tmp_path / "focus.nii.gz")
+    image = nib.load(tmp_path / "focus.nii.gz")
+    assert image.shape[:2] == (2 * GRID, GRID) and image.affine[0, 0] == pytest.approx(step * 0.5 / 1000)
+    write_overlay(pred, tmp_path / "overlay.png", title="two fields")
+    assert overlay_figure(pred).axes[0].get_xlim() == pytest.approx((0, 2 * SLIDE))

@@ -18,8 +18,8 @@ from monai.deploy.core import ExecutionContext, Fragment, InputContext, Operator
 from monai.deploy.core.models import TorchScriptModel
 
 from smt_monai.data.datalist import SLIDE_SUFFIXES, load_slide_list
+from smt_monai.data.magnification import LayerScale
 from smt_monai.inference import SlideListPredictor
-from smt_monai.utils import fast_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +41,15 @@ def slide_entries(path: Path) -> list[dict[str, Any]]:
 
 
 def check_smt_export(network: Any) -> None:
-    """Check that ``network`` is an SMT TorchScript export: it carries ``read_size`` and ``grid``, the
-    geometry its readers need.
+    """Check that ``network`` is an SMT TorchScript export: it carries ``read_size``, ``grid``, ``geometry``
+    and ``layer3_mpp``, the geometry its readers need (``LayerScale.of``).
 
     Raises:
-        DeployError: the model is not an SMT export.
+        DeployError: the model is not an SMT export of this version.
     """
     try:
-        int(network.read_size), int(network.grid)
-    except (AttributeError, RuntimeError):
+        LayerScale.of(network)
+    except (AttributeError, RuntimeError, ValueError):
         raise DeployError(
             "the model has no 'read_size' attribute: it is not a TorchScript export of the current "
             "smt_monai.networks.SMT (make one with `python -m monai.bundle ckpt_export network_def ...`)"
@@ -80,7 +80,8 @@ class SlideListLoaderOperator(Operator):
 class SMTInferenceOperator(Operator):
     """Run SMT's focus cascade on the received slide list and write the results under ``output_folder``.
 
-    The layer geometry comes from the model file itself, so the application needs no network config.
+    The layer geometry and the model's own settings (K, aggregation, threshold, class names: its card) come
+    from the model file itself, so the application needs no network config.
 
     Named input:
         slides: list of slide entries (from :class:`SlideListLoaderOperator`).
@@ -92,18 +93,24 @@ class SMTInferenceOperator(Operator):
         *args: Any,
         model: TorchScriptModel,
         output_folder: Path,
-        num_focus: int = 4,
-        aggregation: str = "max",
+        num_focus: int | None = None,
+        aggregation: str | None = None,
+        threshold: float | None = None,
+        default_mpp: float | None = None,
         backend: str = "auto",
         num_workers: int = 2,
         **kwargs: Any,
     ) -> None:
         self.model = model
         self.output_folder = Path(output_folder)
-        self.num_focus = num_focus
-        self.aggregation = aggregation
-        self.backend = backend
-        self.num_workers = num_workers
+        self.options = {
+            "num_focus": num_focus,
+            "aggregation": aggregation,
+            "threshold": threshold,
+            "default_mpp": default_mpp,
+            "backend": backend,
+            "num_workers": num_workers,
+        }
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
@@ -115,17 +122,7 @@ class SMTInferenceOperator(Operator):
         network = self.model.predictor
         device = next(network.parameters()).device
         check_smt_export(network)
-        predictor = SlideListPredictor(
-            network,
-            slides,
-            self.output_folder,
-            num_focus=self.num_focus,
-            aggregation=self.aggregation,
-            backend=self.backend,
-            num_workers=self.num_workers,
-            device=device,
-            amp=fast_bf16(device),
-        )
+        predictor = SlideListPredictor(network, slides, self.output_folder, device=device, **self.options)
         summary = predictor.run()
         logger.info(
             "%d/%d slide(s) predicted, results in %s", summary["ok"], summary["slides"], self.output_folder

@@ -168,6 +168,17 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def save_model(network: SMT, card: ModelCard, path: str | os.PathLike) -> Path:
+    """Write ``network``'s weights with ``card`` to ``path`` (atomically), as training's best model is."""
+    from smt_monai.utils import atomic_path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save({"model": network.state_dict(), **card.metadata()}, tmp)
+    return path
+
+
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", **expect: Any) -> torch.nn.Module:
     """The trained network at ``path`` (``model.pt`` or its TorchScript export), in eval mode on ``device``,
     with its card as ``network.card``.

@@ -2,7 +2,8 @@
 
 For each slide, in input order: its prediction by :class:`~smt_monai.inference.api.SMTPredictor` (the next
 slide's layer-1 view read in a background thread while the current one computes), then ``OUT/<slide id>/``
-with ``focus.geojson``, ``overlay.png``, ``focus_map.nii.gz`` and ``result.json``, each written atomically.
+with ``focus.geojson``, ``overlay.png``, ``gallery.png``, ``focus_map.nii.gz`` and ``result.json``, each
+written atomically.
 ``result.json`` is written last, so a slide whose folder holds it is done: a rerun with the same ``OUT`` skips
 it. Slides that cannot be read become ``error`` rows with a one-line reason and the run goes on.
 ``OUT/predictions.csv`` (one row per input slide, in input order) and ``OUT/summary.json`` are rewritten at
@@ -25,10 +26,18 @@ import torch
 from tqdm import tqdm
 
 from smt_monai.cascade.prediction import SlidePrediction
+from smt_monai.data.errors import SlideReadError
+from smt_monai.data.regions import read_boxes
 from smt_monai.data.slide import slide_id_of
 from smt_monai.handlers.metrics import balanced_accuracy, roc_auc
 from smt_monai.inference.api import SMTPredictor
-from smt_monai.inference.writers import write_focus_map, write_geojson, write_overlay
+from smt_monai.inference.writers import (
+    GALLERY_TILE_PX,
+    write_focus_map,
+    write_gallery,
+    write_geojson,
+    write_overlay,
+)
 from smt_monai.utils import atomic_path, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
@@ -51,6 +60,13 @@ def output_folders(images: Sequence[str]) -> list[str]:
     return names
 
 
+def summary_line(summary: dict[str, Any], output_dir: str | os.PathLike) -> str:
+    """The line a long run ends with: how many slides went well, how many failed, where the results are."""
+    errors = summary["error"]
+    failed = f", {errors} error{'s' * (errors != 1)}" if errors else ""
+    return f"{summary['ok']} slide{'s' * (summary['ok'] != 1)} ok{failed}; results in {output_dir}"
+
+
 class SlideListPredictor:
     """Run SMT inference over a slide list and write per-slide and summary outputs.
 
@@ -63,12 +79,13 @@ class SlideListPredictor:
         backend: slide backend.
         num_workers: region-reading threads.
         device: where the network runs.
-        amp: bfloat16 autocast (``smt_monai.utils.fast_bf16`` says where it pays).
+        amp: bfloat16 autocast (default: where it is fast, ``smt_monai.utils.fast_bf16``).
         class_names: class names (default: the model card's); column ``prob_<name>`` holds each class's
             probability and ``class`` the predicted one's name.
         progress: show a progress bar.
         default_mpp: the scanner's level-0 um/px for slides whose file holds none.
         threshold: decision threshold on P(positive) of a binary model (default: the model card's).
+        gallery_top: the last layer's regions of highest P(positive) shown in ``gallery.png`` (0: none).
     """
 
     def __init__(
@@ -81,13 +98,15 @@ class SlideListPredictor:
         backend: str = "auto",
         num_workers: int = 2,
         device: torch.device | str = "cpu",
-        amp: bool = False,
+        amp: bool | None = None,
         class_names: Sequence[str] | None = None,
         progress: bool = True,
         default_mpp: float | None = None,
         threshold: float | None = None,
+        gallery_top: int = 8,
     ) -> None:
         self.slides = list(slides)
+        self.gallery_top = gallery_top
         self.output_dir = Path(output_dir)
         self.progress = progress
         self.predictor = SMTPredictor(
@@ -131,6 +150,7 @@ class SlideListPredictor:
         bar.close()
         self.predictor.close()
         summary = self._write_tables(rows, resumed)
+        logger.info("%s", summary_line(summary, self.output_dir))
         if summary["ok"] == 0:
             reasons = "; ".join(sorted({r["error"] for r in rows if r["error"]}))
             logger.error("no slide succeeded (%d in the list): %s", len(rows), reasons or "empty list")
@@ -151,14 +171,12 @@ class SlideListPredictor:
             logger.warning("%s", prediction.error)
             return row
         out = self.output_dir / folder
-        out.mkdir(parents=True, exist_ok=True)
-        width, height = prediction.dimensions
-        write_geojson(prediction, width, height, out / "focus.geojson")
-        write_focus_map(prediction, prediction.mpp, out / "focus_map.nii.gz")
-        assert prediction.thumbnail is not None
-        write_overlay(
-            prediction, prediction.thumbnail, out / "overlay.png", title=self._title(entry, prediction)
-        )
+        try:
+            self._write_outputs(entry, prediction, out)
+        except (OSError, SlideReadError) as exc:  # a slide's outputs failing never stops the list
+            row["error"] = f"{entry['image']}: cannot write its outputs ({' '.join(str(exc).split())})"
+            logger.warning("%s", row["error"])
+            return row
         row.update(status="ok", prediction=prediction.prediction, **{"class": prediction.label})
         row.update(self._prob_columns(prediction))
         row.update(
@@ -172,12 +190,26 @@ class SlideListPredictor:
             tmp.write_text(json.dumps(row, indent=2))
         return row
 
+    def _write_outputs(self, entry: Mapping[str, Any], prediction: SlidePrediction, out: Path) -> None:
+        """The slide's GeoJSON, focus map, overlay and gallery (``result.json`` is written after them)."""
+        out.mkdir(parents=True, exist_ok=True)
+        width, height = prediction.dimensions
+        title = self._title(entry, prediction)
+        write_geojson(prediction, width, height, out / "focus.geojson")
+        write_focus_map(prediction, prediction.mpp, out / "focus_map.nii.gz")
+        write_overlay(prediction, out / "overlay.png", title=title)
+        if self.gallery_top:
+            slide = self.predictor.reader.cache.get(prediction.path)
+            read = lambda box: read_boxes(slide, np.asarray([box]), GALLERY_TILE_PX)[0]  # noqa: E731
+            write_gallery(prediction, read, out / "gallery.png", self.gallery_top, prediction.mpp, title)
+
     def _prob_columns(self, prediction: SlidePrediction) -> dict[str, float]:
         return {name: round(float(p), 6) for name, p in zip(self.prob_columns, prediction.probs)}
 
     def _title(self, entry: Mapping[str, Any], prediction: SlidePrediction) -> str:
         label = f", label {entry['label']}" if entry.get("label", "") != "" else ""
-        return f"{Path(str(entry['image'])).name}: P(positive) = {prediction.probs[1:].sum():.3f}{label}"
+        verdict = f"{prediction.label}, P(positive) = {prediction.positive:.3f}"
+        return f"{Path(str(entry['image'])).name}: {verdict}{label}"
 
     def _write_tables(self, rows: list[dict[str, Any]], resumed: int) -> dict[str, Any]:
         prob_columns = self.prob_columns

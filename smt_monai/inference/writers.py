@@ -5,14 +5,15 @@
   layer), ``measurements`` (``P(positive)``, ``q``, ``layer``, ``rank``), a ``color`` from P(positive), and
   the same numbers as plain properties for scripts (``layer``, ``rank``, ``parent``, ``focus``,
   ``probability``).
-- ``overlay.png``: two views of the layer-1 image. Left, where the model looked: the layer-1 focus map as a
-  heat map stretched over the tissue patches, with the layer-2 regions it chose. Right, what it found: the
-  last layer's regions coloured by P(positive) on a colour bar, the ``marked`` highest numbered.
+- ``overlay.png``: two views of layer 1's fields of view, in level-0 coordinates. Left, where the model
+  looked: the layer-1 focus map as a heat map stretched over the tissue patches, with the layer-2 regions it
+  chose. Right, what it found: the last layer's regions coloured by P(positive) on a colour bar, the
+  ``marked`` highest numbered.
 - ``gallery.png``: the last layer's regions of highest P(positive) read from the slide, each labelled with its
   number (the overlay's), P(positive) and level-0 position (and micrometres when the mpp is known): the cells
   that decided the slide.
-- ``focus_map.nii.gz``: the layer-1 focus map as NIfTI, its affine giving the physical size of a patch
-  (millimetres when the slide's mpp is known, level-0 pixels otherwise).
+- ``focus_map.nii.gz``: the layer-1 focus map of all fields as NIfTI, its affine giving the physical size of
+  a patch (millimetres when the slide's mpp is known, level-0 pixels otherwise).
 
 Every file is written to a temporary name and renamed, so a crash never leaves a half-written result.
 """
@@ -156,23 +157,53 @@ def write_geojson(
         tmp.write_text(json.dumps(focus_geojson(prediction, width, height, marked)))
 
 
-def write_focus_map(prediction: SlidePrediction, mpp: float | None, path: str | os.PathLike) -> None:
-    """Save the layer-1 focus map (``grid`` x ``grid`` q) as NIfTI with its spatial scale in the affine.
+def focus_raster(
+    prediction: SlidePrediction, per_patch: np.ndarray, fill: float = 0.0
+) -> tuple[np.ndarray, float]:
+    """Layer-1 per-patch values ``(F, grid, grid)`` of all fields as one map over the fields' union box.
 
-    Voxel ``(i, j)`` is the patch in column ``i``, row ``j`` of the layer-1 square; the affine maps it to
-    level-0 position times mpp in millimetres (or level-0 pixels when mpp is unknown).
+    Cell ``(row, col)`` of the map is the patch-sized square at level-0 ``(x0 + col * step, y0 + row *
+    step)``, ``(x0, y0)`` the union box's corner and ``step`` a patch's side; it takes the value of the field
+    patch under its centre, ``fill`` where no field lies (fields of one slide share their side).
+
+    Returns:
+        ``(map (rows, cols), step)``.
+    """
+    fields = np.asarray(prediction.boxes[0], dtype=np.float64)
+    grid = per_patch.shape[-1]
+    step = float(fields[0, 2]) / grid
+    x0, y0 = fields[:, 0].min(), fields[:, 1].min()
+    cols = int(math.ceil(round((fields[:, 0] + fields[:, 2]).max() - x0, 6) / step))
+    rows = int(math.ceil(round((fields[:, 1] + fields[:, 2]).max() - y0, 6) / step))
+    out = np.full((rows, cols), fill, dtype=np.float64)
+    cy, cx = np.mgrid[0:rows, 0:cols]
+    px, py = x0 + (cx + 0.5) * step, y0 + (cy + 0.5) * step
+    for (fx, fy, side), values in zip(fields, per_patch):
+        col, row = np.floor((px - fx) / step).astype(int), np.floor((py - fy) / step).astype(int)
+        inside = (col >= 0) & (col < grid) & (row >= 0) & (row < grid) & (px < fx + side) & (py < fy + side)
+        out[inside] = values[row[inside], col[inside]]
+    return out, step
+
+
+def write_focus_map(prediction: SlidePrediction, mpp: float | None, path: str | os.PathLike) -> None:
+    """Save the layer-1 focus map (q of every layer-1 patch, all fields together: ``focus_raster``) as NIfTI
+    with its spatial scale in the affine.
+
+    Voxel ``(i, j)`` is the patch-sized cell in column ``i``, row ``j`` over the fields' union box (0 off the
+    fields); the affine maps it to level-0 position times mpp in millimetres (or level-0 pixels when mpp is
+    unknown).
     """
     import nibabel as nib
 
     if prediction.focus_map is None:
         raise ValueError("this prediction has no layer-1 focus map")
-    grid = prediction.focus_map.shape[0]
-    x, y, size = (float(v) for v in prediction.boxes[0][0])
+    values, step_px = focus_raster(prediction, prediction.focus_map)
+    x0, y0 = (float(v) for v in np.asarray(prediction.boxes[0])[:, :2].min(axis=0))
     scale = mpp / 1000.0 if mpp else 1.0
-    step = size / grid * scale
+    step = step_px * scale
     affine = np.diag([step, step, 1.0, 1.0])
-    affine[:3, 3] = [(x + size / grid / 2) * scale, (y + size / grid / 2) * scale, 0.0]
-    image = nib.Nifti1Image(prediction.focus_map.T[:, :, None].astype(np.float32), affine)
+    affine[:3, 3] = [(x0 + step_px / 2) * scale, (y0 + step_px / 2) * scale, 0.0]
+    image = nib.Nifti1Image(values.T[:, :, None].astype(np.float32), affine)
     image.header.set_xyzt_units(xyz="mm" if mpp else "unknown")
     with atomic_path(path, suffix=".nii.gz") as tmp:
         nib.save(image, str(tmp))
@@ -208,40 +239,35 @@ def focus_heat(focus_map: np.ndarray, tissue: np.ndarray) -> tuple[np.ndarray, t
     return rgba, (lo, hi)
 
 
-def overlay_figure(prediction: SlidePrediction, layer1_image: np.ndarray, title: str = "", marked: int = 3):
-    """The overlay's matplotlib figure (see the module docstring; ``write_overlay`` saves it).
+def overlay_figure(prediction: SlidePrediction, title: str = "", marked: int = 3):
+    """The overlay's matplotlib figure (see the module docstring; ``write_overlay`` saves it), drawn in
+    level-0 coordinates over layer 1's fields of view (``prediction.fields``).
 
     Args:
         prediction: the slide's cascade result.
-        layer1_image: ``(side, side, 3)`` uint8 layer-1 view (the square of ``prediction.boxes[0][0]``).
         title: figure title (slide name, P(positive), label).
         marked: how many of the last layer's regions of highest P(positive) are outlined and numbered.
     """
     from matplotlib.figure import Figure
 
+    if prediction.fields is None:
+        raise ValueError("this prediction carries no layer-1 images")
     fig = Figure(figsize=(16, 8.8), dpi=100)
     fig.suptitle(title, fontsize=13)
     looked = fig.add_axes((0.01, 0.1, 0.43, 0.8))
     found = fig.add_axes((0.5, 0.1, 0.43, 0.8))
+    fields = np.asarray(prediction.boxes[0], dtype=np.float64)
     for ax in (looked, found):
-        ax.imshow(layer1_image, interpolation="antialiased")
+        for (x, y, side), image in zip(fields, prediction.fields):
+            ax.imshow(image, interpolation="antialiased", extent=(x, x + side, y + side, y))
+        ax.set_xlim(fields[:, 0].min(), (fields[:, 0] + fields[:, 2]).max())
+        ax.set_ylim((fields[:, 1] + fields[:, 2]).max(), fields[:, 1].min())
         ax.set_axis_off()
-    view = _ViewOf(prediction.boxes[0][0], layer1_image.shape[0])
-    handles = _draw_where_looked(fig, looked, prediction, layer1_image, view)
-    handles += _draw_what_found(fig, found, prediction, view, marked)
+    handles = _draw_where_looked(fig, looked, prediction)
+    handles += _draw_what_found(fig, found, prediction, marked)
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=10, frameon=False)
     return fig
-
-
-class _ViewOf:
-    """Maps level-0 boxes ``(x, y, size)`` to pixels of the layer-1 view of the square ``origin``."""
-
-    def __init__(self, origin: np.ndarray, side: int) -> None:
-        self.x0, self.y0, self.scale = float(origin[0]), float(origin[1]), side / float(origin[2])
-
-    def __call__(self, box: np.ndarray) -> tuple[float, float, float]:
-        return (box[0] - self.x0) * self.scale, (box[1] - self.y0) * self.scale, box[2] * self.scale
 
 
 def _outline(ax, box: tuple[float, float, float], widths: tuple[float, float]) -> None:
@@ -253,7 +279,7 @@ def _outline(ax, box: tuple[float, float, float], widths: tuple[float, float]) -
         ax.add_patch(Rectangle((x, y), size, size, fill=False, lw=lw, ec=colour))
 
 
-def _draw_where_looked(fig, ax, prediction: SlidePrediction, image: np.ndarray, view: _ViewOf) -> list:
+def _draw_where_looked(fig, ax, prediction: SlidePrediction) -> list:
     """Left panel: the stretched layer-1 focus heat map and the layer-2 regions with their P(positive)."""
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
@@ -261,10 +287,15 @@ def _draw_where_looked(fig, ax, prediction: SlidePrediction, image: np.ndarray, 
     from matplotlib.patches import Patch
 
     ax.set_title("Where layer 1 looked: focus q and the regions it chose", fontsize=11)
-    side = image.shape[0]
-    if prediction.focus_map is not None:
-        heat, (lo, hi) = focus_heat(prediction.focus_map, patch_tissue(image, prediction.focus_map.shape[0]))
-        ax.imshow(heat, interpolation="nearest", extent=(0, side, side, 0))
+    if prediction.focus_map is not None and prediction.fields is not None:
+        grid = prediction.focus_map.shape[-1]
+        tissue = np.stack([patch_tissue(image, grid) for image in prediction.fields])
+        focus, step = focus_raster(prediction, prediction.focus_map)
+        on_tissue, _ = focus_raster(prediction, tissue.astype(np.float64))
+        heat, (lo, hi) = focus_heat(focus, on_tissue > 0.5)
+        x0, y0 = np.asarray(prediction.boxes[0])[:, :2].min(axis=0)
+        rows, cols = focus.shape
+        ax.imshow(heat, interpolation="nearest", extent=(x0, x0 + cols * step, y0 + rows * step, y0))
         scale = ScalarMappable(Normalize(lo, hi), colormaps[FOCUS_CMAP])
         bar = fig.colorbar(scale, cax=fig.add_axes((0.445, 0.15, 0.01, 0.7)))
         bar.set_label("layer-1 focus q (stretched over the tissue patches)")
@@ -272,14 +303,13 @@ def _draw_where_looked(fig, ax, prediction: SlidePrediction, image: np.ndarray, 
         return []
     positive = _positive(prediction.region_probs[1])
     label_box = {"facecolor": "black", "alpha": 0.6, "pad": 1.2, "lw": 0}
-    for row, box in enumerate(prediction.boxes[1]):
-        x, y, size = view(box)
+    for row, (x, y, size) in enumerate(prediction.boxes[1]):
         _outline(ax, (x, y, size), (3.0, 1.4))
         ax.text(x + 3, y + 3, f"{positive[row]:.2f}", color="white", fontsize=8, va="top", bbox=label_box)
     return [Patch(fill=False, ec="black", lw=1.5, label=f"layer-2 region ({len(positive)}), its P(positive)")]
 
 
-def _draw_what_found(fig, ax, prediction: SlidePrediction, view: _ViewOf, marked: int) -> list:
+def _draw_what_found(fig, ax, prediction: SlidePrediction, marked: int) -> list:
     """Right panel: the last layer's regions filled by P(positive), the ``marked`` highest numbered."""
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
@@ -290,19 +320,17 @@ def _draw_what_found(fig, ax, prediction: SlidePrediction, view: _ViewOf, marked
     ax.set_title("What the last layer found: its regions by P(positive)", fontsize=11)
     if len(prediction.boxes) < 2:
         return []
-    for box in prediction.boxes[1]:
-        x, y, size = view(box)
+    for x, y, size in prediction.boxes[1]:
         ax.add_patch(Rectangle((x, y), size, size, fill=False, lw=0.8, ec="white", ls="--"))
     cmap = colormaps[PROBABILITY_CMAP]
     positive = _positive(prediction.region_probs[-1])
-    for row, box in enumerate(prediction.boxes[-1]):
-        x, y, size = view(box)
+    for row, (x, y, size) in enumerate(prediction.boxes[-1]):
         colour = cmap(float(positive[row]))
         ax.add_patch(Rectangle((x, y), size, size, fc=(*colour[:3], 0.6), ec=colour, lw=1.0))
     badge = {"boxstyle": "circle,pad=0.25", "fc": "black", "ec": "white", "lw": 1.2}
     chosen = top_regions(prediction, marked)
     for n, row in enumerate(chosen, start=1):
-        x, y, size = view(prediction.boxes[-1][row])
+        x, y, size = prediction.boxes[-1][row]
         _outline(ax, (x, y, size), (4.0, 1.8))
         ax.annotate(
             str(n),
@@ -328,14 +356,10 @@ def _draw_what_found(fig, ax, prediction: SlidePrediction, view: _ViewOf, marked
 
 
 def write_overlay(
-    prediction: SlidePrediction,
-    layer1_image: np.ndarray,
-    path: str | os.PathLike,
-    title: str = "",
-    marked: int = 3,
+    prediction: SlidePrediction, path: str | os.PathLike, title: str = "", marked: int = 3
 ) -> None:
     """Save :func:`overlay_figure` as a PNG at ``path``."""
-    _save(overlay_figure(prediction, layer1_image, title, marked), path)
+    _save(overlay_figure(prediction, title, marked), path)
 
 
 def gallery_figure(

@@ -14,7 +14,7 @@ inputs already pooled: the bundle's readers deliver the latter, so resizing and 
 ``1 / stem_pool**2`` of what full-resolution inputs would (see ``PatchStem``).
 
 TorchScript: ``torch.jit.script(SMT(...))`` works; the scripted module runs any layer with
-``forward(x, layer)``, exposes the layers as ``.layer1``, ``.layer2``, ``.layer3`` and keeps ``grid``,
+``layer_output(x, layer)``, exposes the layers as ``.layer1``, ``.layer2``, ``.layer3`` and keeps ``grid``,
 ``input_size``, ``read_size``, ``geometry``, ``layer3_mpp`` and ``card`` (the model card as JSON), so an
 export carries the geometry its readers need and the settings it was trained with.
 """
@@ -146,7 +146,8 @@ class SMT(nn.Module):
         if pretrained is not None:
             load_pretrained(self, pretrained, pretrained_layers)
 
-    def forward(self, x: torch.Tensor, layer: int = 1) -> LayerOutput:
+    @torch.jit.export
+    def layer_output(self, x: torch.Tensor, layer: int = 1) -> LayerOutput:
         """Run layer ``layer`` (1, 2 or 3) on normalised images ``x`` of shape ``(B, 3, side, side)``.
 
         ``side`` is ``read_size`` (what the readers deliver) or ``input_size`` (pooled in the stem).
@@ -158,6 +159,12 @@ class SMT(nn.Module):
         if layer == 3:
             return self.layer3(x)
         raise ValueError(f"layer must be 1, 2 or 3, got {layer}")
+
+    def forward(self, x: torch.Tensor, layer: int = 1) -> torch.Tensor:
+        """The class probabilities ``(B, num_classes)`` of layer ``layer`` on images ``x``: the network as
+        one module (the model zoo's input/output check, ``network_data_format``). A slide's prediction is the
+        cascade's (``smt_monai.cascade``), which runs the layers itself."""
+        return self.layer_output(x, layer).probs
 
 
 def smt_paper(**overrides: Any) -> SMT:
