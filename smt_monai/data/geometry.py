@@ -1,7 +1,8 @@
 """Geometry of SMT's three nested fields of view (method-notes, "Geometry").
 
 A region is a square in level-0 pixel coordinates, stored as ``(x, y, size)``: top-left corner and side.
-Layer 1 sees one square around the tissue; a layer-``l`` input is cut into ``grid`` x ``grid`` patches
+Layer 1 sees one square around the tissue (or, with a field of fixed physical side, the squares of
+:func:`layer1_fields` that cover its sections); a layer-``l`` input is cut into ``grid`` x ``grid`` patches
 and patch ``i`` (row-major) of region ``(x, y, s)`` is the layer-``l+1`` region
 ``(x + (i % grid) * s / grid, y + (i // grid) * s / grid, s / grid)``. Each step therefore magnifies by
 ``grid``. Coordinates stay floating point so that nested boxes tile their parent exactly; rounding happens
@@ -12,6 +13,7 @@ The functions use only arithmetic and indexing, so they accept NumPy arrays and 
 
 from __future__ import annotations
 
+import math
 from typing import TypeVar
 
 import numpy as np
@@ -29,6 +31,61 @@ def square_around(bbox: tuple[float, float, float, float], min_size: float = 1.0
     side = max(x1 - x0, y1 - y0, float(min_size))
     cx, cy = (x0 + x1) / 2.0, (y0 + y1) / 2.0
     return np.array([cx - side / 2.0, cy - side / 2.0, side], dtype=np.float64)
+
+
+def layer1_fields(components: np.ndarray, field_side: float) -> np.ndarray:
+    """Layer 1's fields of view over a slide's tissue: squares ``(x, y, side)`` of ``field_side``, together
+    covering every component box (method-notes, "Geometry": layer 1 sees a fixed physical side).
+
+    Fields are chosen greedily, so their number is small but not always the least:
+
+    - A component wider or taller than a field gets a grid of ``ceil(w / side)`` x ``ceil(h / side)``
+      fields centred on it (the overhang split evenly on both sides).
+    - A component that fits in a field and lies inside one of those grid fields needs no other.
+    - The other components start as groups of one; the two groups whose union box has the shortest longer
+      side are merged, over and over, while that side is at most a field. Each group then gets one field
+      centred on its union box, so tissue smaller than a field is centred in it.
+
+    Args:
+        components: ``(N, 4)`` level-0 boxes ``(x0, y0, x1, y1)`` (e.g. ``tissue_components``).
+        field_side: side of a field in level-0 px.
+
+    Returns:
+        ``(F, 3)`` float64 fields, row-major by position (by ``y``, then ``x``).
+    """
+    side = float(field_side)
+    if not side > 0:
+        raise ValueError(f"field_side must be positive, got {field_side}")
+    fields: list[list[float]] = []
+    groups: list[list[float]] = []
+    for x0, y0, x1, y1 in np.asarray(components, dtype=np.float64).reshape(-1, 4):
+        if x1 - x0 <= side and y1 - y0 <= side:
+            groups.append([x0, y0, x1, y1])
+            continue
+        nx, ny = max(1, math.ceil((x1 - x0) / side)), max(1, math.ceil((y1 - y0) / side))
+        gx, gy = (x0 + x1 - nx * side) / 2, (y0 + y1 - ny * side) / 2
+        fields += [[gx + i * side, gy + j * side, side] for j in range(ny) for i in range(nx)]
+    covered = [
+        any(f[0] <= g[0] and f[1] <= g[1] and g[2] <= f[0] + side and g[3] <= f[1] + side for f in fields)
+        for g in groups
+    ]
+    groups = [g for g, inside in zip(groups, covered) if not inside]
+    while True:
+        best: tuple[float, int, int, list[float]] | None = None
+        for i in range(len(groups)):
+            for j in range(i + 1, len(groups)):
+                a, b = groups[i], groups[j]
+                union = [min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])]
+                longer = max(union[2] - union[0], union[3] - union[1])
+                if longer <= side and (best is None or longer < best[0]):
+                    best = (longer, i, j, union)
+        if best is None:
+            break
+        _, i, j, groups[i] = best
+        del groups[j]
+    fields += [[(g[0] + g[2] - side) / 2, (g[1] + g[3] - side) / 2, side] for g in groups]
+    out = np.array(fields, dtype=np.float64).reshape(-1, 3)
+    return out[np.lexsort((out[:, 0], out[:, 1]))]
 
 
 def child_boxes(parent: ArrayT, index: ArrayT, grid: int) -> ArrayT:

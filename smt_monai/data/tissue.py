@@ -1,16 +1,48 @@
-"""Tissue bounding box from a low pyramid level (Otsu on saturation, as CLAM and TIAToolbox do)."""
+"""Tissue on a slide, found on its smallest pyramid level: the sections as level-0 boxes.
+
+The mask is Otsu's threshold on saturation, as CLAM and TIAToolbox take it. Three things on a real slide
+then stretch a box drawn around every mask pixel: marker ink (a blue or green stroke is as saturated as
+tissue), debris and dust, and a second section. So the ink is removed by colour first (hue and value
+rules in the manner of the pen filters of CLAM-era pipelines), the connected components smaller than an
+area threshold (in mm^2 when the mpp is known) are dropped as debris, small holes are closed, and the
+components that remain are grouped into sections: fragments joined through ink (a stroke across a section
+hides the tissue under it) or closer than a gap belong to one section.
+
+Slides whose background is dark (fluorescence, e.g. a DAPI scan) are refused: SMT models expect H&E.
+"""
 
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
+from smt_monai.data.errors import SlideReadError
 from smt_monai.data.slide import Slide
+
+Box = tuple[float, float, float, float]
 
 # Pixels darker than this value (0-255) are scanner borders or pen, not tissue, whatever their saturation.
 _MIN_VALUE = 30
 # Saturation below this is glass even when Otsu's split lands lower (nearly blank slides).
 _MIN_SATURATION = 20
 _THUMBNAIL_SIDE = 2048
+# Marker ink: hue (degrees) and saturation of blue and green ink, and the value (0-255) of black ink.
+# Stained tissue at low magnification is pink to purple (hue about 260-350); hematoxylin-rich tissue
+# reaches 240-255 with less saturation than ink.
+_BLUE_INK = (190.0, 235.0, 0.4)
+_GREEN_INK = (70.0, 190.0, 0.2)
+_BLACK_INK = 70
+# Components smaller than this are debris or dust (when the mpp is known), or smaller than this fraction
+# of the thumbnail (when it is not); but never when they are at least a tenth of the largest component,
+# so that a tiny specimen is still found.
+MIN_SECTION_MM2 = 0.05
+MIN_SECTION_FRACTION = 1e-3
+_OF_LARGEST = 0.1
+# Components closer than this belong to one section (um; or this fraction of the thumbnail side).
+SECTION_GAP_UM = 250.0
+SECTION_GAP_FRACTION = 0.01
+# Median brightness (0-255) under which a thumbnail's background is dark: not a brightfield slide.
+_DARK_BACKGROUND = 64
 
 
 def otsu_threshold(values: np.ndarray) -> float:
@@ -46,34 +78,139 @@ def tissue_mask(rgb: np.ndarray) -> np.ndarray:
     return votes >= 5
 
 
-def tissue_bbox(slide: Slide) -> tuple[float, float, float, float]:
-    """Level-0 bounding box ``(x0, y0, x1, y1)`` of the tissue, found on the smallest pyramid level.
-
-    When no tissue is found (a blank slide) the whole slide is returned, so that layer 1 still sees it all.
-    """
-    level = slide.level_count - 1
-    if slide.smallest_level_image is not None:
-        image = slide.smallest_level_image
-    else:
-        w, h = slide.level_dimensions[level]
-        step = max(1, int(np.ceil(max(w, h) / _THUMBNAIL_SIDE)))
-        level_ds = slide.level_downsamples[level]
-        from smt_monai.data.regions import read_boxes
-
-        side = max(w, h) * level_ds
-        image = read_boxes(slide, np.array([[0.0, 0.0, side]]), max(w, h) // step)[0]
-        image = image[: h // step, : w // step]
-    mask = tissue_mask(image)
-    width, height = slide.dimensions
-    if mask.sum() < max(4, 1e-4 * mask.size):
-        return (0.0, 0.0, float(width), float(height))
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    sx = width / image.shape[1]
-    sy = height / image.shape[0]
-    return (
-        float(cols[0] * sx),
-        float(rows[0] * sy),
-        float(min(width, (cols[-1] + 1) * sx)),
-        float(min(height, (rows[-1] + 1) * sy)),
+def ink_mask(rgb: np.ndarray) -> np.ndarray:
+    """Pixels of blue, green or black marker ink, grown by one pixel to take in the stroke's pale edge."""
+    rgb = rgb.astype(np.float32)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    vmax, vmin = rgb.max(axis=-1), rgb.min(axis=-1)
+    chroma = np.maximum(vmax - vmin, 1e-6)
+    saturation = (vmax - vmin) / np.maximum(vmax, 1.0)
+    hue = 60.0 * np.where(
+        vmax == r,
+        ((g - b) / chroma) % 6.0,
+        np.where(vmax == g, (b - r) / chroma + 2.0, (r - g) / chroma + 4.0),
     )
+    ink = vmax < _BLACK_INK
+    for low, high, least in (_BLUE_INK, _GREEN_INK):
+        ink |= (hue >= low) & (hue < high) & (saturation >= least)
+    return ndimage.binary_dilation(ink, structure=np.ones((3, 3), bool))
+
+
+def thumbnail(slide: Slide) -> np.ndarray:
+    """The slide's smallest level as RGB (read at most ``_THUMBNAIL_SIDE`` px a side when it was not
+    decoded on opening)."""
+    if slide.smallest_level_image is not None:
+        return slide.smallest_level_image
+    from smt_monai.data.regions import read_boxes
+
+    level = slide.level_count - 1
+    w, h = slide.level_dimensions[level]
+    step = max(1, int(np.ceil(max(w, h) / _THUMBNAIL_SIDE)))
+    side = max(w, h) * slide.level_downsamples[level]
+    image = read_boxes(slide, np.array([[0.0, 0.0, side]]), max(w, h) // step)[0]
+    return image[: h // step, : w // step]
+
+
+def check_brightfield(slide: Slide, image: np.ndarray | None = None) -> None:
+    """Refuse a slide whose background is dark (a fluorescence scan), judged on its thumbnail ``image``.
+
+    Glass is the majority of a brightfield thumbnail and bright; a fluorescence scan is mostly black. Tissue
+    colour is not used: stains vary too much.
+
+    Raises:
+        SlideReadError: the median brightness (the brightest channel) is under 64 of 255.
+    """
+    image = thumbnail(slide) if image is None else image
+    median = float(np.median(image.max(axis=-1)))
+    if median < _DARK_BACKGROUND:
+        raise SlideReadError(
+            slide.path,
+            f"not a brightfield slide (dark background: median brightness {median:.0f} of 255 on the "
+            "smallest level, as in a fluorescence scan); SMT models expect H&E",
+        )
+
+
+def detect_tissue(rgb: np.ndarray, um_per_px: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Tissue of a low-magnification RGB image, without ink and debris: the cleaned mask, and the ink mask.
+
+    Args:
+        rgb: the thumbnail.
+        um_per_px: its resolution, when known: debris is then what is smaller than ``MIN_SECTION_MM2``.
+
+    Returns:
+        ``(tissue, ink)`` boolean masks of the image's shape.
+    """
+    ink = ink_mask(rgb)
+    labels, count = ndimage.label(tissue_mask(rgb) & ~ink, structure=np.ones((3, 3), bool))
+    if count == 0:
+        return labels > 0, ink
+    areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    if um_per_px is not None:
+        least = MIN_SECTION_MM2 * 1e6 / um_per_px**2
+    else:
+        least = MIN_SECTION_FRACTION * labels.size
+    least = min(least, _OF_LARGEST * areas.max())
+    tissue = np.isin(labels, 1 + np.flatnonzero(areas >= least))
+    holes = ndimage.binary_fill_holes(tissue) & ~tissue
+    hole_labels, hole_count = ndimage.label(holes)
+    if hole_count:
+        hole_areas = np.bincount(hole_labels.ravel(), minlength=hole_count + 1)
+        tissue |= (hole_areas < least)[hole_labels] & holes
+    return tissue, ink
+
+
+def _merge_close(boxes: list[list[float]], gap: float) -> list[list[float]]:
+    """Boxes ``[x0, y0, x1, y1]`` merged until no two are within ``gap`` of each other (per axis)."""
+    merged = True
+    while merged:
+        merged = False
+        for i in range(len(boxes)):
+            for j in range(i + 1, len(boxes)):
+                a, b = boxes[i], boxes[j]
+                if max(b[0] - a[2], a[0] - b[2], b[1] - a[3], a[1] - b[3]) <= gap:
+                    boxes[i] = [min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])]
+                    del boxes[j]
+                    merged = True
+                    break
+            if merged:
+                break
+    return boxes
+
+
+def tissue_components(slide: Slide) -> list[Box]:
+    """Level-0 boxes ``(x0, y0, x1, y1)`` of the tissue sections, row-major by position.
+
+    Ink, debris and holes are handled by :func:`detect_tissue`; the remaining components that touch the
+    same ink stroke, or lie within ``SECTION_GAP_UM`` (``SECTION_GAP_FRACTION`` of the thumbnail side when
+    the mpp is unknown) of each other, are one section. When no tissue is found (a blank slide) the whole
+    slide is the one section, so that layer 1 still sees it all.
+
+    Raises:
+        SlideReadError: the slide is not brightfield (:func:`check_brightfield`).
+    """
+    image = thumbnail(slide)
+    check_brightfield(slide, image)
+    width, height = slide.dimensions
+    sx, sy = width / image.shape[1], height / image.shape[0]
+    um_per_px = slide.mpp * (sx + sy) / 2 if slide.mpp and slide.mpp > 0 else None
+    tissue, ink = detect_tissue(image, um_per_px)
+    if tissue.sum() < max(4, 1e-4 * tissue.size):
+        return [(0.0, 0.0, float(width), float(height))]
+    # components joined through ink are one: label tissue and ink together, keep the tissue pixels
+    labels, _ = ndimage.label(tissue | ink, structure=np.ones((3, 3), bool))
+    labels[~tissue] = 0
+    objects = [s for s in ndimage.find_objects(labels) if s is not None]
+    boxes = [[cols.start, rows.start, cols.stop, rows.stop] for rows, cols in objects]
+    gap = SECTION_GAP_UM / um_per_px if um_per_px else SECTION_GAP_FRACTION * max(image.shape)
+    boxes = sorted(_merge_close(boxes, gap), key=lambda b: (b[1], b[0]))
+    return [
+        (float(x0 * sx), float(y0 * sy), float(min(width, x1 * sx)), float(min(height, y1 * sy)))
+        for x0, y0, x1, y1 in boxes
+    ]
+
+
+def tissue_bbox(slide: Slide) -> Box:
+    """Level-0 bounding box ``(x0, y0, x1, y1)`` of all the tissue sections (:func:`tissue_components`);
+    the whole slide when none is found."""
+    boxes = np.array(tissue_components(slide))
+    return (*map(float, boxes[:, :2].min(axis=0)), *map(float, boxes[:, 2:].max(axis=0)))

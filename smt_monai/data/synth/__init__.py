@@ -1,11 +1,14 @@
 """Synthetic whole-slide cohort: the benchmark SMT is made for, since no public slide set can be downloaded.
 
-Slides have tissue pieces on glass and, in each, a few suspicious regions that stand out at low
-magnification (denser, darker, more purple than the stroma). Benign mimics (lymphoid clusters) occur in
-positive and negative slides alike and, once area-averaged to downsample 16 or more, look the same as
-tumour; only at level 0 do the nuclei tell them apart. A first SMT layer can therefore find where to look
-but not decide; the last layer must. See :mod:`.render` for how the two are made alike at low magnification,
-:mod:`.scene` for the layout, :mod:`.pyramid` for the file format and :mod:`.cohort` for the files written.
+Slides have tissue sections on glass (biopsy- to resection-sized, in mm) and, in them, a few suspicious
+regions (0.1 to 0.6 mm in radius) that stand out at low magnification (denser, darker, more purple than the
+stroma). Benign mimics (lymphoid clusters) occur in positive and negative slides alike and, once
+area-averaged to 4 um/px or coarser, look the same as tumour; only at full resolution (0.25 or 0.5 um/px)
+do the nuclei tell them apart. A first SMT layer can therefore find where to look but not decide; the last
+layer must. The specimen is described in micrometres and rendered at any mpp; pen marks and debris on the
+glass, never annotated, can be added to test tissue detection. See :mod:`.render` for how the two are made
+alike at low magnification, :mod:`.scene` for the layout, :mod:`.pyramid` for the file format and
+:mod:`.cohort` for the files written.
 """
 
 from smt_monai.data.synth.cohort import (
@@ -20,7 +23,7 @@ from smt_monai.data.synth.cohort import (
     stratified_split,
 )
 from smt_monai.data.synth.render import Appearance, TileRenderer
-from smt_monai.data.synth.scene import MIMIC, TUMOUR, LayoutOptions, Scene, make_scene
+from smt_monai.data.synth.scene import MIMIC, TUMOUR, LayoutOptions, PenStroke, Scene, Speck, make_scene
 
 __all__ = [
     "MIMIC",
@@ -28,8 +31,10 @@ __all__ = [
     "TUMOUR",
     "Appearance",
     "LayoutOptions",
+    "PenStroke",
     "Scene",
     "SlideOptions",
+    "Speck",
     "TileRenderer",
     "add_synth_arguments",
     "main",

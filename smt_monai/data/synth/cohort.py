@@ -3,14 +3,17 @@
 A cohort directory holds::
 
     images/slide_000.tiff          pyramidal JPEG TIFF, level 0 at ``mpp`` um/px
-    annotations/slide_000.geojson  QuPath GeoJSON: "Tumor" polygons, and "Mimic" ones for analysis only
+    annotations/slide_000.geojson  QuPath GeoJSON in level-0 px: "Tumor" polygons, and "Mimic" ones for
+                                   analysis only (pen marks and debris are never annotated)
     datalist.json                  MONAI decathlon datalist: training / validation / testing lists of
                                    {"image", "label", "annotation"}, paths relative to the directory
     labels.csv                     image,label,split
-    cohort.json                    generation options and per-slide metadata (regions, levels, seeds)
+    cohort.json                    generation options (lengths in um) and per-slide metadata: size in px,
+                                   mpp, tissue extent in mm, section boxes, regions (radius in um), seeds
 
 Splits are stratified by label. Slide ``i`` has its own seed derived from the cohort seed and ``i``, so a
-slide's bytes do not depend on the number of worker processes or on the other slides.
+slide's bytes do not depend on the number of worker processes or on the other slides, and its specimen
+does not depend on the mpp it is written at (unless a slide size in px is asked for).
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ from tqdm import tqdm
 
 from smt_monai.data.annotations import polygon_feature, write_geojson
 from smt_monai.data.synth.pyramid import write_pyramid
-from smt_monai.data.synth.render import Appearance, TileRenderer, fit_mimic_separation
-from smt_monai.data.synth.scene import MIMIC, TUMOUR, LayoutOptions, make_scene
+from smt_monai.data.synth.render import Appearance, TileRenderer, check_mpp, fit_mimic_separation
+from smt_monai.data.synth.scene import MIMIC, TUMOUR, LayoutOptions, PenStroke, Scene, Speck, make_scene
 
 CLASS_COLOURS = {TUMOUR: (200, 0, 0), MIMIC: (0, 150, 200)}
 SYNTH_HELP = (
@@ -49,9 +52,9 @@ class SlideOptions:
     """Everything about a synthetic slide except its size, seed and label.
 
     Args:
-        layout: tissue and suspicious-region layout.
-        look: cell-level appearance.
-        mpp: micrometres per pixel at level 0 (written to the resolution tags).
+        layout: tissue, suspicious-region, pen and debris layout (um).
+        look: cell-level appearance (um).
+        mpp: micrometres per pixel at level 0 (written to the resolution tags), in ``MPP_RANGE``.
         jpeg_quality: JPEG quality of the tiles.
         border: width in px of a black scanner border along the slide edges (0: none).
     """
@@ -63,8 +66,7 @@ class SlideOptions:
     border: int = 0
 
     def __post_init__(self) -> None:
-        if not self.mpp > 0:
-            raise ValueError(f"mpp must be positive, got {self.mpp}")
+        check_mpp(self.mpp)
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must lie in [1, 100], got {self.jpeg_quality}")
         if self.border < 0:
@@ -73,7 +75,7 @@ class SlideOptions:
 
 def make_slide(
     path: str | os.PathLike,
-    size: int,
+    size: int | None,
     seed: int,
     positive: bool,
     options: SlideOptions | None = None,
@@ -85,7 +87,9 @@ def make_slide(
 
     Args:
         path: TIFF to write.
-        size: side of the square slide in level-0 px (at least 1024).
+        size: side of a square slide in level-0 px (at least 1024), the tissue laid out to cover a fraction
+            of it; ``None``: the slide is the tissue (an extent drawn from ``options.layout``) plus a glass
+            margin, its size in px following from the mpp.
         seed: the slide's seed: the same seed (and options) gives the same bytes.
         positive: whether the slide holds tumour.
         options: slide options (defaults if ``None``).
@@ -94,22 +98,23 @@ def make_slide(
         processes: processes rendering and encoding tiles (the bytes written do not depend on it).
 
     Returns:
-        Metadata: ``image``, ``annotation`` (paths as given), ``label``, ``seed``, ``width``, ``height``,
-        ``mpp``, ``levels`` (``[width, height]`` per level), ``downsamples``, ``tissue_fraction`` and
-        ``regions`` (class, centre, radius, area and bounding box of each suspicious region, level-0 px).
+        Metadata: ``image``, ``annotation`` (paths as given), ``label``, ``seed``, ``width``, ``height`` (px),
+        ``mpp``, ``levels`` (``[width, height]`` per level), ``downsamples``, ``tissue_fraction``,
+        ``tissue_mm`` (width and height of the box around the tissue), ``sections`` (level-0 box of each
+        section), ``pen_marks`` and ``debris`` (how many), and ``regions`` (class, centre and bounding box in
+        level-0 px, radius in um and area in mm^2 of each suspicious region).
     """
     options = options or SlideOptions()
-    if size < 1024:
-        raise ValueError(f"a synthetic slide must be at least 1024 px wide, got {size}")
     path = Path(path)
     annotation_path = Path(annotation_path) if annotation_path is not None else path.with_suffix(".geojson")
-    scene = make_scene(size, seed, positive, options.layout)
-    renderer = TileRenderer(scene, options.look, border=options.border)
+    scene = slide_scene(size, seed, positive, options)
+    renderer = TileRenderer(scene, options.mpp, options.look, border=options.border)
+    width, height = renderer.width, renderer.height
     description = f"smt-monai synthetic whole-slide image|mpp = {options.mpp}"  # nothing about the label
     shapes = write_pyramid(
         path,
-        size,
-        size,
+        width,
+        height,
         renderer.render,
         mpp=options.mpp,
         quality=options.jpeg_quality,
@@ -117,33 +122,53 @@ def make_slide(
         progress=progress,
         processes=processes,
     )
-    features = [polygon_feature(r.blob.polygon(), r.kind, CLASS_COLOURS[r.kind]) for r in scene.regions]
+    px = 1.0 / options.mpp
+    features = [polygon_feature(r.blob.polygon() * px, r.kind, CLASS_COLOURS[r.kind]) for r in scene.regions]
     write_geojson(annotation_path, features)
     regions = []
     for r in scene.regions:
-        outline = r.blob.polygon()
+        outline = r.blob.polygon() * px
         regions.append(
             {
                 "class": r.kind,
-                "centre": [round(c, 2) for c in r.blob.centre],
-                "radius": round(r.blob.radius, 2),
-                "area": round(r.blob.area, 1),
+                "centre": [round(c * px, 2) for c in r.blob.centre],
+                "radius_um": round(r.blob.radius, 2),
+                "area_mm2": round(r.blob.area * 1e-6, 5),
                 "bbox": np.round(np.concatenate([outline.min(0), outline.max(0)]), 2).tolist(),
             }
         )
+    x0, y0, x1, y1 = scene.tissue_box
     return {
         "image": str(path),
         "annotation": str(annotation_path),
         "label": int(positive),
         "seed": int(seed),
-        "width": size,
-        "height": size,
+        "width": width,
+        "height": height,
         "mpp": options.mpp,
         "levels": [list(s) for s in shapes],
-        "downsamples": [size / s[0] for s in shapes],
+        "downsamples": [width / s[0] for s in shapes],
         "tissue_fraction": round(scene.tissue_fraction, 4),
+        "tissue_mm": [round((x1 - x0) * 1e-3, 3), round((y1 - y0) * 1e-3, 3)],
+        "sections": [np.round(np.asarray(box) * px, 1).tolist() for box in scene.sections],
+        "pen_marks": sum(isinstance(m, PenStroke) for m in scene.marks),
+        "debris": sum(isinstance(m, Speck) for m in scene.marks),
         "regions": regions,
     }
+
+
+def slide_scene(size: int | None, seed: int, positive: bool, options: SlideOptions) -> Scene:
+    """The layout of a slide of ``size`` px (``None``: laid out physically), checking that it has at least
+    1024 px a side at the options' mpp."""
+    if size is not None and size < 1024:
+        raise ValueError(f"a synthetic slide must be at least 1024 px wide, got {size}")
+    scene = make_scene(seed, positive, options.layout, None if size is None else size * options.mpp)
+    if min(scene.pixels(options.mpp)) < 1024:
+        raise ValueError(
+            f"a synthetic slide must be at least 1024 px a side: {scene.width * 1e-3:.2f} x "
+            f"{scene.height * 1e-3:.2f} mm at {options.mpp} um/px is not; give more tissue or a finer mpp"
+        )
+    return scene
 
 
 def slide_seed(cohort_seed: int, index: int) -> int:
@@ -177,7 +202,7 @@ def _make_slide_job(job: dict[str, Any]) -> dict[str, Any]:
 def make_cohort(
     out_dir: str | os.PathLike,
     num_slides: int,
-    size: int,
+    size: int | None,
     seed: int,
     positive_fraction: float = 0.5,
     split: tuple[float, float, float] = (0.6, 0.2, 0.2),
@@ -190,14 +215,15 @@ def make_cohort(
     Args:
         out_dir: output directory (created if needed).
         num_slides: number of slides.
-        size: side of each slide in level-0 px.
+        size: side of each slide in level-0 px; ``None``: each slide is its tissue plus a glass margin
+            (see :func:`make_slide`).
         seed: cohort seed.
         positive_fraction: fraction of slides with tumour (rounded to whole slides).
         split: training / validation / testing fractions, applied per label.
         options: slide options (defaults if ``None``).
         workers: processes (default: CPU count, at most ``num_slides``; 1 runs in this process). A slide
-            of ``SPREAD_SIZE`` px or more is rendered by CPU count // workers processes, so one big slide
-            uses every core too.
+            of ``SPREAD_SIZE`` px or more a side is rendered by CPU count // workers processes, so one big
+            slide uses every core too.
         progress: show a progress bar.
 
     Returns:
@@ -206,8 +232,6 @@ def make_cohort(
     options = options or SlideOptions()
     if num_slides < 1:
         raise ValueError(f"num_slides must be >= 1, got {num_slides}")
-    if size < 1024:
-        raise ValueError(f"a synthetic slide must be at least 1024 px wide, got {size}")
     if not 0.0 <= positive_fraction <= 1.0:
         raise ValueError(f"positive_fraction must lie in [0, 1], got {positive_fraction}")
     if len(split) != 3 or min(split) < 0 or sum(split) <= 0:
@@ -220,9 +244,12 @@ def make_cohort(
     labels = np.zeros(num_slides, dtype=np.int64)
     labels[rng.permutation(num_slides)[: round(num_slides * positive_fraction)]] = 1
     splits = stratified_split(labels, split, seed)
+    seeds = [slide_seed(seed, i) for i in range(num_slides)]
+    # every slide's layout first: cheap, and a slide too small for the mpp fails before anything is written
+    pixels = [slide_scene(size, s, bool(y), options).pixels(options.mpp) for s, y in zip(seeds, labels)]
     digits = max(3, len(str(num_slides - 1)))
     if options.look.mimic_separation is None:  # fit once here rather than in every worker
-        look = replace(options.look, mimic_separation=fit_mimic_separation(options.look))
+        look = replace(options.look, mimic_separation=fit_mimic_separation(options.look, options.mpp))
         options = replace(options, look=look)
     workers = max(1, min(workers or os.cpu_count() or 1, num_slides))
     # Each slide's rows are rendered by its share of the CPUs. Starting the render processes and sending
@@ -230,26 +257,27 @@ def make_cohort(
     # gain little (a 16384 px slide: 5.3 s instead of 5.8): only slides of SPREAD_SIZE px and more on 4
     # CPUs or more are spread.
     cpus = os.cpu_count() or 1
-    processes = cpus // workers if cpus >= 4 and size >= SPREAD_SIZE else 1
     names = [f"slide_{i:0{digits}d}" for i in range(num_slides)]
     jobs = [
         {
             "path": out / "images" / f"{name}.tiff",
             "annotation_path": out / "annotations" / f"{name}.geojson",
             "size": size,
-            "seed": slide_seed(seed, i),
+            "seed": seeds[i],
             "positive": bool(labels[i]),
             "options": options,
             "progress": progress and num_slides == 1,
-            "processes": processes,
+            "processes": cpus // workers if cpus >= 4 and max(pixels[i]) >= SPREAD_SIZE else 1,
         }
         for i, name in enumerate(names)
     ]
+    # the largest slides first, so that no worker is left with a big one at the end
+    order = sorted(range(num_slides), key=lambda i: -pixels[i][0] * pixels[i][1])
     metadata: list[dict[str, Any]] = [{} for _ in jobs]
     bar = tqdm(total=num_slides, desc="synthetic slides", unit="slide", disable=not progress)
     if workers == 1:
-        for i, job in enumerate(jobs):
-            metadata[i] = make_slide(**job)
+        for i in order:
+            metadata[i] = make_slide(**jobs[i])
             bar.update()
     else:
         # forkserver: workers start from a clean process that has imported this module once (fork would
@@ -259,7 +287,7 @@ def make_cohort(
         if method == "forkserver":
             context.set_forkserver_preload([__name__])
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            futures = {pool.submit(_make_slide_job, job): i for i, job in enumerate(jobs)}
+            futures = {pool.submit(_make_slide_job, jobs[i]): i for i in order}
             for future in as_completed(futures):
                 metadata[futures[future]] = future.result()
                 bar.update()
@@ -292,6 +320,7 @@ def make_cohort(
     cohort = {
         "seed": seed,
         "size": size,
+        "mpp": options.mpp,
         "positive_fraction": positive_fraction,
         "split": list(split),
         "options": asdict(options),
@@ -320,7 +349,14 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     defaults = LayoutOptions()
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--num-slides", type=int, default=48, help="number of slides (default: 48)")
-    parser.add_argument("--size", type=int, default=16384, help="slide side in level-0 px (default: 16384)")
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="square slide side in level-0 px, the tissue covering a fraction of it (default: each slide is "
+        "its tissue, of an extent drawn from --tissue-mm, plus a 0.5 mm glass margin)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="cohort seed (default: 0)")
     parser.add_argument(
         "--positive-fraction", type=float, default=0.5, help="fraction of tumour slides (default: 0.5)"
@@ -333,27 +369,50 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         metavar=("TRAIN", "VAL", "TEST"),
         help="split fractions per label (default: 0.6 0.2 0.2)",
     )
-    parser.add_argument(
-        "--regions",
-        type=_pair(int),
-        default=defaults.suspicious_regions,
-        metavar="MIN,MAX",
-        help="suspicious regions (tumour or mimic) per slide (default: %(default)s)",
+    ranges = (
+        (
+            "--tissue-mm",
+            float,
+            tuple(v / 1000 for v in defaults.tissue_extent),
+            "range of the longer side of a slide's tissue in mm, without --size",
+        ),
+        ("--sections", int, defaults.sections, "tissue sections per slide"),
+        ("--regions", int, defaults.suspicious_regions, "suspicious regions (tumour or mimic) per slide"),
+        ("--region-radius-um", float, defaults.region_radius, "range of a suspicious region's radius in um"),
     )
-    parser.add_argument(
-        "--region-radius",
-        type=_pair(float),
-        default=defaults.region_radius,
-        metavar="MIN,MAX",
-        help="region radius as a fraction of the slide side (default: %(default)s)",
-    )
+    for flag, kind, default, text in ranges:
+        parser.add_argument(
+            flag, type=_pair(kind), default=default, metavar="MIN,MAX", help=f"{text} (default: %(default)s)"
+        )
     parser.add_argument(
         "--tumour-probability",
         type=float,
         default=defaults.tumour_probability,
         help="in positive slides, chance that a suspicious region is tumour (default: %(default)s)",
     )
-    parser.add_argument("--mpp", type=float, default=0.25, help="um per px at level 0 (default: 0.25)")
+    chances = (
+        (
+            "--pen-marks",
+            defaults.pen_marks,
+            "blue, green or black marker strokes near its tissue, never annotated",
+        ),
+        ("--debris", defaults.debris, "debris and dust specks on the glass"),
+    )
+    for flag, default, text in chances:
+        parser.add_argument(
+            flag,
+            type=float,
+            default=default,
+            metavar="PROB",
+            help=f"chance that a slide has {text} (default: %(default)s)",
+        )
+    parser.add_argument(
+        "--mpp",
+        type=float,
+        default=0.25,
+        help="um per px at level 0, 0.2 to 2 (40x: 0.25, 20x: 0.5; default: 0.25); the specimen is the same "
+        "at any mpp unless --size is given",
+    )
     parser.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality (default: 90)")
     parser.add_argument("--border", type=int, default=0, help="black scanner border width in px (default: 0)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
@@ -367,9 +426,13 @@ def run_synth(args: argparse.Namespace) -> int:
     try:
         options = SlideOptions(
             layout=LayoutOptions(
+                sections=args.sections,
+                tissue_extent=(args.tissue_mm[0] * 1000, args.tissue_mm[1] * 1000),
                 suspicious_regions=args.regions,
-                region_radius=args.region_radius,
+                region_radius=args.region_radius_um,
                 tumour_probability=args.tumour_probability,
+                pen_marks=args.pen_marks,
+                debris=args.debris,
             ),
             mpp=args.mpp,
             jpeg_quality=args.jpeg_quality,
@@ -390,7 +453,7 @@ def run_synth(args: argparse.Namespace) -> int:
         print(f"smt-monai synth: error: {err}", file=sys.stderr)
         return 2
     minutes = (time.perf_counter() - start) / 60
-    print(f"wrote {args.num_slides} slides of {args.size} px and {datalist} in {minutes:.1f} min")
+    print(f"wrote {args.num_slides} slides at {args.mpp} um/px and {datalist} in {minutes:.1f} min")
     return 0
 
 

@@ -1,47 +1,59 @@
-"""Level-0 tiles of a synthetic slide, rendered one at a time from the :class:`~.scene.Scene`.
+"""Level-0 tiles of a synthetic slide, rendered one at a time from the :class:`~.scene.Scene` at a given mpp.
 
-A tile depends only on its position, so a slide of any size streams with constant memory:
+The specimen is described in micrometres (the scene, and the :class:`Appearance` of its cells); pixels
+appear only here, so the same scene rendered at 0.5 um/px is its 0.25 um/px rendering at half the pixel
+size. A tile depends only on its position, so a slide of any size streams with constant memory:
 
-- Smooth things (tissue outline, region outlines, stain tone) are bilinear interpolations of the scene's
-  low-resolution fields.
+- Smooth things (tissue outline, stain tone) are bilinear interpolations of the scene's low-resolution
+  fields; suspicious-region outlines, pen strokes and debris are exact distances on a lattice of 8 px.
 - Nuclei sit on a fixed periodic Poisson-disc pattern (minimum centre distance ``spacing``). Every pattern
   point gets its random marks (is it occupied, size, shape, ink, ...) from a hash of its absolute position
-  and the slide seed, so a nucleus that straddles two tiles is drawn identically in both.
-- Fine textures (pixel noise, chromatin granules, stroma fibres, ragged tissue edges) are read from
-  periodic noise images at absolute coordinates.
+  and the slide seed, so a nucleus that straddles two tiles is drawn identically in both, and at any mpp.
+  Its outline is anti-aliased over one pixel, so a coarser rendering is close to an area average of a finer.
+- Fine textures (chromatin granules, stroma fibres, ragged tissue edges, nests) are periodic noise images
+  made at :data:`REFERENCE_MPP` and area-resampled to the slide's mpp; pixel noise stays one value per
+  pixel, as a camera's.
+- Pen strokes and debris on the glass absorb light over whatever lies below them.
 
 The task SMT is for, suspicious at low magnification and decidable only at high magnification, shapes the
 nuclei. Tumour and mimic regions share the point pattern, the occupancy, the cytoplasm and the ink colour,
 and what is drawn at each pattern point carries the same integrated ink (darkness times area), from the same
-distribution; a pyramid level at downsample 16 or more, an area average, then shows both with the same mean
+distribution; a pyramid level at 4 um/px or coarser, an area average, then shows both with the same mean
 colour. Their difference is inside the nuclei: a tumour point holds one large, pleomorphic (size,
 elongation, irregular outline), vesicular nucleus (pale, with a granular rim and a nucleolus); a mimic point
 two small, round, uniform, dark lymphoid nuclei. Three leaks that a prototype of such data showed are
-closed here, and ``tests/test_synth.py`` checks that a classifier on colour and texture statistics stays
-near chance at downsample 16 and 64 while it separates the two at level 0:
+closed here, and ``tests/test_synth.py`` checks, at 0.25 and 0.5 um/px, that a classifier on colour and
+texture statistics stays near chance at 4 to 16 um/px while it separates the two at level 0:
 
 - clipping: a pixel darker than black loses ink, so dark, overlapping or granular nuclei come out lighter
   when averaged (the mimic's green channel did). Ink per pixel is capped (``max_ink``) below saturation.
 - blur: a large pale nucleus loses more contrast to area averaging than a small dark one, so the local
-  variance at downsample 16 gave tumour away. The distance between the two mimic nuclei is fitted
-  (:func:`fit_mimic_separation`) so that both classes keep the same variance and gradient energy there.
+  variance at 4 um/px gave tumour away. The distance between the two mimic nuclei is fitted
+  (:func:`fit_mimic_separation`, at the slide's mpp) so that both classes keep the same variance and
+  gradient energy there.
 - colour: a nucleolus in a colour of its own blurs differently from the rest of the nucleus, so channel
   ratios of the local variance gave tumour away. All nuclear ink has one colour.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
-from smt_monai.data.synth.scene import FIELD_MIMIC, FIELD_TISSUE, FIELD_TONE, FIELD_TUMOUR, Scene
+from smt_monai.data.synth.scene import FIELD_TISSUE, MIMIC, TUMOUR, Mark, Scene
 
 TILE = 256
-TEXTURE = 1024
-PATTERN_PERIOD = 2048
+REFERENCE_MPP = 0.25  # um/px at which the textures are made
+TEXTURE = 1024  # side of the textures at REFERENCE_MPP, in px (256 um)
+PATTERN_PERIOD = 512.0  # um: period of the nucleus pattern
+LATTICE = 8  # px between the points at which a tile's region and mark distances are evaluated exactly
+FIT_BOX = 4.0  # um: the area average at which fit_mimic_separation matches tumour and mimic
+MPP_RANGE = (0.2, 2.0)  # um/px a slide may be rendered at
 
 # Colours (0-255), and intensity removed per unit of stain.
 GLASS = np.array([242.0, 241.0, 240.0], dtype=np.float32)
@@ -54,7 +66,7 @@ BORDER = np.array([18.0, 18.0, 18.0], dtype=np.float32)
 
 @dataclass(frozen=True)
 class Appearance:
-    """Cell-level look of a synthetic slide (level-0 px). See the module docstring for the reasoning.
+    """Cell-level look of a synthetic slide, in um. See the module docstring for the reasoning.
 
     Args:
         spacing: minimum distance between pattern points (nucleus centres, or mimic nucleus-pair centres).
@@ -62,31 +74,38 @@ class Appearance:
         suspicious_occupancy: the same inside tumour and mimic regions (scaled by a smooth "nest" texture).
         mimic_radius: mean radius of each of the two lymphoid nuclei at a mimic point.
         tumour_radius: range of tumour nucleus radii.
-        ink: mean integrated ink (ink x px) at a tumour or mimic point; one unit of ink on a pixel removes
+        ink: mean integrated ink (ink x um^2) at a tumour or mimic point; one unit of ink on a pixel removes
             :data:`HEMATOXYLIN` from its colour.
         ink_cv: coefficient of variation of a point's integrated ink (the same for tumour and mimic).
         max_ink: most ink on one pixel of a tumour nucleus, so that no pixel saturates.
         nucleolus: ink of a tumour nucleolus relative to the rest of its nucleus.
-        edge: width (px) over which cell density rises inside a suspicious region's outline.
-        noise: standard deviation of the pixel noise (intensity levels).
+        edge: width over which cell density rises inside a suspicious region's outline.
+        noise: standard deviation of the pixel noise (intensity levels, per pixel whatever the mpp).
         tone: relative amplitude of the smooth variation of eosin staining across the slide.
-        mimic_separation: distance (px) between the two nuclei of a mimic point; ``None``: fitted to the
-            other parameters by :func:`fit_mimic_separation` (which takes a couple of seconds).
+        mimic_separation: distance between the two nuclei of a mimic point; ``None``: fitted to the other
+            parameters at the slide's mpp by :func:`fit_mimic_separation` (which takes a couple of seconds).
     """
 
-    spacing: float = 16.0
+    spacing: float = 4.0
     normal_occupancy: float = 0.06
     suspicious_occupancy: float = 0.9
-    mimic_radius: float = 2.8
-    tumour_radius: tuple[float, float] = (4.2, 6.2)
-    ink: float = 26.0
+    mimic_radius: float = 0.7
+    tumour_radius: tuple[float, float] = (1.05, 1.55)
+    ink: float = 1.625
     ink_cv: float = 0.15
     max_ink: float = 0.8
     nucleolus: float = 0.15
-    edge: float = 24.0
+    edge: float = 6.0
     noise: float = 1.5
     tone: float = 0.5
     mimic_separation: float | None = None
+
+
+def check_mpp(mpp: float) -> float:
+    """``mpp`` as a float, or ValueError when a slide cannot be rendered at it."""
+    if not MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:
+        raise ValueError(f"mpp must lie in [{MPP_RANGE[0]}, {MPP_RANGE[1]}] um/px, got {mpp}")
+    return float(mpp)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -125,20 +144,40 @@ def _to_unit(field: np.ndarray) -> np.ndarray:
     return ranks.reshape(field.shape)
 
 
+def resample_periodic(texture: np.ndarray, size: int) -> np.ndarray:
+    """A square periodic texture resampled to ``size`` px per period, each new pixel the area average of
+    the texels it covers (texels it covers in part weighted by that part).
+
+    So a texture made for 0.25 um/px, resampled to half its side, is exactly what a camera with 0.5 um
+    pixels sees of it.
+    """
+    n = texture.shape[0]
+    scale = n / size  # texels per new pixel
+    start = np.arange(size) * scale
+    weights = np.zeros((size, n))
+    for step in range(math.ceil(scale) + 1):
+        texel = np.floor(start).astype(np.int64) + step
+        overlap = np.clip(np.minimum(start + scale, texel + 1) - np.maximum(start, texel), 0.0, None)
+        np.add.at(weights, (np.arange(size), texel % n), overlap / scale)
+    return (weights @ texture.astype(np.float64) @ weights.T).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class Textures:
-    """Periodic ``TEXTURE`` x ``TEXTURE`` noise images shared by all slides (fixed seed)."""
+    """Periodic noise images shared by all slides (fixed seed), at one mpp: ``pixel`` has a period of
+    ``TEXTURE`` px whatever the mpp (camera noise), the others a period of 256 um. Each is stored with
+    ``TILE`` wrapped-around extra rows and columns, so that a tile-sized block is always a view."""
 
     pixel: np.ndarray  # white noise, standard normal
-    chromatin: np.ndarray  # granules about 1 px, uniform in [0, 1]
-    fibre: np.ndarray  # stroma fibres: crossing streaks, uniform in [0, 1]
-    rough: np.ndarray  # ragged tissue edges, about 12 px, standard normal
-    nest: np.ndarray  # cell-density variation inside regions, about 40 px, uniform in [0, 1]
+    chromatin: np.ndarray  # granules about 0.25 um, in [0, 1]
+    fibre: np.ndarray  # stroma fibres: crossing streaks, in [0, 1]
+    rough: np.ndarray  # ragged tissue edges, about 3 um, standard normal
+    nest: np.ndarray  # cell-density variation inside regions, about 10 um, in [0, 1]
 
 
 @lru_cache(maxsize=1)
-def textures() -> Textures:
-    """The shared textures, made once per process."""
+def _reference_noise() -> dict[str, np.ndarray]:
+    """The textures at :data:`REFERENCE_MPP`, one period each."""
     rng = np.random.default_rng(20240601)
     shape = (TEXTURE, TEXTURE)
 
@@ -146,32 +185,52 @@ def textures() -> Textures:
         return rng.standard_normal(shape)
 
     fibre = _periodic_blur(noise(), (14.0, 1.2), 0.5) + _periodic_blur(noise(), (14.0, 1.2), 2.2)
-    return Textures(
-        pixel=noise().astype(np.float32),
-        chromatin=_to_unit(_periodic_blur(noise(), (0.9, 0.9))),
-        fibre=_to_unit(fibre),
-        rough=_periodic_blur(noise(), (12.0, 12.0)).astype(np.float32),
-        nest=_to_unit(_periodic_blur(noise(), (40.0, 40.0))),
-    )
+    return {
+        "pixel": noise().astype(np.float32),
+        "chromatin": _to_unit(_periodic_blur(noise(), (0.9, 0.9))),
+        "fibre": _to_unit(fibre),
+        "rough": _periodic_blur(noise(), (12.0, 12.0)).astype(np.float32),
+        "nest": _to_unit(_periodic_blur(noise(), (40.0, 40.0))),
+    }
+
+
+@lru_cache(maxsize=4)
+def textures(mpp: float = REFERENCE_MPP) -> Textures:
+    """The shared textures as seen at ``mpp`` um/px (area-resampled), made once per process."""
+    size = round(TEXTURE * REFERENCE_MPP / mpp)
+    out = {}
+    for name, texture in _reference_noise().items():
+        if name != "pixel" and size != TEXTURE:
+            texture = resample_periodic(texture, size)
+        out[name] = np.pad(texture, ((0, TILE), (0, TILE)), mode="wrap")
+    return Textures(**out)
+
+
+def texture_period(texture: np.ndarray) -> int:
+    """Period in px of one of the :class:`Textures`."""
+    return texture.shape[0] - TILE
 
 
 def sample_texture(texture: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Texture values at integer pixel coordinates (any shape), wrapping around."""
-    return texture[np.asarray(y, dtype=np.int64) % TEXTURE, np.asarray(x, dtype=np.int64) % TEXTURE]
+    period = texture_period(texture)
+    return texture[np.asarray(y, dtype=np.int64) % period, np.asarray(x, dtype=np.int64) % period]
 
 
 def texture_block(texture: np.ndarray, y0: int, x0: int, size: int = TILE) -> np.ndarray:
-    """A ``size`` x ``size`` block (read-only view when possible) of a texture at absolute pixel
-    ``(x0, y0)``, wrapping around."""
-    y0, x0 = y0 % TEXTURE, x0 % TEXTURE
-    if y0 + size <= TEXTURE and x0 + size <= TEXTURE:
+    """A ``size`` x ``size`` block (read-only view when ``size`` is at most ``TILE``) of a texture at
+    absolute pixel ``(x0, y0)``, wrapping around."""
+    period = texture_period(texture)
+    y0, x0 = y0 % period, x0 % period
+    if size <= TILE:
         return texture[y0 : y0 + size, x0 : x0 + size]
-    return texture[np.ix_(np.arange(y0, y0 + size) % TEXTURE, np.arange(x0, x0 + size) % TEXTURE)]
+    return texture[np.ix_(np.arange(y0, y0 + size) % period, np.arange(x0, x0 + size) % period)]
 
 
 @lru_cache(maxsize=4)
-def poisson_disc_pattern(spacing: float, period: int = PATTERN_PERIOD, seed: int = 7) -> np.ndarray:
-    """Points in a periodic ``period`` x ``period`` square, no two closer than ``spacing`` (with wrap-around).
+def poisson_disc_pattern(spacing: float, period: float = PATTERN_PERIOD, seed: int = 7) -> np.ndarray:
+    """Points in a periodic ``period`` x ``period`` square (um), no two closer than ``spacing`` (with
+    wrap-around).
 
     Vectorised random sequential adsorption: each round throws candidates, drops those too close to a kept
     point, and among the rest keeps those with no closer, earlier candidate. After the rounds the pattern is
@@ -227,12 +286,13 @@ def poisson_disc_pattern(spacing: float, period: int = PATTERN_PERIOD, seed: int
 _OCCUPY, _SIZE, _ELONG, _ORIENT, _H3, _P3, _H4, _P4, _INK, _NUC_A, _NUC_R, _NUC_S = range(12)
 _STREAMS = 12
 _NORMAL, _MIMIC, _TUMOUR = 0, 1, 2
-SEPARATIONS = tuple(float(s) for s in np.arange(4.0, 10.01, 0.25))  # candidate mimic nucleus-pair distances
+# candidate mimic nucleus-pair distances (um)
+SEPARATIONS = tuple(float(s) for s in np.arange(1.0, 2.5001, 0.0625))
 
 
 @dataclass
 class Nuclei:
-    """Occupied pattern points of one class near a tile: centres in tile coordinates and random marks."""
+    """Occupied pattern points of one class near a tile: centres (tile px) and random marks."""
 
     x: np.ndarray
     y: np.ndarray
@@ -242,7 +302,8 @@ class Nuclei:
 @dataclass
 class NucleusWindows:
     """What is drawn at each point, on its own square window: window origins (tile coordinates), pixel
-    offsets from the point, the ink profile (summing to 1 over the window) and the integrated ink."""
+    offsets from the point, the ink profile (summing to 1 over the window) and the integrated ink (ink x
+    px)."""
 
     ox: np.ndarray
     oy: np.ndarray
@@ -262,27 +323,28 @@ def _unit(profile: np.ndarray) -> np.ndarray:
 
 
 def _max_extent(look: Appearance) -> float:
-    """Largest distance from a pattern point to the edge of the ink drawn there, any class."""
+    """Largest distance (um) from a pattern point to the edge of the ink drawn there, any class."""
     tumour = look.tumour_radius[1] * math.sqrt(1.35) * 1.17
     mimic = 0.55 * SEPARATIONS[-1] + 1.05 * look.mimic_radius
-    return max(9.0, tumour, mimic) + 1.0
+    return max(2.25, tumour, mimic) + 0.25
 
 
 def _nucleus_windows(
-    kind: int, nuclei: Nuclei, look: Appearance, tile_x: int, tile_y: int, separation: float
+    kind: int, nuclei: Nuclei, look: Appearance, mpp: float, tile_x: int, tile_y: int, separation: float
 ) -> NucleusWindows:
-    """Draw what sits at each pattern point of one class on its own window.
+    """Draw what sits at each pattern point of one class on its own window of pixels at ``mpp``.
 
     Tumour: one large pleomorphic nucleus, ink concentrated in granules along its rim, and a nucleolus.
-    Mimic: two small round dark nuclei about ``separation`` px apart (lymphoid tissue: smaller and more
-    numerous nuclei). Normal: one spindle-shaped stroma nucleus.
+    Mimic: two small round dark nuclei about ``separation`` um apart (lymphoid tissue: smaller and more
+    numerous nuclei). Normal: one spindle-shaped stroma nucleus. Shapes are in um, outlines anti-aliased
+    over one pixel.
     """
     u = nuclei.u
     m = len(u)
     angle = u[:, _ORIENT] * math.pi
     spread = 1.0 + look.ink_cv * math.sqrt(3.0) * (2.0 * u[:, _INK] - 1.0)
     if kind == _NORMAL:
-        a, b = 6.0 + 3.0 * u[:, _SIZE], 1.8 + 0.6 * u[:, _ELONG]
+        a, b = 1.5 + 0.75 * u[:, _SIZE], 0.45 + 0.15 * u[:, _ELONG]
     elif kind == _MIMIC:
         a = b = look.mimic_radius * (0.95 + 0.1 * u[:, _SIZE])
     else:
@@ -290,23 +352,25 @@ def _nucleus_windows(
         e = 1.0 + 0.35 * u[:, _ELONG]
         a, b = r * np.sqrt(e), r / np.sqrt(e)
     pair = 0.5 * separation * (0.9 + 0.2 * u[:, _NUC_R]) if kind == _MIMIC else np.zeros(m)
-    half = int(math.ceil(float((a + pair).max()) + 1.5))
+    half = int(math.ceil(float((a + pair).max()) / mpp + 1.5))
     steps = np.arange(2 * half + 1)
     ox = np.floor(nuclei.x).astype(np.int64) - half
     oy = np.floor(nuclei.y).astype(np.int64) - half
     dx = (ox[:, None] + steps[None, :] + 0.5 - nuclei.x[:, None]).astype(np.float32)[:, None, :]
     dy = (oy[:, None] + steps[None, :] + 0.5 - nuclei.y[:, None]).astype(np.float32)[:, :, None]
+    ux, uy = dx * np.float32(mpp), dy * np.float32(mpp)  # um from the point
     cos_t, sin_t = _col(np.cos(angle)), _col(np.sin(angle))
+    ink_px = 1.0 / mpp**2  # px per um^2
 
     if kind == _MIMIC:
         inside = np.zeros((m, len(steps), len(steps)), dtype=np.float32)
         for sign in (-1.0, 1.0):
-            ex, ey = dx - sign * _col(pair) * cos_t, dy - sign * _col(pair) * sin_t
-            inside += np.clip(_col(a) + 0.5 - np.sqrt(ex * ex + ey * ey), 0.0, 1.0)
-        return NucleusWindows(ox, oy, dx, dy, _unit(inside), look.ink * spread)
+            ex, ey = ux - sign * _col(pair) * cos_t, uy - sign * _col(pair) * sin_t
+            inside += np.clip((_col(a) - np.sqrt(ex * ex + ey * ey)) / mpp + 0.5, 0.0, 1.0)
+        return NucleusWindows(ox, oy, dx, dy, _unit(inside), look.ink * spread * ink_px)
 
-    along = (dx * cos_t + dy * sin_t) / _col(a)
-    across = (dy * cos_t - dx * sin_t) / _col(b)
+    along = (ux * cos_t + uy * sin_t) / _col(a)
+    across = (uy * cos_t - ux * sin_t) / _col(b)
     rho = np.sqrt(along**2 + across**2)
     outline = np.ones_like(rho)
     if kind == _TUMOUR:  # irregular outline: r(t) = 1 + h3 cos(3t - p3) + h4 cos(4t - p4)
@@ -325,12 +389,12 @@ def _nucleus_windows(
             outline += _col(amp) * (cos_k * _col(np.cos(phase)) + sin_k * _col(np.sin(phase)))
     q = rho / outline  # 1 on the outline
     radius = np.sqrt(a * b)
-    inside = np.clip((1.0 - q) * _col(radius) + 0.5, 0.0, 1.0)
+    inside = np.clip((1.0 - q) * _col(radius / mpp) + 0.5, 0.0, 1.0)
     if kind == _NORMAL:
-        return NucleusWindows(ox, oy, dx, dy, _unit(inside), 0.7 * math.pi * a * b * spread)
+        return NucleusWindows(ox, oy, dx, dy, _unit(inside), 0.7 * math.pi * a * b * spread * ink_px)
 
     granules = sample_texture(
-        textures().chromatin,
+        textures(mpp).chromatin,
         oy[:, None, None] + steps[None, :, None] + tile_y,
         ox[:, None, None] + steps[None, None, :] + tile_x,
     )
@@ -338,10 +402,10 @@ def _nucleus_windows(
     chromatin = inside * (0.3 + 0.7 * rim * rim * (3 - 2 * rim)) * (0.7 + 0.6 * granules)
     nuc_t = 2 * math.pi * u[:, _NUC_A]
     nuc_r = (0.1 + 0.25 * u[:, _NUC_R]) * radius
-    dist = np.sqrt((dx - _col(nuc_r * np.cos(nuc_t))) ** 2 + (dy - _col(nuc_r * np.sin(nuc_t))) ** 2)
-    nucleolus = inside * np.clip(_col(1.8 + 0.5 * u[:, _NUC_S]) - dist, 0.0, 1.0)
+    dist = np.sqrt((ux - _col(nuc_r * np.cos(nuc_t))) ** 2 + (uy - _col(nuc_r * np.sin(nuc_t))) ** 2)
+    nucleolus = inside * np.clip((_col(0.45 + 0.125 * u[:, _NUC_S]) - dist) / mpp, 0.0, 1.0)
     profile = _unit(_unit(chromatin) + look.nucleolus * _unit(nucleolus))
-    total = look.ink * spread
+    total = look.ink * spread * ink_px
     # The few nuclei whose granules or nucleolus would exceed ``max_ink`` are flattened towards a disc.
     flat = _unit(inside)
     peak, flat_peak = profile.max(axis=(1, 2)) * total, flat.max(axis=(1, 2)) * total
@@ -360,52 +424,56 @@ def _spectra(w: NucleusWindows, size: int = 64) -> np.ndarray:
     return np.fft.fft2(padded) * phase
 
 
-def _structure_factor(look: Appearance, size: int = 64) -> np.ndarray:
+def _structure_factor(look: Appearance, mpp: float, size: int = 64) -> np.ndarray:
     """Structure factor of the thinned point pattern on the ``size`` x ``size`` frequency grid of
-    :func:`_spectra`, radially averaged from the periodic pattern."""
+    :func:`_spectra` at ``mpp``, radially averaged from the periodic pattern."""
     pattern = poisson_disc_pattern(look.spacing)
-    bins = PATTERN_PERIOD // 2
+    bins = 1024
+    bin_um = PATTERN_PERIOD / bins
     density, _, _ = np.histogram2d(pattern[:, 1], pattern[:, 0], bins=bins, range=[[0, PATTERN_PERIOD]] * 2)
     power = (np.abs(np.fft.fft2(density)) ** 2 / len(pattern)).ravel()
-    radius = np.hypot(*np.meshgrid(np.fft.fftfreq(bins, d=2.0), np.fft.fftfreq(bins, d=2.0))).ravel()
-    edges = np.linspace(0.0, 0.25, 129)  # cycles per px, up to the Nyquist frequency of the 2-px bins
+    radius = np.hypot(*np.meshgrid(np.fft.fftfreq(bins, d=bin_um), np.fft.fftfreq(bins, d=bin_um))).ravel()
+    edges = np.linspace(0.0, 0.5 / bin_um, 129)  # cycles per um, up to the Nyquist frequency of the bins
     which = np.digitize(radius, edges) - 1
     ok = (which < 128) & (radius > 0)
     radial = np.bincount(which[ok], weights=power[ok], minlength=128) / np.maximum(
         np.bincount(which[ok], minlength=128), 1
     )
-    f = np.hypot(*np.meshgrid(np.fft.fftfreq(size), np.fft.fftfreq(size)))
+    f = np.hypot(*np.meshgrid(np.fft.fftfreq(size), np.fft.fftfreq(size))) / mpp  # cycles per um
     structure = np.interp(f, 0.5 * (edges[1:] + edges[:-1]), radial)
     occupancy = look.suspicious_occupancy * 0.875  # mean of the nest modulation
     return 1.0 - occupancy + occupancy * structure
 
 
-@lru_cache(maxsize=4)
-def fit_mimic_separation(look: Appearance, count: int = 500) -> float:
-    """Distance between the two nuclei of a mimic point that makes mimic regions keep the tumour's local
-    variance and gradient energy at downsample 16.
+@lru_cache(maxsize=8)
+def fit_mimic_separation(look: Appearance, mpp: float = REFERENCE_MPP, count: int = 500) -> float:
+    """Distance (um) between the two nuclei of a mimic point that makes mimic regions keep the tumour's
+    local variance and gradient energy at :data:`FIT_BOX` um/px, for a slide rendered at ``mpp``.
 
     A region's ink is a marked point pattern; its power spectrum per point is
     ``(1 + cv^2) E|P(k)|^2 + (S(k) - 1) |E P(k)|^2`` for unit-sum profiles ``P`` and the pattern's structure
-    factor ``S``. A pixel at downsample 16 is a 16 x 16 box average, so its variance is the sum over
-    frequencies of the spectrum times the box filter's ``|B16(k)|^2``, and its gradient energy the same sum
-    times ``4 - 2 cos(16 kx) - 2 cos(16 ky)``. The separation minimising the squared log-ratios of the two
+    factor ``S``. A pixel at 4 um/px is a box average of ``B = 4 / mpp`` px, so its variance is the sum
+    over frequencies of the spectrum times the box filter's ``|B(k)|^2``, and its gradient energy the same
+    sum times ``4 - 2 cos(B kx) - 2 cos(B ky)``. The separation minimising the squared log-ratios of the two
     to the tumour's is found by grid search (the same random nuclei for every candidate).
     """
     rng = np.random.default_rng(5)
+    box = FIT_BOX / mpp  # at most 20 px in MPP_RANGE: the 64-px periodic windows hold it
     size = 64
     k = 2 * math.pi * np.fft.fftfreq(size)
-    box = (np.sinc(16 * k / (2 * math.pi))[None, :] * np.sinc(16 * k / (2 * math.pi))[:, None]) ** 2
-    weights = np.stack([box, box * (4.0 - 2.0 * np.cos(16 * k)[None, :] - 2.0 * np.cos(16 * k)[:, None])])
-    structure = _structure_factor(look, size)
+    sinc = np.sinc(box * k / (2 * math.pi))
+    area = (sinc[None, :] * sinc[:, None]) ** 2
+    weights = np.stack([area, area * (4.0 - 2.0 * np.cos(box * k)[None, :] - 2.0 * np.cos(box * k)[:, None])])
+    structure = _structure_factor(look, mpp, size)
+    side = texture_period(textures(mpp).chromatin)
 
     def stats(kind: int, separation: float, nuclei: Nuclei) -> np.ndarray:
-        p = _spectra(_nucleus_windows(kind, nuclei, look, 0, 0, separation), size)
+        p = _spectra(_nucleus_windows(kind, nuclei, look, mpp, 0, 0, separation), size)
         power = (1.0 + look.ink_cv**2) * (np.abs(p) ** 2).mean(0) + (structure - 1.0) * np.abs(p.mean(0)) ** 2
         return (weights * power).sum(axis=(1, 2))
 
     def sample() -> Nuclei:
-        centre = rng.uniform(0.0, TEXTURE, (2, count))  # all over the textures
+        centre = rng.uniform(0.0, side, (2, count))  # all over the textures
         return Nuclei(centre[0], centre[1], rng.random((count, _STREAMS)))
 
     target = stats(_TUMOUR, 0.0, sample())
@@ -415,14 +483,14 @@ def fit_mimic_separation(look: Appearance, count: int = 500) -> float:
 
 
 def _render_ink(
-    kind: int, nuclei: Nuclei, look: Appearance, x0: int, y0: int, size: int, separation: float
+    kind: int, nuclei: Nuclei, look: Appearance, mpp: float, x0: int, y0: int, size: int, separation: float
 ) -> np.ndarray:
     """Ink canvas (``size`` x ``size``) of the nuclei of one class on the tile at ``(x0, y0)``.
 
     Each point's profile sums to its integrated ink over its window, so the ink does not depend on the
     shape nor on where the tile cuts it.
     """
-    w = _nucleus_windows(kind, nuclei, look, x0, y0, separation)
+    w = _nucleus_windows(kind, nuclei, look, mpp, x0, y0, separation)
     steps = np.arange(w.profile.shape[1])
     iy = w.oy[:, None, None] + steps[None, :, None]
     ix = w.ox[:, None, None] + steps[None, None, :]
@@ -436,34 +504,52 @@ def _render_ink(
 # Tiles
 
 
+def _bilinear(
+    block: np.ndarray, ix: np.ndarray, fx: np.ndarray, iy: np.ndarray, fy: np.ndarray
+) -> np.ndarray:
+    """``(F, len(iy), len(ix))`` bilinear values of the node block ``(F, ny, nx)``: each pixel's node
+    (relative to the block) and weight of the next node, per axis. Gathers and products rather than matrix
+    products: with several threads, OpenBLAS takes milliseconds for such small matrices."""
+    rows = block[:, :, ix] * (1.0 - fx) + block[:, :, ix + 1] * fx
+    return rows[:, iy, :] * (1.0 - fy)[:, None] + rows[:, iy + 1, :] * fy[:, None]
+
+
 class TileRenderer:
-    """Renders level-0 tiles of one scene: ``render(x0, y0)`` for the tile whose top-left corner is there.
+    """Renders level-0 tiles of one scene at ``mpp``: ``render(x0, y0)`` for the tile whose top-left corner is
+    at px ``(x0, y0)``.
 
     Args:
-        scene: the slide layout.
-        look: the cell-level appearance.
+        scene: the slide layout (um).
+        mpp: um per level-0 px (in :data:`MPP_RANGE`).
+        look: the cell-level appearance (um).
         border: width (px) of a black scanner border along the slide edges (0: none).
     """
 
     glass_variants = 8
-    rough = 12.0  # amplitude (px) of the ragged tissue edge
+    rough = 3.0  # amplitude (um) of the ragged tissue edge
 
-    def __init__(self, scene: Scene, look: Appearance | None = None, border: int = 0) -> None:
+    def __init__(self, scene: Scene, mpp: float, look: Appearance | None = None, border: int = 0) -> None:
         self.scene = scene
+        self.mpp = check_mpp(mpp)
+        self.width, self.height = scene.pixels(self.mpp)
         self.look = look or Appearance()
         self.border = int(border)
-        self.tex = textures()
-        self.pattern = poisson_disc_pattern(self.look.spacing)
-        self.separation = self.look.mimic_separation or fit_mimic_separation(self.look)
-        self.margin = _max_extent(self.look) + 2.0
+        self.tex = textures(self.mpp)
+        self.pattern = poisson_disc_pattern(self.look.spacing) / self.mpp
+        self.period = PATTERN_PERIOD / self.mpp
+        self.separation = self.look.mimic_separation or fit_mimic_separation(self.look, self.mpp)
+        self.margin = _max_extent(self.look) / self.mpp + 2.0
         self.seed_key = int(_splitmix(np.array([scene.seed], dtype=np.uint64))[0])
         tx, ty = scene.pattern_offset
-        self.offset = (tx % PATTERN_PERIOD, ty % PATTERN_PERIOD)
-        self.tex_offset = (int(tx) % TEXTURE, int(ty) % TEXTURE)
+        self.offset = ((tx % PATTERN_PERIOD) / self.mpp, (ty % PATTERN_PERIOD) / self.mpp)
+        # whole um, so that the textures line up at any mpp that divides 1 um (0.25, 0.5, ...)
+        side = texture_period(self.tex.chromatin)
+        self.tex_offset = (round(int(tx) / self.mpp) % side, round(int(ty) / self.mpp) % side)
         s = scene.stain.astype(np.float32)  # this slide's staining: hematoxylin, eosin, colour shift
         stroma = STROMA + 4.0 * s[2:5]
         cytoplasm = CYTOPLASM + 4.0 * s[2:5]
-        # A tile's colour is the sum of six planes (see render()) times these colours.
+        # A tile's colour is made of these (see render()): glass, stroma, cytoplasm minus stroma, eosin and
+        # hematoxylin per unit of stain, pixel noise.
         self.colours = np.stack(
             [
                 GLASS,
@@ -474,59 +560,81 @@ class TileRenderer:
                 np.full(3, self.look.noise, dtype=np.float32),
             ]
         ).astype(np.float32)
-        self._interps: dict[tuple[int, int], tuple[int, int, np.ndarray, np.ndarray]] = {}
+        self._interps: dict[tuple[int, int, int], tuple[int, int, np.ndarray, np.ndarray]] = {}
         self._glass: dict[tuple[int, int], np.ndarray] = {}
 
     # -- fields ------------------------------------------------------------------------------------------
-    def _interp(self, start: int, size: int) -> tuple[int, int, np.ndarray, np.ndarray]:
-        """Bilinear interpolation of grid nodes to pixel centres ``start .. start + size``: first node,
-        number of nodes, each pixel's node (relative to the first) and weight of the next node."""
-        key = (start, size)
+    def _interp(self, start: int, size: int, nodes: int) -> tuple[int, int, np.ndarray, np.ndarray]:
+        """Bilinear interpolation of ``nodes`` grid nodes to pixel centres ``start .. start + size``: first
+        node, number of nodes, each pixel's node (relative to the first) and weight of the next node.
+        Pixels past the grid (the padding of the last tiles) take its last node."""
+        key = (start, size, nodes)
         if key not in self._interps:
-            g = (np.arange(start, start + size) + 0.5) / self.scene.step
-            i0 = int(math.floor(g[0]))
+            g = (np.arange(start, start + size) + 0.5) * self.mpp / self.scene.step
+            g = np.clip(g, 0.0, nodes - 1.000001)
             i = np.floor(g).astype(np.int64)
+            i0 = int(i[0])
             if len(self._interps) > 4096:
                 self._interps.clear()
             self._interps[key] = (i0, int(i[-1]) - i0 + 2, i - i0, (g - i).astype(np.float32))
         return self._interps[key]
 
-    def fields(self, x0: int, y0: int, size: int, which: list[int]) -> np.ndarray:
-        """Fields ``which`` interpolated on the tile at ``(x0, y0)``: ``(len(which), size, size)``.
+    def fields(self, x0: int, y0: int, size: int) -> np.ndarray:
+        """Signed distance to the tissue (um) and stain tone interpolated on the tile at ``(x0, y0)``:
+        ``(2, size, size)``."""
+        grid = self.scene.fields
+        jx, nx, ix, fx = self._interp(x0, size, grid.shape[2])
+        jy, ny, iy, fy = self._interp(y0, size, grid.shape[1])
+        return _bilinear(grid[:, jy : jy + ny, jx : jx + nx], ix, fx, iy, fy)
 
-        Written as gathers and products rather than matrix products: with several threads, OpenBLAS takes
-        milliseconds for such small matrices.
-        """
-        jx, nx, ix, fx = self._interp(x0, size)
-        jy, ny, iy, fy = self._interp(y0, size)
-        block = self.scene.fields[which, jy : jy + ny, jx : jx + nx]
-        rows = block[:, :, ix] * (1.0 - fx) + block[:, :, ix + 1] * fx
-        return rows[:, iy, :] * (1.0 - fy)[:, None] + rows[:, iy + 1, :] * fy[:, None]
+    def _lattice(
+        self, x0: int, y0: int, size: int, distances: list[Callable[[np.ndarray, np.ndarray], np.ndarray]]
+    ) -> np.ndarray:
+        """Signed distances (um) on the lattice of the tile at ``(x0, y0)``: every :data:`LATTICE` px,
+        corners included, ``(len(distances), size / LATTICE + 1, size / LATTICE + 1)``."""
+        nodes = np.arange(0, size + LATTICE, LATTICE)
+        x, y = np.meshgrid((x0 + nodes) * self.mpp, (y0 + nodes) * self.mpp)
+        return np.stack([distance(x, y) for distance in distances]).astype(np.float32)
+
+    @staticmethod
+    def _from_lattice(block: np.ndarray, size: int) -> np.ndarray:
+        """Lattice values interpolated bilinearly on the tile's pixels: a smooth distance loses nothing to
+        it, and a tile costs a few hundred evaluations instead of ``size**2``."""
+        g = (np.arange(size) + 0.5) / LATTICE
+        i = g.astype(np.int64)
+        f = (g - i).astype(np.float32)
+        return _bilinear(block, i, f, i, f)
+
+    def region_fields(self, x0: int, y0: int, size: int) -> np.ndarray | None:
+        """Signed distances (um) to the tumour and the mimic regions on the tile at ``(x0, y0)``:
+        ``(2, size, size)``; ``None`` when no region comes within half the edge ramp of the tile."""
+        distances = [functools.partial(self.scene.region_distance, kind) for kind in (TUMOUR, MIMIC)]
+        block = self._lattice(x0, y0, size, distances)
+        return None if block.max() < -self.look.edge / 2 else self._from_lattice(block, size)
 
     def has_tissue(self, x0: int, y0: int, size: int) -> bool:
         """Whether the tile may show tissue (bilinear values never exceed the nodes around them)."""
-        jx, nx, _, _ = self._interp(x0, size)
-        jy, ny, _, _ = self._interp(y0, size)
-        return bool(
-            self.scene.fields[FIELD_TISSUE, jy : jy + ny, jx : jx + nx].max() >= -(4.0 * self.rough + 2.0)
-        )
+        grid = self.scene.fields
+        jx, nx, _, _ = self._interp(x0, size, grid.shape[2])
+        jy, ny, _, _ = self._interp(y0, size, grid.shape[1])
+        reach = 4.0 * self.rough + 2.0 * self.mpp
+        return bool(grid[FIELD_TISSUE, jy : jy + ny, jx : jx + nx].max() >= -reach)
 
     # -- nuclei ------------------------------------------------------------------------------------------
     def nuclei(self, x0: int, y0: int, size: int) -> dict[int, Nuclei]:
         """Occupied pattern points near a tile, by class, with their marks."""
         ox, oy = self.offset
-        m = self.margin
+        m, period, pat = self.margin, self.period, self.pattern
         xs, ys, keys = [], [], []
-        pat = self.pattern
 
         def copies(start: int, shift: float) -> range:
-            lo = math.floor((start - m - shift) / PATTERN_PERIOD)
-            return range(lo, math.floor((start + size + m - shift) / PATTERN_PERIOD) + 1)
+            lo = math.floor((start - m - shift) / period)
+            return range(lo, math.floor((start + size + m - shift) / period) + 1)
 
         for cy in copies(y0, oy):
             for cx in copies(x0, ox):
-                px = pat[:, 0] + cx * PATTERN_PERIOD + ox
-                py = pat[:, 1] + cy * PATTERN_PERIOD + oy
+                px = pat[:, 0] + cx * period + ox
+                py = pat[:, 1] + cy * period + oy
                 sel = np.flatnonzero(
                     (px >= x0 - m) & (px < x0 + size + m) & (py >= y0 - m) & (py < y0 + size + m)
                 )
@@ -538,10 +646,10 @@ class TileRenderer:
         if len(x) == 0:
             return {}
         u = hash_uniform(np.concatenate(keys) ^ np.uint64(self.seed_key), _STREAMS)
-        scene, look = self.scene, self.look
-        tissue = scene.sample(FIELD_TISSUE, x, y)
-        tumour = scene.sample(FIELD_TUMOUR, x, y)
-        mimic = scene.sample(FIELD_MIMIC, x, y)
+        scene, look, mpp = self.scene, self.look, self.mpp
+        tissue = scene.sample(FIELD_TISSUE, x * mpp, y * mpp)
+        tumour = scene.region_distance(TUMOUR, x * mpp, y * mpp)
+        mimic = scene.region_distance(MIMIC, x * mpp, y * mpp)
         depth = np.maximum(tumour, mimic)
         nest = sample_texture(self.tex.nest, y + self.tex_offset[1], x + self.tex_offset[0])
         dense = look.suspicious_occupancy * (0.75 + 0.25 * nest)
@@ -549,7 +657,7 @@ class TileRenderer:
         occupancy = np.where(
             depth > 0, look.normal_occupancy + (dense - look.normal_occupancy) * ramp, look.normal_occupancy
         )
-        keep = (tissue > self.margin) & (u[:, _OCCUPY] < occupancy)
+        keep = (tissue > m * mpp) & (u[:, _OCCUPY] < occupancy)
         kind = np.where(tumour > 0, _TUMOUR, np.where(mimic > 0, _MIMIC, _NORMAL))
         out = {}
         for k in (_NORMAL, _MIMIC, _TUMOUR):
@@ -561,12 +669,22 @@ class TileRenderer:
     # -- tiles -------------------------------------------------------------------------------------------
     def _border_mask(self, x0: int, y0: int, size: int) -> np.ndarray | None:
         """Pixels of the tile in the scanner border, or ``None`` if it has none."""
-        b, w, h = self.border, self.scene.width, self.scene.height
+        b, w, h = self.border, self.width, self.height
         if b <= 0 or (b <= x0 and x0 + size <= w - b and b <= y0 and y0 + size <= h - b):
             return None
         x = np.arange(x0, x0 + size)
         y = np.arange(y0, y0 + size)
         return ((x < b) | (x >= w - b))[None, :] | ((y < b) | (y >= h - b))[:, None]
+
+    def _absorption(self, marks: list[Mark], x0: int, y0: int, size: int) -> np.ndarray:
+        """``(size, size, 3)`` fraction of the light that the marks on the glass let through (each mark's
+        edge anti-aliased over one pixel)."""
+        inside = self._from_lattice(self._lattice(x0, y0, size, [m.signed_distance for m in marks]), size)
+        out = np.ones((size, size, 3), dtype=np.float32)
+        for mark, distance in zip(marks, inside, strict=True):
+            alpha = mark.opacity * np.clip(distance / self.mpp + 0.5, 0.0, 1.0)[..., None]
+            out *= 1.0 - alpha * (1.0 - np.asarray(mark.transmittance, dtype=np.float32))
+        return out
 
     def glass(self, x0: int, y0: int, size: int = TILE) -> tuple[np.ndarray, int]:
         """Background tile (glass colour with pixel noise): one of a few fixed variants, picked by a hash
@@ -589,42 +707,53 @@ class TileRenderer:
             and read-only, and callers may cache what they derive from it), else ``None``.
         """
         border = self._border_mask(x0, y0, size)
+        mpp = self.mpp
+        marks = self.scene.marks_in((x0 * mpp, y0 * mpp, (x0 + size) * mpp, (y0 + size) * mpp))
+        absorption = self._absorption(marks, x0, y0, size) if marks else None
         if not self.has_tissue(x0, y0, size):
             tile, variant = self.glass(x0, y0, size)
-            if border is None:
+            if border is None and absorption is None:
                 return tile, variant
-            tile = tile.copy()
-            tile[border] = BORDER.astype(np.uint8)
+            if absorption is None:
+                tile = tile.copy()
+            else:
+                tile = np.clip(tile * absorption + 0.5, 0, 255).astype(np.uint8)
+            if border is not None:
+                tile[border] = BORDER.astype(np.uint8)
             return tile, None
 
         look = self.look
-        tissue_sd, tumour_sd, mimic_sd, tone = self.fields(
-            x0, y0, size, [FIELD_TISSUE, FIELD_TUMOUR, FIELD_MIMIC, FIELD_TONE]
-        )
+        tissue_sd, tone = self.fields(x0, y0, size)
+        regions = self.region_fields(x0, y0, size)
         tx, ty = x0 + self.tex_offset[0], y0 + self.tex_offset[1]
-        alpha = np.clip(0.5 + tissue_sd + self.rough * texture_block(self.tex.rough, ty, tx, size), 0.0, 1.0)
-        cellular = np.clip(np.maximum(tumour_sd, mimic_sd) / look.edge + 0.5, 0.0, 1.0)
+        rough = self.rough * texture_block(self.tex.rough, ty, tx, size)
+        alpha = np.clip(0.5 + (tissue_sd + rough) / mpp, 0.0, 1.0)
         fibre = texture_block(self.tex.fibre, ty, tx, size)
-        eosin = (look.tone * tone + 1.0) * (
-            (0.4 + 0.6 * fibre) * (1.0 - cellular) + (0.25 + 0.3 * fibre) * cellular
-        )
+        if regions is None:  # no cells of a suspicious region on this tile
+            cellular = None
+            eosin = (look.tone * tone + 1.0) * (0.4 + 0.6 * fibre)
+        else:
+            cellular = np.clip(regions.max(axis=0) / look.edge + 0.5, 0.0, 1.0)
+            eosin = (look.tone * tone + 1.0) * ((0.4 + 0.6 * fibre) - (0.15 + 0.3 * fibre) * cellular)
         ink = np.zeros((size, size), dtype=np.float32)
         for kind, group in self.nuclei(x0, y0, size).items():
-            ink += _render_ink(kind, group, look, x0, y0, size, self.separation)
-        planes = (
-            1.0 - alpha,
-            alpha,
-            alpha * cellular,
-            alpha * eosin,
-            alpha * ink,
-            texture_block(self.tex.pixel, ty + 511, tx + 257, size),
-        )
+            ink += _render_ink(kind, group, look, mpp, x0, y0, size, self.separation)
+        noise = texture_block(self.tex.pixel, ty + 511, tx + 257, size)
+        # glass + alpha * (stroma - glass + cellular * (cytoplasm - stroma) + eosin * E + ink * H) + noise
+        glass, stroma, cytoplasm, eosin_colour, ink_colour, noise_colour = self.colours
         tile = np.empty((size, size, 3), dtype=np.uint8)
         for c in range(3):
-            channel = planes[0] * self.colours[0, c] + 0.5
-            for plane, colour in zip(planes[1:], self.colours[1:, c], strict=True):
-                channel += plane * colour
-            tile[..., c] = np.clip(channel, 0, 255)
+            channel = eosin * eosin_colour[c]
+            channel += ink * ink_colour[c]
+            if cellular is not None:
+                channel += cellular * cytoplasm[c]
+            channel += stroma[c] - glass[c]
+            channel *= alpha
+            channel += noise * noise_colour[c]
+            channel += glass[c] + 0.5
+            if absorption is not None:
+                channel *= absorption[..., c]
+            tile[..., c] = np.clip(channel, 0, 255, out=channel)
         if border is not None:
             tile[border] = BORDER.astype(np.uint8)
         return tile, None
