@@ -198,6 +198,8 @@ def test_evaluate_infer_and_export_from_the_command_line(tmp_path: Path) -> None
         str(run / "model.pt"),
         "--key_in_ckpt",
         "model",
+        "--ckpt_path",
+        str(run / "model.pt"),
         "--meta_file",
         str(CONFIGS / "metadata.json"),
         "--config_file",

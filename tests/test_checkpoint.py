@@ -182,18 +182,21 @@ def test_resume_without_a_loadable_checkpoint_names_the_folder(tmp_path: Path) -
 
 
 def test_best_model_ties_go_later_metadata_is_saved_and_inference_loads_it(tmp_path: Path) -> None:
-    from smt_monai.inference import load_network
+    from smt_monai.inference import ModelCard, load_model
+    from smt_monai.networks import smt_tiny
 
-    network = torch.nn.Linear(3, 2)
+    network = smt_tiny()
+    card = ModelCard.for_training(network, "tiny", ["benign", "tumour"])
     evaluator = Engine(lambda e, b: None)
     ScriptedScore({1: 0.4, 2: 0.9, 3: 0.9, 4: 0.2}).attach(evaluator)
-    BestModelCheckpoint(tmp_path, network, metric_name="score", metadata={"arch": "linear"}).attach(evaluator)
+    BestModelCheckpoint(tmp_path, network, metric_name="score", metadata=card.metadata).attach(evaluator)
     evaluator.run([0], max_epochs=4)
     saved = _model(tmp_path)
-    assert set(saved) == {"model", "best_metric", "best_epoch", "arch"}
-    assert (saved["best_epoch"], saved["best_metric"], saved["arch"]) == (3, 0.9, "linear")
-    loaded = load_network(torch.nn.Linear(3, 2), tmp_path / "model.pt")
-    torch.testing.assert_close(loaded.weight, network.weight)
+    assert set(saved) == {"model", "best_metric", "best_epoch", "metrics", "smt_monai"}
+    assert (saved["best_epoch"], saved["best_metric"], saved["metrics"]) == (3, 0.9, {"score": 0.9})
+    loaded = load_model(tmp_path / "model.pt")
+    torch.testing.assert_close(loaded.layer3.head.weight, network.layer3.head.weight)
+    assert ModelCard.of(loaded).validation == {"best_metric": 0.9, "best_epoch": 3, "metrics": {"score": 0.9}}
 
     clash = Engine(lambda e, b: None)
     ScriptedScore({1: 0.5}).attach(clash)

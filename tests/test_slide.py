@@ -227,3 +227,18 @@ def test_every_name_the_data_package_exports_resolves() -> None:
     assert set(data.__all__) <= set(dir(data))
     with pytest.raises(AttributeError, match="no attribute 'missing'"):
         data.missing  # noqa: B018
+
+
+def test_a_pyramid_whose_series_skip_a_level_reads_with_every_backend(tmp_path: Path) -> None:
+    """Downsamples 1, 4, 8: tifffile's first series holds levels 1 and 4 only, cuCIM lists all three pages;
+    the slide keeps the series' levels and reads each from the backend's matching level."""
+    path = write_tiff(tmp_path / "steps.tif", scene(768, 1024), downsamples=(1, 4, 8))
+    regions = []
+    for backend in ("cucim", "tifffile"):
+        if backend == "cucim" and not cucim_available():
+            continue
+        with open_slide(path, backend) as slide:
+            assert slide.level_dimensions == [(1024, 768), (256, 192)]
+            regions.append(slide.read_region((256, 192), 1, (64, 64)))
+    for region in regions[1:]:
+        assert np.abs(region.astype(int) - regions[0].astype(int)).mean() < 2

@@ -93,10 +93,15 @@ class Slide:
         level_dimensions: Sequence[tuple[int, int]],
         mpp: float | None,
         tiff: TiffInfo | None,
+        backend_levels: Sequence[int] | None = None,
     ) -> None:
         self.path = path
         self.backend = backend
         self._handle = handle
+        # the backend's index of each level (cuCIM may list pyramid pages the TIFF's series leaves out)
+        self._backend_level = (
+            list(backend_levels) if backend_levels is not None else list(range(len(level_dimensions)))
+        )
         self.level_dimensions = [(int(w), int(h)) for w, h in level_dimensions]
         w0, h0 = self.level_dimensions[0]
         self.level_downsamples = [(w0 / w + h0 / h) / 2.0 for w, h in self.level_dimensions]
@@ -192,13 +197,17 @@ class Slide:
         self._check_jpeg_tiles(locations, level, size)
         if len(locations) == 1:
             arrays = [
-                np.asarray(self._handle.read_region(location=locations[0], size=size, level=level))[None]
+                np.asarray(
+                    self._handle.read_region(
+                        location=locations[0], size=size, level=self._backend_level[level]
+                    )
+                )[None]
             ]
         else:
             batches = self._handle.read_region(
                 location=locations,
                 size=size,
-                level=level,
+                level=self._backend_level[level],
                 num_workers=max(1, num_workers),
                 batch_size=len(locations),
             )
@@ -234,7 +243,7 @@ class Slide:
                 self._checked_tiles.add((level, index))
 
     def _read_openslide(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        rgba = np.asarray(self._handle.read_region(location, level, size))
+        rgba = np.asarray(self._handle.read_region(location, self._backend_level[level], size))
         rgb = rgba[..., :3].astype(np.uint16)
         alpha = rgba[..., 3:4].astype(np.uint16)
         # OpenSlide returns premultiplied RGBA; composite on white.
@@ -317,10 +326,16 @@ def _open_with(path: str, backend: str, tiff: TiffInfo | None) -> Slide:
     """Open ``path`` with one backend through MONAI's WSIReader and wrap it as a :class:`Slide`."""
     from monai.data import WSIReader
 
+    backend_levels = None
     if backend == "cucim":
+        assert tiff is not None
         with _CUCIM_LOCK:
             handle = WSIReader(backend="cucim").read(path)
-        dims = [tuple(d) for d in handle.resolutions["level_dimensions"]]
+        seen = [tuple(int(v) for v in d) for d in handle.resolutions["level_dimensions"]]
+        dims = [(lvl.width, lvl.height) for lvl in tiff.levels]
+        if not set(dims) <= set(seen):
+            raise ValueError(f"cuCIM sees pyramid levels {seen}, the TIFF header {dims}")
+        backend_levels = [seen.index(d) for d in dims]
     elif backend == "openslide":
         handle = WSIReader(backend="openslide").read(path)
         dims = list(handle.level_dimensions)
@@ -332,7 +347,7 @@ def _open_with(path: str, backend: str, tiff: TiffInfo | None) -> Slide:
     if mpp is None and backend == "openslide":
         with contextlib.suppress(KeyError, ValueError):
             mpp = float(handle.properties["openslide.mpp-x"])
-    return Slide(path, backend, handle, dims, mpp, tiff)
+    return Slide(path, backend, handle, dims, mpp, tiff, backend_levels)
 
 
 def _unusable_reason(backend: str, is_tiff: bool, tiff: TiffInfo | None, path: str) -> str | None:
