@@ -11,7 +11,14 @@ from conftest import scene, write_tiff
 
 from smt_monai.data import SlideReadError, open_slide
 from smt_monai.data.synth import Appearance, LayoutOptions, SlideOptions, make_slide
-from smt_monai.data.tissue import check_brightfield, tissue_bbox, tissue_components
+from smt_monai.data.tissue import (
+    check_brightfield,
+    detect_tissue,
+    thumbnail,
+    tissue_bbox,
+    tissue_components,
+    working_image,
+)
 
 PINK, BLUE, GREEN, BLACK, BROWN = (225, 150, 190), (60, 100, 200), (50, 140, 80), (30, 30, 35), (150, 105, 80)
 
@@ -100,3 +107,16 @@ def test_synthetic_sections_are_found_through_pen_marks_and_debris(tmp_path: Pat
     assert len(found) == 2
     for box, truth in zip(found, sorted(meta["sections"], key=lambda b: (b[1], b[0]))):
         assert_same_box(box, truth, tolerance=100.0)  # 100 um: a few px of the 16 um/px thumbnail
+
+
+def test_real_h_and_e_is_not_taken_for_ink_and_its_box_is_the_tissue(aperio_slide: Path) -> None:
+    """The Aperio test slide has one level at 0.5 um/px: nuclei there are dark and bluish, so the masks are
+    made at 8 um/px, where they are averaged into the tissue."""
+    with open_slide(aperio_slide) as slide:
+        image, factor = working_image(thumbnail(slide), slide.mpp)
+        found = tissue_components(slide)
+    assert factor == 16
+    tissue, ink = detect_tissue(image, slide.mpp * factor)
+    assert ink.sum() < 0.01 * tissue.sum()
+    assert len(found) == 1
+    assert_same_box(found[0], (224, 96, 1856, 2960), tolerance=64.0)

@@ -1,12 +1,13 @@
 """Tissue on a slide, found on its smallest pyramid level: the sections as level-0 boxes.
 
-The mask is Otsu's threshold on saturation, as CLAM and TIAToolbox take it. Three things on a real slide
-then stretch a box drawn around every mask pixel: marker ink (a blue or green stroke is as saturated as
-tissue), debris and dust, and a second section. So the ink is removed by colour first (hue and value
-rules in the manner of the pen filters of CLAM-era pipelines), the connected components smaller than an
-area threshold (in mm^2 when the mpp is known) are dropped as debris, small holes are closed, and the
-components that remain are grouped into sections: fragments joined through ink (a stroke across a section
-hides the tissue under it) or closer than a gap belong to one section.
+The mask is Otsu's threshold on saturation, as CLAM and TIAToolbox take it, made at 8 um/px or coarser
+(a finer smallest level is area-averaged first). Three things on a real slide then stretch a box drawn
+around every mask pixel: marker ink (a blue or green stroke is as saturated as tissue), debris and dust,
+and a second section. So ink on the glass is removed by colour first (hue, saturation and value rules for
+blue, green and black ink), the connected components smaller than an area threshold (in mm^2 when the mpp
+is known) are dropped as debris, small holes are closed, and the components that remain are grouped into
+sections: fragments joined through ink (a stroke across a section can hide the tissue under it) or closer
+than a gap belong to one section.
 
 Slides whose background is dark (fluorescence, e.g. a DAPI scan) are refused: SMT models expect H&E.
 """
@@ -26,19 +27,22 @@ _MIN_VALUE = 30
 # Saturation below this is glass even when Otsu's split lands lower (nearly blank slides).
 _MIN_SATURATION = 20
 _THUMBNAIL_SIDE = 2048
-# Marker ink: hue (degrees) and saturation of blue and green ink, and the value (0-255) of black ink.
-# Stained tissue at low magnification is pink to purple (hue about 260-350); hematoxylin-rich tissue
-# reaches 240-255 with less saturation than ink.
-_BLUE_INK = (190.0, 235.0, 0.4)
-_GREEN_INK = (70.0, 190.0, 0.2)
-_BLACK_INK = 70
+# Masks are made at this resolution (um/px) or coarser: a finer smallest level is area-averaged to it, so
+# that nuclei, which are dark and can be blue, are averaged into the tissue around them.
+WORK_UM = 8.0
+# Marker ink on glass, by hue (degrees, from - to), least saturation and least (or, for black, most)
+# value (0-255). Stained tissue at low magnification is pink to purple (hue about 260-350); blue ink is
+# bright where it lies on glass, hematoxylin-rich tissue darker and purpler; black ink is dark and grey.
+_BLUE_INK = (190.0, 235.0, 0.35, 150)
+_GREEN_INK = (70.0, 190.0, 0.2, 0)
+_BLACK_INK = (90, 0.25)
 # Components smaller than this are debris or dust (when the mpp is known), or smaller than this fraction
 # of the thumbnail (when it is not); but never when they are at least a tenth of the largest component,
 # so that a tiny specimen is still found.
 MIN_SECTION_MM2 = 0.05
 MIN_SECTION_FRACTION = 1e-3
 _OF_LARGEST = 0.1
-# Components closer than this belong to one section (um; or this fraction of the thumbnail side).
+# Components closer than this belong to one section (um; or this fraction of the image side).
 SECTION_GAP_UM = 250.0
 SECTION_GAP_FRACTION = 0.01
 # Median brightness (0-255) under which a thumbnail's background is dark: not a brightfield slide.
@@ -90,10 +94,24 @@ def ink_mask(rgb: np.ndarray) -> np.ndarray:
         ((g - b) / chroma) % 6.0,
         np.where(vmax == g, (b - r) / chroma + 2.0, (r - g) / chroma + 4.0),
     )
-    ink = vmax < _BLACK_INK
-    for low, high, least in (_BLUE_INK, _GREEN_INK):
-        ink |= (hue >= low) & (hue < high) & (saturation >= least)
+    ink = (vmax < _BLACK_INK[0]) & (saturation < _BLACK_INK[1])
+    for low, high, least, bright in (_BLUE_INK, _GREEN_INK):
+        ink |= (hue >= low) & (hue < high) & (saturation >= least) & (vmax >= bright)
     return ndimage.binary_dilation(ink, structure=np.ones((3, 3), bool))
+
+
+def working_image(rgb: np.ndarray, um_per_px: float | None) -> tuple[np.ndarray, int]:
+    """``rgb`` area-averaged by the whole factor that brings it to ``WORK_UM`` um/px (to at most
+    ``_THUMBNAIL_SIDE`` px a side when the resolution is unknown), and that factor."""
+    if um_per_px is not None:
+        factor = max(1, int(WORK_UM / um_per_px))
+    else:
+        factor = max(1, int(np.ceil(max(rgb.shape[:2]) / _THUMBNAIL_SIDE)))
+    if factor == 1:
+        return rgb, 1
+    h, w = rgb.shape[0] // factor, rgb.shape[1] // factor
+    blocks = rgb[: h * factor, : w * factor].reshape(h, factor, w, factor, 3)
+    return blocks.mean(axis=(1, 3)).round().astype(np.uint8), factor
 
 
 def thumbnail(slide: Slide) -> np.ndarray:
@@ -134,7 +152,7 @@ def detect_tissue(rgb: np.ndarray, um_per_px: float | None = None) -> tuple[np.n
     """Tissue of a low-magnification RGB image, without ink and debris: the cleaned mask, and the ink mask.
 
     Args:
-        rgb: the thumbnail.
+        rgb: the thumbnail (:func:`working_image`).
         um_per_px: its resolution, when known: debris is then what is smaller than ``MIN_SECTION_MM2``.
 
     Returns:
@@ -159,31 +177,14 @@ def detect_tissue(rgb: np.ndarray, um_per_px: float | None = None) -> tuple[np.n
     return tissue, ink
 
 
-def _merge_close(boxes: list[list[float]], gap: float) -> list[list[float]]:
-    """Boxes ``[x0, y0, x1, y1]`` merged until no two are within ``gap`` of each other (per axis)."""
-    merged = True
-    while merged:
-        merged = False
-        for i in range(len(boxes)):
-            for j in range(i + 1, len(boxes)):
-                a, b = boxes[i], boxes[j]
-                if max(b[0] - a[2], a[0] - b[2], b[1] - a[3], a[1] - b[3]) <= gap:
-                    boxes[i] = [min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])]
-                    del boxes[j]
-                    merged = True
-                    break
-            if merged:
-                break
-    return boxes
-
-
 def tissue_components(slide: Slide) -> list[Box]:
     """Level-0 boxes ``(x0, y0, x1, y1)`` of the tissue sections, row-major by position.
 
-    Ink, debris and holes are handled by :func:`detect_tissue`; the remaining components that touch the
-    same ink stroke, or lie within ``SECTION_GAP_UM`` (``SECTION_GAP_FRACTION`` of the thumbnail side when
-    the mpp is unknown) of each other, are one section. When no tissue is found (a blank slide) the whole
-    slide is the one section, so that layer 1 still sees it all.
+    Ink, debris and holes are handled by :func:`detect_tissue` on the :func:`working_image` of the
+    thumbnail; the remaining components that touch the same ink stroke, or lie within ``SECTION_GAP_UM``
+    (``SECTION_GAP_FRACTION`` of the image side when the mpp is unknown) of each other, are one section.
+    When no tissue is found (a blank slide) the whole slide is the one section, so that layer 1 still sees
+    it all.
 
     Raises:
         SlideReadError: the slide is not brightfield (:func:`check_brightfield`).
@@ -191,18 +192,22 @@ def tissue_components(slide: Slide) -> list[Box]:
     image = thumbnail(slide)
     check_brightfield(slide, image)
     width, height = slide.dimensions
-    sx, sy = width / image.shape[1], height / image.shape[0]
-    um_per_px = slide.mpp * (sx + sy) / 2 if slide.mpp and slide.mpp > 0 else None
+    mpp = slide.mpp if slide.mpp and slide.mpp > 0 else None
+    sx, sy = width / image.shape[1], height / image.shape[0]  # level-0 px per thumbnail px
+    image, factor = working_image(image, mpp * sx if mpp else None)
+    sx, sy = sx * factor, sy * factor
+    um_per_px = mpp * (sx + sy) / 2 if mpp else None
     tissue, ink = detect_tissue(image, um_per_px)
     if tissue.sum() < max(4, 1e-4 * tissue.size):
         return [(0.0, 0.0, float(width), float(height))]
-    # components joined through ink are one: label tissue and ink together, keep the tissue pixels
-    labels, _ = ndimage.label(tissue | ink, structure=np.ones((3, 3), bool))
+    # components joined through ink or closer than the gap are one: label the tissue grown by half the gap,
+    # and the ink, together; keep the tissue pixels
+    gap = SECTION_GAP_UM / um_per_px if um_per_px else SECTION_GAP_FRACTION * max(image.shape)
+    near = ndimage.distance_transform_edt(~tissue) <= gap / 2
+    labels, _ = ndimage.label(near | ink, structure=np.ones((3, 3), bool))
     labels[~tissue] = 0
     objects = [s for s in ndimage.find_objects(labels) if s is not None]
-    boxes = [[cols.start, rows.start, cols.stop, rows.stop] for rows, cols in objects]
-    gap = SECTION_GAP_UM / um_per_px if um_per_px else SECTION_GAP_FRACTION * max(image.shape)
-    boxes = sorted(_merge_close(boxes, gap), key=lambda b: (b[1], b[0]))
+    boxes = sorted(([c.start, r.start, c.stop, r.stop] for r, c in objects), key=lambda b: (b[1], b[0]))
     return [
         (float(x0 * sx), float(y0 * sy), float(min(width, x1 * sx)), float(min(height, y1 * sy)))
         for x0, y0, x1, y1 in boxes

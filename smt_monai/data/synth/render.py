@@ -587,6 +587,10 @@ class TileRenderer:
         jy, ny, iy, fy = self._interp(y0, size, grid.shape[1])
         return _bilinear(grid[:, jy : jy + ny, jx : jx + nx], ix, fx, iy, fy)
 
+    def _box(self, x0: int, y0: int, size: int) -> tuple[float, float, float, float]:
+        """The tile at ``(x0, y0)`` as a box in um."""
+        return x0 * self.mpp, y0 * self.mpp, (x0 + size) * self.mpp, (y0 + size) * self.mpp
+
     def _lattice(
         self, x0: int, y0: int, size: int, distances: list[Callable[[np.ndarray, np.ndarray], np.ndarray]]
     ) -> np.ndarray:
@@ -608,6 +612,8 @@ class TileRenderer:
     def region_fields(self, x0: int, y0: int, size: int) -> np.ndarray | None:
         """Signed distances (um) to the tumour and the mimic regions on the tile at ``(x0, y0)``:
         ``(2, size, size)``; ``None`` when no region comes within half the edge ramp of the tile."""
+        if not self.scene.regions_near(self._box(x0, y0, size)):
+            return None
         distances = [functools.partial(self.scene.region_distance, kind) for kind in (TUMOUR, MIMIC)]
         block = self._lattice(x0, y0, size, distances)
         return None if block.max() < -self.look.edge / 2 else self._from_lattice(block, size)
@@ -708,7 +714,7 @@ class TileRenderer:
         """
         border = self._border_mask(x0, y0, size)
         mpp = self.mpp
-        marks = self.scene.marks_in((x0 * mpp, y0 * mpp, (x0 + size) * mpp, (y0 + size) * mpp))
+        marks = self.scene.marks_in(self._box(x0, y0, size))
         absorption = self._absorption(marks, x0, y0, size) if marks else None
         if not self.has_tissue(x0, y0, size):
             tile, variant = self.glass(x0, y0, size)

@@ -170,15 +170,15 @@ class LayoutOptions:
     """How a slide is laid out. Lengths are in um.
 
     Args:
-        sections: smallest and largest number of tissue sections.
+        sections: smallest and largest number of tissue sections (fewer where there is no room for one).
         tissue_extent: range of the longer side of the box around all of a slide's tissue, drawn
             log-uniformly per slide, when the slide size is not given (biopsies of a few mm up to
             resections of centimetres).
         tissue_fraction: range of the area the tissue covers in the box it is laid out in (the slide,
             when its size is given).
         glass_margin: glass around the tissue box, when the slide size is not given (room for pen marks).
-        section_gap: least distance between the outlines of two sections (less where the box they are
-            laid out in is too small for it).
+        section_gap: least distance between the outlines of two sections (tissue detection takes closer
+            fragments for one section).
         suspicious_regions: smallest and largest number of suspicious regions per slide (tumour plus mimic),
             drawn the same way for positive and negative slides.
         region_radius: range of a suspicious region's radius, drawn log-uniformly (at most half the radius
@@ -193,9 +193,9 @@ class LayoutOptions:
 
     sections: tuple[int, int] = (1, 3)
     tissue_extent: tuple[float, float] = (2000.0, 8000.0)
-    tissue_fraction: tuple[float, float] = (0.30, 0.45)
+    tissue_fraction: tuple[float, float] = (0.20, 0.35)
     glass_margin: float = 500.0
-    section_gap: float = 500.0
+    section_gap: float = 400.0
     suspicious_regions: tuple[int, int] = (2, 4)
     region_radius: tuple[float, float] = (100.0, 600.0)
     tumour_probability: float = 0.5
@@ -309,6 +309,17 @@ class Scene:
         bottom = grid[i + 1, j] * (1 - fx) + grid[i + 1, j + 1] * fx
         return top * (1 - fy) + bottom * fy
 
+    @cached_property
+    def _region_boxes(self) -> np.ndarray:
+        """``(regions, 4)`` boxes around the regions, :data:`REGION_REACH` wider."""
+        return np.array([r.blob.bbox(64) for r in self.regions]).reshape(-1, 4) + np.array(
+            [-REGION_REACH, -REGION_REACH, REGION_REACH, REGION_REACH]
+        )
+
+    def regions_near(self, box: Box) -> bool:
+        """Whether a region comes within :data:`REGION_REACH` of ``box`` (um)."""
+        return bool(_meets(self._region_boxes, box).any())
+
     def region_distance(self, kind: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Signed distance (um, positive inside) from points ``(x, y)`` (um) to the regions of ``kind``:
         exact up to :data:`REGION_REACH` outside them, :data:`FAR` farther."""
@@ -331,9 +342,14 @@ class Scene:
 
     def marks_in(self, box: Box) -> list[Mark]:
         """The marks whose box meets ``box`` (um)."""
-        b = self._mark_boxes
-        meets = (b[:, 0] <= box[2]) & (b[:, 2] >= box[0]) & (b[:, 1] <= box[3]) & (b[:, 3] >= box[1])
-        return [self.marks[i] for i in np.flatnonzero(meets)]
+        return [self.marks[i] for i in np.flatnonzero(_meets(self._mark_boxes, box))]
+
+
+def _meets(boxes: np.ndarray, box: Box) -> np.ndarray:
+    """Which of ``boxes`` ``(N, 4)`` meet ``box``."""
+    return (
+        (boxes[:, 0] <= box[2]) & (boxes[:, 2] >= box[0]) & (boxes[:, 1] <= box[3]) & (boxes[:, 3] >= box[1])
+    )
 
 
 def _random_blob(
@@ -353,22 +369,22 @@ def _log_uniform(rng: np.random.Generator, bounds: tuple[float, float]) -> float
 
 
 def _place_tissue(
-    rng: np.random.Generator, width: float, height: float, options: LayoutOptions
+    rng: np.random.Generator, width: float, height: float, options: LayoutOptions, least_area: float = 0.0
 ) -> list[Blob]:
-    """Sections covering about ``tissue_fraction`` of a ``width`` x ``height`` box, inside it, apart by the
-    section gap (at most the box's smaller side over twice the number of sections, so that they fit). A
-    section that does not fit shrinks a little and tries again."""
+    """Sections covering about ``tissue_fraction`` of a ``width`` x ``height`` box, inside it, at least the
+    section gap apart. A section that does not fit shrinks a little and tries again; one that would shrink
+    to half its radius, or under ``least_area``, is left out (never the first)."""
     side = min(width, height)
     count = int(rng.integers(options.sections[0], options.sections[1] + 1))
     target = rng.uniform(*options.tissue_fraction) * width * height
     shares = rng.dirichlet(np.full(count, 3.0)) * target
     pieces: list[Blob] = []
     margin = 0.03 * side
-    gap = min(options.section_gap, side / (2 * count))
-    for area in sorted(shares, reverse=True):
+    gap = options.section_gap
+    for n, area in enumerate(sorted(shares, reverse=True)):
         amps, phases = _random_blob(rng, elongation=0.2, irregularity=0.12)
-        radius = math.sqrt(area / (math.pi * (1.0 + 0.5 * sum(a * a for a in amps))))
-        while True:
+        start = radius = math.sqrt(area / (math.pi * (1.0 + 0.5 * sum(a * a for a in amps))))
+        while n == 0 or (radius >= 0.5 * start and area * (radius / start) ** 2 >= least_area):
             extent = radius * (1.0 + sum(amps))
             lo_x, hi_x = extent + margin, width - extent - margin
             lo_y, hi_y = extent + margin, height - extent - margin
@@ -501,7 +517,8 @@ def make_scene(
         tissue = _place_tissue(rng, width, height, options)
     else:
         extent = _log_uniform(rng, options.tissue_extent)
-        tissue = _place_tissue(rng, extent, extent * rng.uniform(0.5, 1.0), options)
+        # sections of at least 0.1 mm^2 (the layout is then scaled up, if anything): smaller is debris
+        tissue = _place_tissue(rng, extent, extent * rng.uniform(0.5, 1.0), options, least_area=1e5)
         boxes = np.array([b.bbox() for b in tissue])
         (x0, y0), (x1, y1) = boxes[:, :2].min(axis=0), boxes[:, 2:].max(axis=0)
         factor = extent / max(x1 - x0, y1 - y0)  # the longer side of the tissue box is the extent
