@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from smt_monai import __version__
-from smt_monai.data.errors import SlideReadError
+from smt_monai.data.errors import UserError
 
 
 def slide_info(path: str, backend: str = "auto") -> dict:
@@ -85,8 +85,23 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         default_mpp=args.default_mpp,
         gallery_top=args.gallery,
+        slides_in_flight=args.slides_in_flight,
+        slide_timeout=args.slide_timeout,
+        shard=args.shard,
     )
-    print(summary_line(predictor.run(), args.output))
+    summary = predictor.run()
+    if args.shard:
+        print(f"shard {args.shard} done; when every shard is: smt-monai merge {args.output}")
+    else:
+        print(summary_line(summary, args.output))
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from smt_monai.inference.outputs import merge
+    from smt_monai.inference.predictor import summary_line
+
+    print(summary_line(merge(args.output), args.output))
     return 0
 
 
@@ -147,8 +162,25 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--backend", default="auto", choices=["auto", "cucim", "openslide", "tifffile"])
     predict.add_argument("--workers", type=int, default=2, help="threads reading regions (default: 2)")
     predict.add_argument("--gallery", type=int, default=8, help="regions shown in gallery.png (0: none)")
+    predict.add_argument(
+        "--slides-in-flight",
+        type=int,
+        default=1,
+        help="slides predicted at once, each in a thread (default: 1)",
+    )
+    predict.add_argument(
+        "--slide-timeout", type=float, default=None, help="seconds a slide may take before it is an error row"
+    )
+    predict.add_argument(
+        "--shard", default=None, metavar="I/N", help="predict every N-th slide from the I-th (job arrays)"
+    )
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
     predict.set_defaults(func=_cmd_predict)
+    merge = sub.add_parser(
+        "merge", help="one predictions.csv and summary.json from the shards' results in OUT (input order)"
+    )
+    merge.add_argument("output", help="the OUT folder the shards wrote to")
+    merge.set_defaults(func=_cmd_merge)
     model = sub.add_parser("model", help="print what a model file says about itself")
     model.add_argument("model")
     model.add_argument("--json", action="store_true", help="print the whole model card as JSON")
@@ -170,13 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; a problem with a slide, a list or a model file prints one line and exits 2, with
     no traceback."""
-    from smt_monai.data.datalist import DatalistError
-    from smt_monai.inference.model import ModelFileError
-
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (SlideReadError, DatalistError, ModelFileError) as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -9,12 +9,38 @@ import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import torch
 
 T = TypeVar("T")
+
+
+def report_user_errors() -> None:
+    """Make an uncaught :class:`~smt_monai.data.errors.UserError` (a bad slide list, model file, output
+    folder, option) end the process with its one line and status 2, as the ``smt-monai`` command does,
+    instead of a traceback; bundle configs call this in ``initialize``. The traceback is printed too with
+    ``SMT_DEBUG=1``. The error may arrive wrapped (MONAI's config parser raises its own error from it)."""
+    import sys
+    import traceback
+
+    from smt_monai.data.errors import UserError
+
+    def hook(kind: type[BaseException], error: BaseException, trace: Any) -> None:
+        cause: BaseException | None = error
+        while cause is not None and not isinstance(cause, UserError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None or os.environ.get("SMT_DEBUG"):
+            traceback.print_exception(kind, error, trace)
+        if cause is None:
+            return
+        print(f"error: {cause}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
+
+    sys.excepthook = hook
 
 
 def fast_bf16(device: torch.device | str) -> bool:

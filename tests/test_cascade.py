@@ -377,3 +377,45 @@ def test_fields_of_one_slide_select_k_together() -> None:
     first = model.layer1(normalize_he(images[:2])).q.detach()
     chosen = torch.topk(first.reshape(-1), K).indices
     np.testing.assert_array_equal(prediction.parent[1], (chosen // GRID**2).numpy())
+
+
+def test_glass_and_padding_are_never_focused() -> None:
+    """A region whose right half is glass (white padding beyond the slide, or bare slide): however high ``q``
+    or the score is there, neither the top-K nor the extra benign region lands on it, and Eq. 3's target is
+    normalised over the tissue patches alone (0 on glass)."""
+    from smt_monai.data.tissue import patch_tissue
+    from smt_monai.focus import minmax_normalize
+
+    image = torch.full((1, 3, SIDE, SIDE), 255, dtype=torch.uint8)
+    image[:, 0, :, : SIDE // 2], image[:, 1, :, : SIDE // 2], image[:, 2, :, : SIDE // 2] = 220, 140, 190
+    tissue = patch_tissue(image, GRID)[0].reshape(GRID, GRID)
+    assert tissue[:, : GRID // 2].all() and not tissue[:, GRID // 2 :].any()
+
+    class GlassLoving(torch.nn.Module):  # q highest on the glass half: a model that would focus on glass
+        grid, read_size = GRID, SIDE
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer1 = self.layer2 = PatchLocalLayer(GRID, True)
+            self.layer3 = PatchLocalLayer(GRID, False)
+            with torch.no_grad():
+                self.layer1.scale.fill_(-3.0)  # q falls with optical density: highest on white glass
+
+    reader = RandomReader()
+    step = CascadeTraining(SMTLoss(focus_weight=(1.0, 1.0)), ScoreBank(), num_focus=K)(
+        GlassLoving().train(), image, BOXES[:1], torch.tensor([1]), ["a"], reader, num_layers=2
+    )
+    picked = step.passes[0].selection.index[0].tolist()  # the top K and the extra benign patch
+    assert all(tissue.reshape(-1)[i] for i in picked), picked
+    q = step.passes[0].run.out.q
+    assert q[0, ~tissue.reshape(-1)].min() > q[0, tissue.reshape(-1)].max()  # glass scored higher by q
+    score = torch.randn(1, GRID * GRID)
+    score[0, ~tissue.reshape(-1)] = 100.0
+    normalised = minmax_normalize(score, tissue.reshape(1, -1))
+    assert normalised[0, ~tissue.reshape(-1)].eq(0).all() and normalised[0, tissue.reshape(-1)].max() == 1.0
+
+    prediction = predict_slide(
+        GlassLoving().eval(), {"path": "a", "image": image[0], "box": BOXES[0]}, BoxRegions(), K
+    )
+    x0, _, side = BOXES[0].tolist()
+    assert (prediction.boxes[1][:, 0] < x0 + side / 2).all()  # layer 2 reads tissue only

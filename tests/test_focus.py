@@ -24,8 +24,9 @@ GRID, SIDE = 4, 64
 
 
 def test_focusing_score_matches_finite_differences() -> None:
-    """g_i = sum_{h,j} dP/d alpha_{j,i}: perturbing column i of alpha (all heads, all j) by delta changes the
-    positive mass by delta * g_i to first order."""
+    """g_i = sum_{h, j >= 1} dP/d alpha_{j,i}: perturbing column i of alpha (all heads, the patch output rows
+    j = 1..L^2) by delta changes the positive mass by delta * g_i to first order; the class token's row,
+    left out as Eq. 2 writes it, would change the score."""
     torch.manual_seed(0)
     layer = smt_tiny(num_classes=3).layer1.double().eval()
     x = torch.randn(2, 3, SIDE, SIDE, dtype=torch.float64)
@@ -51,11 +52,14 @@ def test_focusing_score_matches_finite_differences() -> None:
     finally:
         hook.remove()
     assert g.abs().max() > 1e-6
+    with_class_row = torch.autograd.grad(positive_mass(out.probs).sum(), out.attn)[0].sum(dim=(1, 2))[:, 1:]
+    assert not torch.allclose(with_class_row, g)
 
 
 def _column_mask(alpha: torch.Tensor, token: int) -> torch.Tensor:
+    """Column ``token`` of the patch output rows ``j = 1..L^2`` (Eq. 2 does not sum the class token's row)."""
     mask = torch.zeros_like(alpha)
-    mask[..., token] = 1.0
+    mask[..., 1:, token] = 1.0
     return mask
 
 

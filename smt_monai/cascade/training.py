@@ -16,16 +16,15 @@ and then combines the terms of Eq. 7. Row layout as in the walk: layer 1 has one
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from smt_monai.cascade.walk import LayerPass, LayerRun, ReadRegions, Regions, patch_signals, walk
+from smt_monai.cascade.walk import Inputs, LayerPass, LayerRun, ReadRegions, Regions, patch_signals, walk
 from smt_monai.data.geometry import child_boxes, region_key
-from smt_monai.data.regions import Chunks
 from smt_monai.focus.bank import ScoreBank
 from smt_monai.focus.dihedral import random_transforms, restore_patch_order, transform_batch
 from smt_monai.focus.score import check_focus_source, minmax_normalize, positive_mass
@@ -52,24 +51,26 @@ class GradRunner:
     augment: bool = False
 
     def __call__(
-        self, layer: torch.nn.Module, chunks: Chunks, count: int, signals: tuple[str, ...]
+        self, layer: torch.nn.Module, chunks: Iterator[Inputs], count: int, signals: tuple[str, ...]
     ) -> LayerRun:
         x: torch.Tensor | None = None
-        for rows, images in chunks:
+        tissue = torch.zeros(count, self.grid**2, dtype=torch.bool)
+        for rows, images, patches in chunks:
             if x is None:
                 x = images.new_empty(count, *images.shape[1:])
             x[torch.as_tensor(rows, device=images.device)] = images
+            tissue[torch.as_tensor(rows)] = patches
         assert x is not None, "no regions were read"
         transforms = random_transforms(count) if self.augment else None
         raw = layer(x if transforms is None else transform_batch(x, transforms))
         values = patch_signals(raw, signals, retain_graph=True)
         if transforms is None:
-            return LayerRun(raw, values)
+            return LayerRun(raw, values, tissue)
         restore = lambda v: restore_patch_order(v, transforms, self.grid)  # noqa: E731
         out = raw._replace(
             q=None if raw.q is None else restore(raw.q), patch_embeddings=restore(raw.patch_embeddings)
         )
-        return LayerRun(out, {name: restore(v) for name, v in values.items()})
+        return LayerRun(out, {name: restore(v) for name, v in values.items()}, tissue)
 
 
 class TrainingFocus:
@@ -94,7 +95,8 @@ class TrainingFocus:
 
     Attributes:
         labels: the labels of each layer's rows (layer 1: the slide labels).
-        scores: per layer with a focusing predictor, the focusable rows and their ``S`` after the update.
+        scores: per layer with a focusing predictor, the focusable rows, their ``S`` after the update and
+            their tissue patches.
     """
 
     def __init__(
@@ -126,7 +128,7 @@ class TrainingFocus:
         self.slide_labels = labels.to(torch.long).cpu()
         first = self.slide_labels if field_labels is None else field_labels.to(torch.long).cpu()
         self.labels: list[torch.Tensor] = [first]
-        self.scores: list[tuple[np.ndarray, torch.Tensor]] = []
+        self.scores: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]] = []
 
     def select(
         self, level: int, regions: Regions, run: LayerRun, last: bool
@@ -136,7 +138,8 @@ class TrainingFocus:
         ids = [self.slide_ids[s] for s in regions.slide[rows]]
         keys = [region_key(slide_id, box) for slide_id, box in zip(ids, regions.boxes[rows])]
         score = self.bank.update(keys, run.signals["score"][on_device])
-        self.scores.append((rows, score))
+        tissue = run.tissue[torch.as_tensor(rows)]
+        self.scores.append((rows, score, tissue))
         if last:
             return None
         if self.focus_source == "q":
@@ -151,11 +154,12 @@ class TrainingFocus:
             ranking,
             self.num_focus,
             self.grid,
-            minmax_normalize(score) if self.extra_benign else None,
+            minmax_normalize(score, tissue) if self.extra_benign else None,
             self.explore,
             guide=self.guide,
             target=None if overlap is None else reaches_overlap(overlap, threshold),
             group=regions.groups(rows, level),
+            valid=tissue,
         )
         slide_labels = self.slide_labels[torch.as_tensor(regions.slide[rows[selection.parent[:, 0].numpy()]])]
         picked = None if overlap is None else overlap[selection.parent, selection.index]
@@ -303,10 +307,12 @@ class CascadeTraining:
         for step, level_labels in zip(passes, focus.labels):
             out = step.run.out
             terms[f"cls{step.level}"] = self.loss_fn.classification[step.level - 1](out.logits, level_labels)
-        for level, (rows, score) in enumerate(focus.scores, start=1):
+        for level, (rows, score, tissue) in enumerate(focus.scores, start=1):
             q = passes[level - 1].run.out.q
             assert q is not None
-            terms[f"focus{level}"] = self.loss_fn.focus(q[torch.as_tensor(rows, device=q.device)], score)
+            terms[f"focus{level}"] = self.loss_fn.focus(
+                q[torch.as_tensor(rows, device=q.device)], score, tissue.to(q.device)
+            )
         for parent, child in zip(passes, passes[1:]):
             self._backward_terms(terms, parent, child.run.out)
         losses = self.loss_fn(terms, lambda_fwd, lambda_bwd)

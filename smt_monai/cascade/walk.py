@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from smt_monai.data.regions import Chunks
+from smt_monai.data.tissue import patch_tissue
 from smt_monai.focus.score import check_focus_source, class_attention, focusing_score
 from smt_monai.focus.selection import Selection, select_regions
 from smt_monai.networks.layer import LayerOutput
@@ -108,17 +109,20 @@ class LayerRun(NamedTuple):
         out: the layer's ``LayerOutput``.
         signals: per-patch values ``(M, grid**2)`` the focus policy asked for: ``"score"``, Eq. 2's
             instantaneous ``g``; ``"attention"``, the class token's first-block attention.
+        tissue: ``(M, grid**2)`` bool CPU tensor, the patches that hold tissue (``patch_tissue``): only
+            they are focused, and only they enter Eq. 3's normalisation.
     """
 
     out: LayerOutput
     signals: dict[str, torch.Tensor]
+    tissue: torch.Tensor
 
 
 class LayerRunner(Protocol):
     """Runs one layer on normalised image chunks of ``count`` rows and returns its :class:`LayerRun`."""
 
     def __call__(
-        self, layer: torch.nn.Module, chunks: Chunks, count: int, signals: tuple[str, ...]
+        self, layer: torch.nn.Module, chunks: Iterator[Inputs], count: int, signals: tuple[str, ...]
     ) -> LayerRun: ...
 
 
@@ -150,11 +154,21 @@ class Focus(Protocol):
     ) -> tuple[np.ndarray, torch.Tensor, Selection] | None: ...
 
 
-def normalised(chunks: Chunks, device: torch.device) -> Chunks:
-    """``chunks`` of uint8 images as the layers' input: on ``device``, through ``normalize_he``. The one
-    place where inputs are normalised."""
+class Inputs(NamedTuple):
+    """A chunk of a layer's input: its rows, the normalised images, and which of their patches hold tissue."""
+
+    rows: np.ndarray
+    images: torch.Tensor
+    tissue: torch.Tensor
+
+
+def layer_inputs(chunks: Chunks, device: torch.device, grid: int) -> Iterator[Inputs]:
+    """``chunks`` of uint8 images as the layers' input: on ``device``, through ``normalize_he`` (the one
+    place where inputs are normalised), with the patches that hold tissue (``patch_tissue``, on the uint8
+    images)."""
     for rows, images in chunks:
-        yield rows, normalize_he(images.to(device, non_blocking=True))
+        tissue = patch_tissue(images, grid)
+        yield Inputs(np.asarray(rows), normalize_he(images.to(device, non_blocking=True)), tissue)
 
 
 def walk(
@@ -192,7 +206,8 @@ def walk(
     passes: list[LayerPass] = []
     chunks = images
     for level in range(1, num_layers + 1):
-        layer_run = run(layers[level - 1], normalised(chunks, device), len(regions), focus.signals)
+        inputs = layer_inputs(chunks, device, int(model.grid))
+        layer_run = run(layers[level - 1], inputs, len(regions), focus.signals)
         step = LayerPass(level, regions, layer_run)
         passes.append(step)
         if layer_run.out.q is None:
@@ -207,7 +222,8 @@ def walk(
 
 
 class TopK:
-    """The focus at inference: the top-K patches of every region by ``source`` (method-notes "Selection").
+    """The focus at inference: the top-K tissue patches of every region by ``source`` (method-notes
+    "Selection").
 
     Args:
         num_focus: ``K``.
@@ -231,12 +247,15 @@ class TopK:
         assert ranking is not None
         rows = np.flatnonzero(regions.focusable)
         ranking = ranking[torch.as_tensor(rows, device=ranking.device)].float().cpu()
-        group = regions.groups(rows, level)
-        return (
-            rows,
+        selection = select_regions(
+            regions.boxes[rows],
             ranking,
-            select_regions(regions.boxes[rows], ranking, self.num_focus, self.grid, group=group),
+            self.num_focus,
+            self.grid,
+            group=regions.groups(rows, level),
+            valid=run.tissue[torch.as_tensor(rows)],
         )
+        return rows, ranking, selection
 
 
 def patch_signals(out: LayerOutput, signals: tuple[str, ...], retain_graph: bool) -> dict[str, torch.Tensor]:
@@ -266,11 +285,11 @@ class ChunkedRunner:
     timings: dict[str, float] = field(default_factory=dict)
 
     def __call__(
-        self, layer: torch.nn.Module, chunks: Chunks, count: int, signals: tuple[str, ...]
+        self, layer: torch.nn.Module, chunks: Iterator[Inputs], count: int, signals: tuple[str, ...]
     ) -> LayerRun:
         grad = "score" in signals
-        pieces: list[tuple[np.ndarray, LayerOutput, dict[str, torch.Tensor]]] = []
-        for rows, x in chunks:
+        pieces: list[tuple[np.ndarray, LayerOutput, dict[str, torch.Tensor], torch.Tensor]] = []
+        for rows, x, tissue in chunks:
             start = time.perf_counter()
             with (
                 torch.inference_mode(not grad),
@@ -283,17 +302,17 @@ class ChunkedRunner:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.timings["compute"] = self.timings.get("compute", 0.0) + time.perf_counter() - start
-            pieces.append((np.asarray(rows), out, {k: v.detach().float().cpu() for k, v in values.items()}))
+            pieces.append((rows, out, {k: v.detach().float().cpu() for k, v in values.items()}, tissue))
         if not pieces:
             raise ValueError("no regions were read")
-        order = torch.as_tensor(np.argsort(np.concatenate([rows for rows, _, _ in pieces]), kind="stable"))
+        order = torch.as_tensor(np.argsort(np.concatenate([p[0] for p in pieces]), kind="stable"))
         fields = [
             value if value is None or value.numel() == 0 else torch.cat([p[1][i] for p in pieces])[order]
             for i, value in enumerate(pieces[0][1])
         ]
         joined = {k: torch.cat([p[2][k] for p in pieces])[order] for k in pieces[0][2]}
         assert len(order) == count, f"{len(order)} rows run, {count} expected"
-        return LayerRun(LayerOutput(*fields), joined)
+        return LayerRun(LayerOutput(*fields), joined, torch.cat([p[3] for p in pieces])[order])
 
 
 def _kept(out: LayerOutput) -> LayerOutput:

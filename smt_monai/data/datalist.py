@@ -14,10 +14,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from smt_monai.data.errors import UserError
+
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide")
 
 
-class DatalistError(ValueError):
+class DatalistError(UserError, ValueError):
     """A datalist that cannot be used; the message lists every problem found, not only the first."""
 
 

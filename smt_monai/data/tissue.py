@@ -14,11 +14,16 @@ Slides whose background is dark (fluorescence, e.g. a DAPI scan) are refused: SM
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from scipy import ndimage
 
 from smt_monai.data.errors import SlideReadError
 from smt_monai.data.slide import Slide
+
+if TYPE_CHECKING:
+    import torch
 
 Box = tuple[float, float, float, float]
 
@@ -80,6 +85,28 @@ def tissue_mask(rgb: np.ndarray) -> np.ndarray:
     h, w = mask.shape
     votes = sum(padded[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3))
     return votes >= 5
+
+
+MIN_PATCH_TISSUE = 0.05
+"""Fraction of a patch's pixels that must be tissue for the patch to be focusable (method-notes: patches
+without tissue, glass or the white padding beyond a slide's edge, are never focused)."""
+
+
+def patch_tissue(images: torch.Tensor, grid: int) -> torch.Tensor:
+    """``(n, grid**2)`` bool: which patches of the layer inputs ``images`` (``(n, 3, side, side)`` uint8)
+    hold tissue. A pixel is tissue when it is saturated as stain is (``_MIN_SATURATION``, the floor of
+    :func:`tissue_mask`'s Otsu split, which needs no per-image statistics) and not dark; a patch is when at
+    least ``MIN_PATCH_TISSUE`` of its pixels are, counted on a grid of 16 x 16 pixels per patch (a strided
+    view: the fraction needs no more, and the check stays far cheaper than the network)."""
+    import torch
+
+    step = max(1, images.shape[-1] // (16 * grid))
+    rgb = images[..., ::step, ::step].to(torch.int16)
+    vmax, vmin = rgb.amax(dim=1), rgb.amin(dim=1)
+    saturation = (vmax - vmin) * 255 // vmax.clamp(min=1)
+    tissue = ((saturation > _MIN_SATURATION) & (vmax > _MIN_VALUE)).to(torch.float32)
+    fraction = torch.nn.functional.adaptive_avg_pool2d(tissue[:, None], grid).flatten(1)
+    return fraction >= MIN_PATCH_TISSUE
 
 
 def ink_mask(rgb: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@ from monai.deploy.core import ExecutionContext, Fragment, InputContext, Operator
 from monai.deploy.core.models import TorchScriptModel
 
 from smt_monai.data.datalist import SLIDE_SUFFIXES, load_slide_list
+from smt_monai.data.errors import UserError
 from smt_monai.data.magnification import LayerScale
 from smt_monai.inference import SlideListPredictor
 
@@ -26,7 +27,7 @@ logger = logging.getLogger(__name__)
 SLIDES_PORT = "slides"
 
 
-class DeployError(RuntimeError):
+class DeployError(UserError, RuntimeError):
     """The application cannot run as configured; the message says what to fix (no traceback needed)."""
 
 

@@ -21,10 +21,12 @@ def positive_mass(probs: torch.Tensor) -> torch.Tensor:
 def focusing_score(probs: torch.Tensor, attn: torch.Tensor, retain_graph: bool = True) -> torch.Tensor:
     """Instantaneous focusing score ``g`` of Eq. 2, one value per patch.
 
-    ``g_i = sum_heads sum_j d(sum_{c>0} p_c) / d alpha_{j,i}``: how much input token ``i`` drives the positive
-    mass through every output token ``j`` of the first block. The gradient of the batch sum equals each
-    sample's own gradient because the samples of a layer never interact (no batch norm). The class token
-    (index 0) is dropped. ``g`` is computed with ``torch.autograd.grad`` and is a constant (no graph).
+    ``g_i = sum_heads sum_{j=1..L^2} d(sum_{c>0} p_c) / d alpha_{j,i}``: how much input patch ``i`` drives the
+    positive mass through the patch outputs ``j`` of the first block, as Eq. 2 writes it: the class token's
+    output row (``j = 0``, which carries most of the gradient: 78% on a random paper-preset layer) is not
+    summed, and its input column (``i = 0``) is dropped. The gradient of the batch sum equals each sample's
+    own gradient because the samples of a layer never interact (no batch norm). ``g`` is computed with
+    ``torch.autograd.grad`` and is a constant (no graph).
 
     Args:
         probs: ``(B, C)`` probabilities of the layer (``LayerOutput.probs``).
@@ -42,24 +44,32 @@ def focusing_score(probs: torch.Tensor, attn: torch.Tensor, retain_graph: bool =
     if not attn.requires_grad:
         raise RuntimeError("focusing_score needs the attention with its graph: run the layer with grad on")
     (grad,) = torch.autograd.grad(positive_mass(probs).sum(), attn, retain_graph=retain_graph)
-    return grad.sum(dim=(1, 2))[:, 1:]
+    return grad[:, :, 1:, 1:].sum(dim=(1, 2))
 
 
-def minmax_normalize(scores: torch.Tensor) -> torch.Tensor:
+def minmax_normalize(scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """``S~`` of Eq. 3: min-max normalise the scores of each region over its patches (last dim) to ``[0, 1]``.
 
-    A region whose scores are all equal holds no evidence for any patch; it maps to all zeros (the limit
-    of Eq. 3's numerator), never to NaN.
+    With ``valid`` (the patches that hold tissue), the minimum and maximum are taken over those patches only
+    and the others map to 0: glass and padding neither stretch nor squeeze the target. A region whose scores
+    are all equal (or that has no valid patch) holds no evidence for any patch; it maps to all zeros (the
+    limit of Eq. 3's numerator), never to NaN.
 
     Args:
         scores: ``(..., N)`` accumulated scores ``S``.
+        valid: optional ``(..., N)`` bool, the patches that enter the normalisation.
 
     Returns:
         ``(..., N)`` normalised scores.
     """
-    low = scores.amin(dim=-1, keepdim=True)
-    span = scores.amax(dim=-1, keepdim=True) - low
-    return (scores - low) / torch.where(span > 0, span, torch.ones_like(span))
+    if valid is None:
+        valid = torch.ones_like(scores, dtype=torch.bool)
+    valid = valid.to(scores.device)
+    low = torch.where(valid, scores, torch.inf).amin(dim=-1, keepdim=True)
+    high = torch.where(valid, scores, -torch.inf).amax(dim=-1, keepdim=True)
+    span = high - low
+    scaled = (scores - low) / torch.where(span > 0, span, torch.ones_like(span))
+    return torch.where(valid & (span > 0), scaled.clamp(0.0, 1.0), torch.zeros_like(scores))
 
 
 def class_attention(attn: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 
+from smt_monai.data.errors import UserError
 from smt_monai.utils import atomic_path, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ _TRAINING_KEYS = ("network", "optimizer", "trainer")
 _BEST_KEYS = ("model", "best_metric", "best_epoch")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint file (or a folder of them) cannot be used; the message names it and the problem, on one
     line."""
 

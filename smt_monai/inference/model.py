@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from smt_monai import __version__
+from smt_monai.data.errors import UserError
 from smt_monai.networks.normalization import HE_OD_MEAN, HE_OD_STD
 from smt_monai.networks.smt import SMT, SMTConfig
 
@@ -33,7 +34,7 @@ STRUCTURE = ("preset", *(f.name for f in dataclasses.fields(SMTConfig)))
 """What a user may state when loading a model, checked against its card (``load_model``'s ``expect``)."""
 
 
-class ModelFileError(ValueError):
+class ModelFileError(UserError, ValueError):
     """A model file that cannot be used as given; the message names the file and says what to do."""
 
     def __init__(self, path: str | os.PathLike, problem: str) -> None:

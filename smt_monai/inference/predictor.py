@@ -1,21 +1,19 @@
 """Inference on a list of slides: one prediction per slide, where the model looked, and how long it took.
 
-For each slide, in input order: its prediction by :class:`~smt_monai.inference.api.SMTPredictor` (the next
-slide's layer-1 view read in a background thread while the current one computes), then ``OUT/<slide id>/``
-with ``focus.geojson``, ``overlay.png``, ``gallery.png``, ``focus_map.nii.gz`` and ``result.json``, each
-written atomically.
-``result.json`` is written last, so a slide whose folder holds it is done: a rerun with the same ``OUT`` skips
-it. Slides that cannot be read become ``error`` rows with a one-line reason and the run goes on.
-``OUT/predictions.csv`` (one row per input slide, in input order) and ``OUT/summary.json`` are rewritten at
-the end.
+:class:`SlideListPredictor` runs :class:`~smt_monai.engines.inference.SlideInference` (a MONAI ``Evaluator``)
+over the slides of the list that are not done yet (``OutputFolder``), ``slides_in_flight`` at once: each
+slide is claimed, its layer-1 view read, predicted by
+:class:`~smt_monai.inference.api.SMTPredictor`, and its outputs written into ``OUT/<name>/``:
+``focus.geojson``, ``overlay.png``, ``gallery.png``, ``focus_map.nii.gz`` and ``result.json`` last, each
+atomically. Slides that cannot be read become ``error`` rows with a one-line reason and the run goes on.
+At the end ``OUT/predictions.csv`` (one row per slide of the list, input order) and ``OUT/summary.json`` are
+written; under ``torchrun`` each process takes its share and rank 0 writes them, and with ``shard`` (job
+arrays) ``smt-monai merge OUT`` does.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,14 +21,17 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from ignite.engine import Events
+from monai.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from smt_monai.cascade.prediction import SlidePrediction
 from smt_monai.data.errors import SlideReadError
 from smt_monai.data.regions import read_boxes
-from smt_monai.data.slide import slide_id_of
-from smt_monai.handlers.metrics import balanced_accuracy, roc_auc
+from smt_monai.engines.inference import SlideInference
 from smt_monai.inference.api import SMTPredictor
+from smt_monai.inference.outputs import OutputFolder, network_fingerprint, parse_shard
 from smt_monai.inference.writers import (
     GALLERY_TILE_PX,
     write_focus_map,
@@ -38,33 +39,20 @@ from smt_monai.inference.writers import (
     write_geojson,
     write_overlay,
 )
-from smt_monai.utils import atomic_path, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
-
-RESULT_FILE = "result.json"
 
 
 class NoSlideSucceededError(SystemExit):
     """Every slide of the list failed; exits the process with status 1 after the reason is logged."""
 
 
-def output_folders(images: Sequence[str]) -> list[str]:
-    """A distinct output folder name per slide: its id, suffixed ``_2``, ``_3`` ... when ids repeat."""
-    seen: dict[str, int] = {}
-    names = []
-    for image in images:
-        base = slide_id_of(image) or "slide"
-        seen[base] = seen.get(base, 0) + 1
-        names.append(base if seen[base] == 1 else f"{base}_{seen[base]}")
-    return names
-
-
 def summary_line(summary: dict[str, Any], output_dir: str | os.PathLike) -> str:
     """The line a long run ends with: how many slides went well, how many failed, where the results are."""
     errors = summary["error"]
     failed = f", {errors} error{'s' * (errors != 1)}" if errors else ""
-    return f"{summary['ok']} slide{'s' * (summary['ok'] != 1)} ok{failed}; results in {output_dir}"
+    missing = f", {summary['missing']} not predicted yet" if summary.get("missing") else ""
+    return f"{summary['ok']} slide{'s' * (summary['ok'] != 1)} ok{failed}{missing}; results in {output_dir}"
 
 
 class SlideListPredictor:
@@ -86,6 +74,11 @@ class SlideListPredictor:
         default_mpp: the scanner's level-0 um/px for slides whose file holds none.
         threshold: decision threshold on P(positive) of a binary model (default: the model card's).
         gallery_top: the last layer's regions of highest P(positive) shown in ``gallery.png`` (0: none).
+        slides_in_flight: slides predicted at once, each in a thread (reads of one overlap another's
+            compute).
+        slide_timeout: seconds a slide may take before it becomes an error row (``None``: no limit).
+        shard: ``"I/N"``: predict every N-th slide from the I-th (job arrays; ``smt-monai merge OUT`` writes
+            the tables); under ``torchrun`` the processes share the list by rank.
     """
 
     def __init__(
@@ -104,9 +97,17 @@ class SlideListPredictor:
         default_mpp: float | None = None,
         threshold: float | None = None,
         gallery_top: int = 8,
+        slides_in_flight: int = 1,
+        slide_timeout: float | None = None,
+        shard: str | Sequence[int] | None = None,
     ) -> None:
         self.slides = list(slides)
         self.gallery_top = gallery_top
+        self.default_mpp = default_mpp
+        self.slides_in_flight = max(1, int(slides_in_flight))
+        self.slide_timeout = slide_timeout
+        self.shard = parse_shard(shard)
+        self.timed_out: set[int] = set()
         self.output_dir = Path(output_dir)
         self.progress = progress
         self.predictor = SMTPredictor(
@@ -118,61 +119,92 @@ class SlideListPredictor:
         self.prob_columns = [f"prob_{name}" for name in self.predictor.class_names]
 
     def run(self) -> dict[str, Any]:
-        """Process every slide; returns the summary (also written to ``summary.json``).
+        """Predict every pending slide; returns the summary (also written to ``summary.json``).
 
         Raises:
-            NoSlideSucceededError: no slide succeeded (exit status 1).
+            NoSlideSucceededError: no slide succeeded, or the list is empty (exit status 1).
+            OutputError: ``output_dir`` cannot be written.
         """
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        for folder in (self.output_dir, *self.output_dir.iterdir()):
-            if folder.is_dir():
-                remove_stale_temporaries(folder)
-        folders = output_folders([str(e["image"]) for e in self.slides])
-        todo = {i for i, name in enumerate(folders) if not (self.output_dir / name / RESULT_FILE).exists()}
-        resumed = len(self.slides) - len(todo)
-        bar = tqdm(
-            total=len(self.slides), desc="slides", unit="slide", disable=not self.progress, initial=resumed
+        if not self.slides:
+            logger.error("the slide list is empty: give slides (--datalist LIST, or files, folders, lists)")
+            raise NoSlideSucceededError(1)
+        distributed = dist.is_available() and dist.is_initialized()
+        shard = (dist.get_rank(), dist.get_world_size()) if distributed else self.shard
+        options = {
+            "num_focus": self.predictor.num_focus,
+            "aggregation": self.predictor.aggregation,
+            "threshold": self.predictor.threshold,
+            "default_mpp": self.default_mpp,
+            "class_names": self.predictor.class_names,
+        }
+        self.outputs = OutputFolder(
+            self.output_dir, self.slides, network_fingerprint(self.predictor.network), options, shard
         )
-        results = self.predictor.predict_many([str(self.slides[i]["image"]) for i in sorted(todo)])
-        rows: list[dict[str, Any]] = []
-        seconds: list[float] = []
-        for position, (entry, folder) in enumerate(zip(self.slides, folders)):
-            if position not in todo:
-                rows.append(json.loads((self.output_dir / folder / RESULT_FILE).read_text()))
-                continue
-            row = self._write(entry, folder, next(results))
-            rows.append(row)
-            if row["status"] == "ok":
-                seconds.append(row["total_s"])
-            bar.update(1)
-            if seconds:
-                bar.set_postfix_str(f"{np.mean(seconds):.2f} s/slide")
+        pending = self.outputs.pending()
+        mine = len(self.outputs.mine())
+        loader = DataLoader(Dataset(pending), batch_size=self.slides_in_flight, collate_fn=list)
+        bar = tqdm(
+            total=mine, initial=mine - len(pending), desc="slides", unit="slide", disable=not self.progress
+        )
+        engine = SlideInference(
+            self.predictor.device, loader, self._process, self._timed_out, self.slide_timeout
+        )
+        engine.add_event_handler(
+            Events.ITERATION_COMPLETED, lambda e: bar.update(len(e.state.output["rows"]))
+        )
+        if pending:
+            engine.run()
         bar.close()
-        self.predictor.close()
-        summary = self._write_tables(rows, resumed)
+        if distributed:
+            dist.barrier()
+        if shard is not None and (not distributed or dist.get_rank() != 0):
+            logger.info("shard %d/%d done; merge with: smt-monai merge %s", *shard, self.output_dir)
+            return {"slides": mine, "ok": 0, "error": 0, "pending": len(pending)}
+        run = {"resumed": mine - len(pending)}
+        summary = self.outputs.write_tables(self.predictor.class_names, skip=self.timed_out, run=run)
         logger.info("%s", summary_line(summary, self.output_dir))
-        if summary["ok"] == 0:
-            reasons = "; ".join(sorted({r["error"] for r in rows if r["error"]}))
-            logger.error("no slide succeeded (%d in the list): %s", len(rows), reasons or "empty list")
+        if summary["ok"] == 0 and self.slides:
+            reasons = "; ".join(sorted({r["error"] for r in self.outputs.rows(False) if r.get("error")}))
+            logger.error("no slide succeeded (%d in the list): %s", len(self.slides), reasons or "empty list")
             raise NoSlideSucceededError(1)
         return summary
 
-    def _write(self, entry: Mapping[str, Any], folder: str, prediction: SlidePrediction) -> dict[str, Any]:
-        """Write one slide's outputs (``result.json`` last) and return its row of ``predictions.csv``."""
-        row: dict[str, Any] = {
-            "image": str(entry["image"]),
-            "status": "error",
-            "error": "",
-            "label": entry.get("label", ""),
-            "backend": prediction.backend,
-        }
+    def _process(self, index: int) -> dict[str, Any] | None:
+        """Claim, read, predict and write one slide (all within its time limit); ``None`` when another run
+        holds it."""
+        with self.outputs.claim(index) as mine:
+            if not mine:
+                return None
+            view = self.predictor.view(str(self.slides[index]["image"]))
+            row = self._write(index, self.predictor.predict_view(view))
+            self.outputs.record(index, row)
+            return row
+
+    def _timed_out(self, index: int, seconds: float) -> dict[str, Any]:
+        self.timed_out.add(index)
+        row = self._row(index, "")
+        row["error"] = (
+            f"{self.slides[index]['image']}: took longer than {seconds:g} s (slide_timeout); skipped"
+        )
+        logger.warning("%s", row["error"])
+        self.outputs.record(index, row)
+        return row
+
+    def _row(self, index: int, backend: str) -> dict[str, Any]:
+        entry = self.slides[index]
+        return {"image": str(entry["image"]), "status": "error", "error": "", "label": entry.get("label", ""),
+                "backend": backend}  # fmt: skip
+
+    def _write(self, index: int, prediction: SlidePrediction) -> dict[str, Any]:
+        """Write one slide's outputs and return its row of ``predictions.csv``."""
+        entry = self.slides[index]
+        row = self._row(index, prediction.backend)
         if prediction.error:
             row["error"] = prediction.error
             logger.warning("%s", prediction.error)
             return row
-        out = self.output_dir / folder
         try:
-            self._write_outputs(entry, prediction, out)
+            self._write_outputs(entry, prediction, self.outputs.folder(index))
         except (OSError, SlideReadError) as exc:  # a slide's outputs failing never stops the list
             row["error"] = f"{entry['image']}: cannot write its outputs ({' '.join(str(exc).split())})"
             logger.warning("%s", row["error"])
@@ -186,8 +218,6 @@ class SlideListPredictor:
             compute_s=round(prediction.compute_s, 4),
             total_s=round(prediction.seconds, 4),
         )
-        with atomic_path(out / RESULT_FILE) as tmp:
-            tmp.write_text(json.dumps(row, indent=2))
         return row
 
     def _write_outputs(self, entry: Mapping[str, Any], prediction: SlidePrediction, out: Path) -> None:
@@ -210,38 +240,3 @@ class SlideListPredictor:
         label = f", label {entry['label']}" if entry.get("label", "") != "" else ""
         verdict = f"{prediction.label}, P(positive) = {prediction.positive:.3f}"
         return f"{Path(str(entry['image'])).name}: {verdict}{label}"
-
-    def _write_tables(self, rows: list[dict[str, Any]], resumed: int) -> dict[str, Any]:
-        prob_columns = self.prob_columns
-        columns = ["image", "status", "error", "label", "prediction", "class", *prob_columns]
-        columns += ["scan_mpp", "read_mpp", "read_s", "compute_s", "total_s", "backend"]
-        with atomic_path(self.output_dir / "predictions.csv") as tmp, open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({c: row.get(c, "") for c in columns})
-        ok = [r for r in rows if r["status"] == "ok"]
-        times = [float(r["total_s"]) for r in ok]
-        summary: dict[str, Any] = {
-            "slides": len(rows),
-            "ok": len(ok),
-            "error": len(rows) - len(ok),
-            "resumed": resumed,
-            "mean_seconds_per_slide": round(float(np.mean(times)), 4) if times else None,
-            "median_seconds_per_slide": round(float(np.median(times)), 4) if times else None,
-        }
-        labelled = [r for r in ok if str(r.get("label", "")) != ""]
-        if labelled:
-            labels = np.array([int(r["label"]) for r in labelled])
-            probs = np.array([[float(r[c]) for c in prob_columns] for r in labelled])
-            predictions = np.array([int(r["prediction"]) for r in labelled])
-            auc = roc_auc(labels, probs)
-            summary.update(
-                labelled=len(labelled),
-                accuracy=round(float((predictions == labels).mean()), 4),
-                balanced_accuracy=round(balanced_accuracy(labels, predictions), 4),
-                auc=None if math.isnan(auc) else round(auc, 4),
-            )
-        with atomic_path(self.output_dir / "summary.json") as tmp:
-            tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        return summary

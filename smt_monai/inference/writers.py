@@ -26,15 +26,15 @@ import os
 from collections.abc import Callable
 
 import numpy as np
+import torch
 
 from smt_monai.cascade.prediction import SlidePrediction
-from smt_monai.data.tissue import tissue_mask
+from smt_monai.data.tissue import patch_tissue
 from smt_monai.utils import atomic_path
 
 LAYER_COLOURS = {1: (0.2, 0.6, 1.0), 2: (1.0, 0.85, 0.0), 3: (1.0, 0.1, 0.1)}
 PROBABILITY_CMAP = "RdYlBu_r"  # P(positive): blue (0) to red (1), readable with red-green colour blindness
 FOCUS_CMAP = "viridis"  # focus q: yellow at the top stands out on H&E's pinks and purples
-MIN_TISSUE_FRACTION = 0.05  # a layer-1 patch with less tissue than this is background for the heat map
 GALLERY_DPI = 160
 GALLERY_TILE_PX = 544  # a gallery tile's side on the PNG: 3.4 in at GALLERY_DPI
 
@@ -209,14 +209,6 @@ def write_focus_map(prediction: SlidePrediction, mpp: float | None, path: str | 
         nib.save(image, str(tmp))
 
 
-def patch_tissue(image: np.ndarray, grid: int) -> np.ndarray:
-    """``(grid, grid)`` bool: the patches of a layer-1 image with ``MIN_TISSUE_FRACTION`` tissue or more."""
-    mask = tissue_mask(image)
-    side = (mask.shape[0] // grid) * grid
-    fraction = mask[:side, :side].reshape(grid, side // grid, grid, side // grid).mean(axis=(1, 3))
-    return fraction >= MIN_TISSUE_FRACTION
-
-
 def focus_heat(focus_map: np.ndarray, tissue: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
     """The layer-1 focus map as an RGBA heat map, stretched over the tissue patches.
 
@@ -289,7 +281,8 @@ def _draw_where_looked(fig, ax, prediction: SlidePrediction) -> list:
     ax.set_title("Where layer 1 looked: focus q and the regions it chose", fontsize=11)
     if prediction.focus_map is not None and prediction.fields is not None:
         grid = prediction.focus_map.shape[-1]
-        tissue = np.stack([patch_tissue(image, grid) for image in prediction.fields])
+        images = torch.from_numpy(np.ascontiguousarray(prediction.fields)).permute(0, 3, 1, 2)
+        tissue = patch_tissue(images, grid).reshape(-1, grid, grid).numpy()
         focus, step = focus_raster(prediction, prediction.focus_map)
         on_tissue, _ = focus_raster(prediction, tissue.astype(np.float64))
         heat, (lo, hi) = focus_heat(focus, on_tissue > 0.5)

@@ -26,11 +26,15 @@ class FocusLoss(_Loss):
         super().__init__(reduction=LossReduction(reduction).value)
         self.normalize = normalize
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """
         Args:
             input: ``(B, N)`` focusing predictions ``q`` in ``[0, 1]``.
             target: ``(B, N)`` scores ``S`` (or ``S~`` when ``normalize=False``).
+            valid: optional ``(B, N)`` bool, the patches holding tissue: only they enter Eq. 3's
+                normalisation; the target of the others is 0, so ``q`` learns to stay low on glass.
 
         Raises:
             ValueError: if the shapes differ.
@@ -39,5 +43,5 @@ class FocusLoss(_Loss):
             raise ValueError(f"input {tuple(input.shape)} and target {tuple(target.shape)} differ in shape")
         target = target.detach().to(input.dtype)
         if self.normalize:
-            target = minmax_normalize(target)
+            target = minmax_normalize(target, valid)
         return reduce_loss((input - target).abs(), self.reduction)

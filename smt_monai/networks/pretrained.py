@@ -54,6 +54,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from smt_monai.data.errors import UserError
 from smt_monai.networks.layer import SMTLayer
 
 # Where a state dict sits inside a checkpoint, in order of preference (DINO's evaluation uses the teacher).
@@ -75,7 +76,7 @@ _BLOCK_INDEX = re.compile(r"^blocks\.(\d+)\.")
 _SHOWN = 3  # names listed in an error message before "and N more"
 
 
-class PretrainedWeightsError(ValueError):
+class PretrainedWeightsError(UserError, ValueError):
     """A pretrained checkpoint cannot be read, or does not fit the SMT layer.
 
     The message is one line that names the file and the problem (the missing or mismatched tensors), so a
