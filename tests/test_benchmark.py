@@ -165,6 +165,8 @@ def test_quick_run_writes_every_figure_and_the_report(tmp_path: Path) -> None:
     speed = json.loads((tmp_path / "work" / "speed.json").read_text())
     accuracy = json.loads((tmp_path / "work" / "accuracy.json").read_text())
     ablation = json.loads((tmp_path / "work" / "ablation.json").read_text())
+    throughput = json.loads((tmp_path / "work" / "throughput.json").read_text())
+    assert all(throughput[f"slides_per_hour_p{p}_f{f}"] > 0 for p in (1, 2) for f in (1, 2))
     assert all(speed[k] is not None for k in SPEED_KEYS)
     assert all(k in accuracy for k in ACCURACY_KEYS)
     assert [p["k"] for p in ablation["k_sweep"]] == [1, 4]
@@ -173,7 +175,7 @@ def test_quick_run_writes_every_figure_and_the_report(tmp_path: Path) -> None:
     assert speed["quick"] and [p["size"] for p in speed["by_size"]] == [1024, 2048]
     assert all(p["peak_rss_mb"] > 0 for p in speed["by_size"])
     text = out.read_text()
-    assert "## Speed" in text and "## Accuracy" in text and "## Ablations" in text
+    assert "## Speed" in text and "## Throughput" in text and "## Accuracy" in text and "## Ablations" in text
     assert "plus 2 slides of a second cohort" in text
     assert (tmp_path / "benchmarks" / "time_vs_size.png").exists()  # two sizes: a plot
     assert (tmp_path / "benchmarks" / "accuracy_vs_k.png").exists()

@@ -159,18 +159,29 @@ def _run_cli(*args: str) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_two_runs_on_one_out_share_the_slides(archive: tuple[Path, list[dict]], tmp_path: Path) -> None:
-    """Started together, each run claims slides the other does not hold; both end with every slide."""
+    """A second run started on the OUT of a run under way claims the slides the first does not hold; both end
+    with every slide of the list."""
     model, slides = archive
+    copies = []
+    for index in range(12):  # enough slides for the second run to start while the first is under way
+        copy = tmp_path / "data" / f"copy_{index:02d}.tif"
+        copy.parent.mkdir(exist_ok=True)
+        shutil.copy(slides[index % 2 * 2]["image"], copy)
+        copies.append(str(copy))
     listing = tmp_path / "slides.txt"
-    listing.write_text("\n".join(s["image"] for s in slides) + "\n")
+    listing.write_text("\n".join([*(s["image"] for s in slides), *copies]) + "\n")
     out = tmp_path / "out"
-    runs = [_run_cli(str(listing), "-m", str(model), "-o", str(out)) for _ in range(2)]
-    results = [run.communicate(timeout=600) for run in runs]
-    assert all(run.returncode == 0 for run in runs), results
-    assert all("4 slides ok, 2 errors" in stdout for stdout, _ in results), results
+    first = _run_cli(str(listing), "-m", str(model), "-o", str(out))
+    deadline = time.time() + 300
+    while not list(out.glob("*/result.json")) and time.time() < deadline:
+        time.sleep(0.2)
+    second = _run_cli(str(listing), "-m", str(model), "-o", str(out))
+    results = [run.communicate(timeout=600) for run in (first, second)]
+    assert first.returncode == second.returncode == 0, results
+    assert all("16 slides ok, 2 errors" in stdout for stdout, _ in results), results
     table = rows(out)
-    assert [r["image"] for r in table] == [s["image"] for s in slides]
-    writers = {json.loads((out / Path(s["image"]).stem / "result.json").read_text())["by"] for s in slides}
+    assert [r["image"] for r in table] == [*(s["image"] for s in slides), *copies]
+    writers = {json.loads((out / Path(image).stem / "result.json").read_text())["by"] for image in copies}
     assert len(writers) == 2, "both runs predicted some of the slides"
 
 

@@ -1,4 +1,5 @@
-"""``smt-monai benchmark``: ``speed``, ``accuracy``, ``ablation``, ``report``, and ``all`` (the default).
+"""``smt-monai benchmark``: ``speed``, ``throughput``, ``accuracy``, ``ablation``, ``report``, and ``all``
+(the default).
 
 Each of the first three writes its figures to ``--json`` (stable keys, see the modules); ``report`` turns the
 three files into ``docs/benchmarks.md``. ``--quick`` shrinks every size (tiny SMT preset, small slides and
@@ -55,6 +56,13 @@ def _speed(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _throughput(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size", type=int, default=None, help="synthetic slide side (default 60000)")
+    parser.add_argument("--num-slides", type=int, default=None, help="slides in the list (default 16)")
+    parser.add_argument("--preset", default=None, help="SMT preset (default paper)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+
+
 def _training(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-slides", type=int, default=None, help="cohort slides (default 48)")
     parser.add_argument("--slide-size", type=int, default=None, help="cohort slide side (default 16384)")
@@ -94,6 +102,11 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
     sub = parser.add_subparsers(dest="benchmark", required=False)
     for name, parts, help_text in (
         ("speed", (_common, _speed), "time SMT, dense and the I/O floor on one slide; memory per size"),
+        (
+            "throughput",
+            (_common, _throughput),
+            "slides per hour: 1 and 2 processes, 1 and 2 slides in flight",
+        ),
         ("accuracy", (_common, _training), "SMT against dense on a held-out synthetic split"),
         (
             "ablation",
@@ -106,10 +119,10 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
         command = sub.add_parser(name, help=help_text, description=help_text)
         for add in parts:
             add(command)
-        if name in ("speed", "accuracy", "ablation"):
+        if name in ("speed", "throughput", "accuracy", "ablation"):
             command.add_argument("--json", type=Path, default=None, help=f"output (default WORK/{name}.json)")
         if name == "report":
-            for source in ("speed", "accuracy", "ablation"):
+            for source in ("speed", "throughput", "accuracy", "ablation"):
                 command.add_argument(f"--{source}-json", type=Path, default=None)
     return parser
 
@@ -146,6 +159,21 @@ def _run_speed(args: argparse.Namespace, path: Path) -> None:
         num_workers=args.num_workers,
         device=args.device,
         amp=args.amp,
+    )
+    _save(data, path, args)
+
+
+def _run_throughput(args: argparse.Namespace, path: Path) -> None:
+    from smt_monai.benchmark.throughput import benchmark_throughput
+
+    q = args.quick
+    data = benchmark_throughput(
+        args.work_dir,
+        size=_pick(args.size, q, 2048, 60000),
+        num_slides=_pick(args.num_slides, q, 4, 16),
+        preset=_pick(args.preset, q, "tiny", "paper"),
+        num_focus=args.focus[0],
+        device=args.device,
     )
     _save(data, path, args)
 
@@ -194,7 +222,12 @@ def run_benchmark(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     work: Path = args.work_dir
-    runners = {"speed": _run_speed, "accuracy": _run_accuracy, "ablation": _run_ablation}
+    runners = {
+        "speed": _run_speed,
+        "throughput": _run_throughput,
+        "accuracy": _run_accuracy,
+        "ablation": _run_ablation,
+    }
     if command in runners:
         runners[command](args, args.json or work / f"{command}.json")
         return 0
@@ -203,7 +236,13 @@ def run_benchmark(args: argparse.Namespace) -> int:
             runner(args, work / f"{name}.json")
     sources = {name: getattr(args, f"{name}_json", None) or work / f"{name}.json" for name in runners}
     out = write_report(
-        args.out, sources["speed"], sources["accuracy"], sources["ablation"], args.notes, args.gpu_speed_json
+        args.out,
+        sources["speed"],
+        sources["accuracy"],
+        sources["ablation"],
+        args.notes,
+        args.gpu_speed_json,
+        sources["throughput"],
     )
     print(f"wrote {out}")
     return 0

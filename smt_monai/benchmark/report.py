@@ -179,6 +179,24 @@ def speed_section(
     return lines + [""]
 
 
+def throughput_section(rate: dict[str, Any]) -> list[str]:
+    """Slides per hour of ``smt-monai predict`` by processes (shards on one machine) and slides in flight."""
+    lines = [
+        "## Throughput",
+        "",
+        f"`smt-monai predict` on a list of {rate['num_slides']} slides of {rate['slide_size']} px (K = "
+        f"{rate['num_focus']}, {rate['preset']} preset, every output written; several processes are shards "
+        f"merged at the end), on {rate['environment'].get('cores')} CPU cores:",
+        "",
+        "| processes | slides in flight each | seconds | slides per hour |",
+        "|---:|---:|---:|---:|",
+    ]
+    for run in rate["runs"]:
+        per_hour = f"{run['slides_per_hour']:,.0f}"
+        lines.append(f"| {run['processes']} | {run['in_flight']} | {_f(run['seconds'], 1)} | {per_hour} |")
+    return lines + [""]
+
+
 def accuracy_section(acc: dict[str, Any]) -> list[str]:
     """SMT against dense on the held-out split."""
     prefix = "balanced_accuracy_smt_k"
@@ -312,6 +330,7 @@ def write_report(
     ablation_json: str | os.PathLike | None,
     notes: str | os.PathLike | None = None,
     gpu_speed_json: str | os.PathLike | None = None,
+    throughput_json: str | os.PathLike | None = None,
 ) -> Path:
     """Write the benchmark page ``out`` (plots beside it in ``<out stem>/``); returns its path.
 
@@ -321,11 +340,12 @@ def write_report(
         notes: a Markdown file of hand-written findings inserted after the tables (optional).
         gpu_speed_json: ``scripts/bench_gpu.sh``'s speed figures from a CUDA machine (optional: only said to
             be missing when given and absent).
+        throughput_json: ``smt-monai benchmark throughput``'s figures (optional, as ``gpu_speed_json``).
     """
     out = Path(out)
     plot_dir = out.parent / out.stem
     speed, acc, abl = _load(speed_json), _load(accuracy_json), _load(ablation_json)
-    gpu = _load(gpu_speed_json)
+    gpu, rate = _load(gpu_speed_json), _load(throughput_json)
     lines = [
         "# Benchmarks",
         "",
@@ -339,6 +359,8 @@ def write_report(
     runs = [("speed", speed), ("accuracy", acc), ("ablation", abl)]
     if gpu_speed_json is not None:
         runs.insert(1, ("speed on a GPU (`scripts/bench_gpu.sh`)", gpu))
+    if throughput_json is not None:
+        runs.insert(1, ("throughput", rate))
     for name, data in runs:
         lines += _provenance(name, data) if data else [f"- **{name}**: not run"]
     lines.append("")
@@ -347,6 +369,8 @@ def write_report(
     if gpu:
         card = gpu.get("environment", {}).get("gpu", "GPU")
         lines += speed_section(gpu, plot_dir, out.parent, f"Speed on a GPU ({card})", "time_vs_size_gpu.png")
+    if rate:
+        lines += throughput_section(rate)
     if acc:
         lines += accuracy_section(acc)
     if abl:

@@ -23,6 +23,7 @@ _MODULE_OF = {
     "layer1_dataset": "dataset",
     "SlideReadError": "errors",
     "box_to_xyxy": "geometry",
+    "layer1_fields": "geometry",
     "child_boxes": "geometry",
     "patch_grid_boxes": "geometry",
     "region_key": "geometry",
@@ -37,7 +38,10 @@ _MODULE_OF = {
     "BACKENDS": "slide",
     "Slide": "slide",
     "open_slide": "slide",
+    "check_brightfield": "tissue",
+    "patch_tissue": "tissue",
     "tissue_bbox": "tissue",
+    "tissue_components": "tissue",
 }
 
 __all__ = sorted(_MODULE_OF)
