@@ -197,6 +197,10 @@ def test_best_model_ties_go_later_metadata_is_saved_and_inference_loads_it(tmp_p
     loaded = load_model(tmp_path / "model.pt")
     torch.testing.assert_close(loaded.layer3.head.weight, network.layer3.head.weight)
     assert ModelCard.of(loaded).validation == {"best_metric": 0.9, "best_epoch": 3, "metrics": {"score": 0.9}}
+    assert ModelCard.of(loaded).threshold == 0.5  # no decision threshold chosen on validation
+    saved["metrics"]["decision_threshold"] = 0.73
+    torch.save(saved, tmp_path / "tuned.pt")
+    assert ModelCard.of(load_model(tmp_path / "tuned.pt")).threshold == 0.73
 
     clash = Engine(lambda e, b: None)
     ScriptedScore({1: 0.5}).attach(clash)

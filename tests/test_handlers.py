@@ -152,3 +152,34 @@ def test_metrics_on_an_engine_and_metrics_json(tmp_path: Path) -> None:
     assert metrics["num_slides"] == 3 and metrics["seconds_per_slide"] == pytest.approx(1.0)
     with pytest.raises(ValueError):
         FocusRate("recall")
+
+
+def test_the_decision_threshold_is_tuned_on_validation_and_kept() -> None:
+    """A model that ranks every positive slide above every negative one but calls them all positive at 0.5:
+    the validation split's threshold separates them (balanced accuracy 1 instead of 0.5)."""
+    from smt_monai.handlers import BalancedAccuracy, DecisionThreshold
+    from smt_monai.handlers.metrics import tuned_threshold
+
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    positive = np.array([0.6, 0.7, 0.72, 0.9, 0.95, 0.97])
+    assert tuned_threshold(labels, positive) == pytest.approx((0.72 + 0.9) / 2)
+    output = {
+        "label": labels,
+        "layer_probs": np.stack([1 - positive, positive], axis=1)[:, None],
+        "hit": np.full(6, np.nan),
+        "precise": np.full(6, np.nan),
+    }
+    results = {}
+    for name, metric in (
+        ("fixed", BalancedAccuracy()),
+        ("tuned", BalancedAccuracy(threshold="tuned")),
+        ("threshold", DecisionThreshold()),
+        ("kept", BalancedAccuracy(threshold=0.8)),
+    ):
+        metric.reset()
+        metric.update((output["label"], output["layer_probs"], output["hit"], output["precise"]))
+        results[name] = metric.compute()
+    assert results["fixed"] == 0.5 and results["tuned"] == 1.0 and results["kept"] == 1.0
+    assert results["threshold"] == pytest.approx(0.81)
+    with pytest.raises(ValueError, match="threshold"):
+        BalancedAccuracy(threshold=1.5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, write_cohort
+from conftest import TINY_OVERRIDES, scene, write_cohort, write_tiff
 
 from smt_monai.cascade import predict_slide
 from smt_monai.data import open_slide
@@ -198,3 +199,22 @@ def test_predict_slide_focuses_by_the_chosen_source(source: str) -> None:
     assert prediction.parent[2].tolist() == [0, 0, 1, 1] and prediction.rank[2].tolist() == [0, 1, 0, 1]
     with pytest.raises(ValueError, match="focus_source"):
         predict_slide(model, view, reader, num_focus=k, focus_source="saliency")
+
+
+def test_the_readme_python_example_runs(tmp_path: Path) -> None:
+    """The README's Python example, as written, on a slide of ours with the model the bundle ships."""
+    text = (ROOT / "README.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len([line for line in code.splitlines() if line.strip() and "import" not in line]) == 3
+    slide = write_tiff(tmp_path / "slide.svs.tif", scene(768, 1024), mpp=0.5)
+    namespace: dict = {}
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        exec(compile(code.replace('"slide.svs"', repr(str(slide))), "README.md", "exec"), namespace)
+    finally:
+        os.chdir(cwd)
+    result = namespace["result"]
+    assert result.ok and result.label in ("benign", "tumour") and abs(result.probs.sum() - 1) < 1e-4
+    regions = result.regions()
+    assert regions[0]["layer"] == 1 and {"x_um", "size_um", "q", "p_positive"} <= set(regions[-1])

@@ -76,12 +76,59 @@ class _SlideMetric(Metric):
         return labels.astype(int), probs
 
 
+def tuned_threshold(labels: np.ndarray, positive: np.ndarray) -> float:
+    """The decision threshold on P(positive) with the highest balanced accuracy on ``labels``: the midpoint of
+    the two scores around the best split (ties: the threshold nearest 0.5), as chosen on a validation split.
+    """
+    scores = np.unique(positive)
+    candidates = np.concatenate([[scores[0] - 1e-6], (scores[1:] + scores[:-1]) / 2, [scores[-1] + 1e-6]])
+    truth = labels > 0
+    accuracy = [balanced_accuracy(truth, positive >= t) for t in candidates]
+    best = np.flatnonzero(np.isclose(accuracy, max(accuracy)))
+    return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
+
+
+def predicted_classes(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """The class of each row of ``probs``: P(positive) against ``threshold`` for two classes, else argmax."""
+    if probs.shape[1] == 2:
+        return (probs[:, 1] >= threshold).astype(int)
+    return probs.argmax(axis=1)
+
+
 class BalancedAccuracy(_SlideMetric):
-    """Slide-level balanced accuracy of one layer's own prediction (default: the last layer, i.e. SMT's)."""
+    """Slide-level balanced accuracy of one layer's own prediction (default: the last layer, i.e. SMT's).
+
+    Args:
+        layer: which layer's slide prediction (-1: the last, SMT's).
+        threshold: decision threshold on P(positive) of a binary model, or ``"tuned"``: the threshold the
+            validation split itself gives (:func:`tuned_threshold`; what training saves with the model).
+    """
+
+    def __init__(self, layer: int = -1, threshold: float | str = 0.5, output_transform=lambda x: x) -> None:
+        if threshold != "tuned" and not 0.0 <= float(threshold) <= 1.0:
+            raise ValueError(f"threshold must be a probability or 'tuned', got {threshold!r}")
+        self.threshold = threshold
+        super().__init__(layer=layer, output_transform=output_transform)
 
     def compute(self) -> float:
         labels, probs = self._collected()
-        return balanced_accuracy(labels, probs.argmax(axis=1)) if len(labels) else float("nan")
+        if not len(labels):
+            return float("nan")
+        threshold = self.threshold
+        if threshold == "tuned":
+            threshold = tuned_threshold(labels, probs[:, 1:].sum(axis=1)) if probs.shape[1] == 2 else 0.5
+        return balanced_accuracy(labels, predicted_classes(probs, float(threshold)))
+
+
+class DecisionThreshold(_SlideMetric):
+    """The decision threshold :func:`tuned_threshold` picks on this split (0.5 for more than two classes);
+    training's best epoch saves it with the model (``load_model`` reads it into the model card)."""
+
+    def compute(self) -> float:
+        labels, probs = self._collected()
+        if not len(labels) or probs.shape[1] != 2 or len(np.unique(labels > 0)) < 2:
+            return 0.5
+        return tuned_threshold(labels, probs[:, 1])
 
 
 class SlideAUC(_SlideMetric):

@@ -57,7 +57,8 @@ class ModelCard:
         class_names: one name per class (class 0 negative).
         num_focus: ``K`` it was trained and validated with.
         aggregation: ``max`` or ``mean`` over the layer-3 regions.
-        threshold: decision threshold on P(positive) of a binary model.
+        threshold: decision threshold on P(positive) of a binary model: the one its validation split gave
+            at the best epoch (the ``decision_threshold`` metric), 0.5 without one.
         normalization: the input normalisation (``normalisation()``).
         version: the smt-monai version that trained it.
         training: what it was trained on and how (datalist, slide counts, schedule).
@@ -213,6 +214,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", **ex
         card.validation = _plain(
             {k: content[k] for k in ("best_metric", "best_epoch", "metrics") if k in content}
         )
+        card.threshold = float(card.validation.get("metrics", {}).get("decision_threshold", card.threshold))
         network = SMT(config=card.config())
         try:
             network.load_state_dict(content["model"])
