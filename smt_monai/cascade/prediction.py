@@ -122,7 +122,8 @@ class SlidePrediction:
                     "p_positive": float(positive[row]),
                 }
                 if self.mpp is not None:
-                    entry.update(x_um=x * self.mpp, y_um=y * self.mpp, size_um=size * self.mpp)
+                    um = float(self.mpp)
+                    entry.update(x_um=float(x) * um, y_um=float(y) * um, size_um=float(size) * um)
                 rows.append(entry)
         return rows
 

@@ -27,9 +27,8 @@ import torch
 from smt_monai import __version__
 from smt_monai.data.errors import UserError
 from smt_monai.networks.normalization import HE_OD_MEAN, HE_OD_STD
-from smt_monai.networks.smt import SMT, SMTConfig
+from smt_monai.networks.smt import CARD_KEY, SMT, SMTConfig
 
-CARD_KEY = "smt_monai"
 STRUCTURE = ("preset", *(f.name for f in dataclasses.fields(SMTConfig)))
 """What a user may state when loading a model, checked against its card (``load_model``'s ``expect``)."""
 

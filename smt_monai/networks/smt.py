@@ -21,7 +21,7 @@ export carries the geometry its readers need and the settings it was trained wit
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -78,6 +78,9 @@ class SMTConfig:
         object.__setattr__(self, "stem_channels", tuple(self.stem_channels))
         object.__setattr__(self, "stem_strides", tuple(self.stem_strides))
 
+
+CARD_KEY = "smt_monai"
+"""The key of the model card in a ``model.pt`` (see ``smt_monai.inference.model``), beside ``"model"``."""
 
 SCALE_FIELDS = ("geometry", "layer3_mpp")
 """``SMTConfig`` fields that say how the model sees a slide rather than how a layer is built."""
@@ -159,6 +162,14 @@ class SMT(nn.Module):
         if layer == 3:
             return self.layer3(x)
         raise ValueError(f"layer must be 1, 2 or 3, got {layer}")
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """Load weights from a state dict, or from the content of a ``model.pt`` (weights under ``"model"``
+        beside the model card), so MONAI's ``ckpt_export`` and the model zoo's checks take ``model.pt`` as
+        it is, without ``key_in_ckpt``."""
+        if CARD_KEY in state_dict and "model" in state_dict:
+            state_dict = state_dict["model"]
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def forward(self, x: torch.Tensor, layer: int = 1) -> torch.Tensor:
         """The class probabilities ``(B, num_classes)`` of layer ``layer`` on images ``x``: the network as

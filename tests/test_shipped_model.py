@@ -1,0 +1,99 @@
+"""The model the bundle ships (``bundle/models/model.pt``): it describes itself, passes the model zoo's checks
+as the zoo's ``ci/verify_bundle.py`` runs them, and tells tumour from benign mimics on slides it never saw."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from smt_monai.inference import CARD_KEY, ModelCard, SMTPredictor, load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLE = ROOT / "bundle"
+MODEL = BUNDLE / "models" / "model.pt"
+
+
+def test_the_shipped_model_loads_safely_and_describes_itself() -> None:
+    content = torch.load(MODEL, map_location="cpu", weights_only=True)
+    assert set(content) >= {"model", CARD_KEY}
+    network = load_model(MODEL)
+    card = ModelCard.of(network)
+    assert card.class_names == ["negative", "tumour"]
+    assert card.network["geometry"] == "physical" and card.network["layer3_mpp"] == pytest.approx(0.75)
+    assert card.num_focus == 4 and card.aggregation == "max"
+    assert 0.0 < card.threshold < 1.0
+    assert card.validation["metrics"]["balanced_accuracy"] >= 0.8
+    metadata = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    channels = metadata["network_data_format"]["outputs"]["pred"]["channel_def"]
+    assert channels == {str(i): name for i, name in enumerate(card.class_names)}
+    side = metadata["network_data_format"]["inputs"]["image"]["spatial_shape"]
+    assert side == [network.read_size, network.read_size]
+
+
+def test_the_bundle_passes_the_model_zoo_checks(tmp_path: Path) -> None:
+    """What the zoo's ``verify_bundle.py`` runs in its full mode, offline: necessary files, version and
+    changelog, metadata against the schema, the network's input/output shapes from ``network_data_format``,
+    and the TorchScript export of ``models/model.pt`` as it is (no ``key_in_ckpt``), loaded back."""
+    from monai.bundle import ckpt_export, verify_net_in_out
+
+    bundle = tmp_path / "smt_wsi_classification"
+    shutil.copytree(BUNDLE, bundle)
+    necessary = ["configs/metadata.json", "configs/inference.yaml", "LICENSE", "models/model.pt"]
+    necessary.append("docs/README.md")
+    for name in necessary:
+        assert (bundle / name).is_file(), name
+    metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert metadata["version"] in metadata["changelog"]
+    from smt_monai import __version__
+
+    assert metadata["required_packages_version"]["smt-monai"] == __version__
+    meta, config = str(bundle / "configs" / "metadata.json"), str(bundle / "configs" / "inference.yaml")
+    verify_net_in_out(net_id="network_def", meta_file=meta, config_file=config, bundle_root=str(bundle))
+    exported = bundle / "models" / "verify_model.ts"
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(exported),
+        ckpt_file=str(bundle / "models" / "model.pt"),
+        meta_file=meta,
+        config_file=config,
+        bundle_root=str(bundle),
+    )
+    script = torch.jit.load(str(exported))
+    eager = load_model(MODEL)
+    side = eager.read_size
+    x = torch.randn(2, 3, side, side)
+    with torch.no_grad():
+        torch.testing.assert_close(script(x, 3), eager(x, 3))
+
+
+@pytest.mark.slow
+def test_the_shipped_model_classifies_fresh_synthetic_slides(tmp_path: Path) -> None:
+    """Six slides of a cohort seed the model never saw (40x, 2-4 mm of tissue, tumour and benign mimics):
+    the shipped model gets at least five right and ranks the positives above the negatives on average."""
+    result = subprocess.run(
+        [sys.executable, "-m", "smt_monai.cli", "synth", "--out", str(tmp_path), "--num-slides", "6"]
+        + ["--seed", "7", "--mpp", "0.25", "--tissue-mm", "2,4", "--split", "0", "0", "1", "--workers", "1"]
+        + ["--quiet"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    slides = json.loads((tmp_path / "datalist.json").read_text())["testing"]
+    predictor = SMTPredictor.from_checkpoint(MODEL)
+    labels, predicted, positive = [], [], []
+    for slide in slides:
+        prediction = predictor.predict(tmp_path / slide["image"])
+        assert prediction.ok, prediction.error
+        labels.append(slide["label"])
+        predicted.append(prediction.class_names.index(prediction.label))
+        positive.append(float(prediction.probs[1]))
+    assert sorted(set(labels)) == [0, 1]
+    assert sum(p == y for p, y in zip(predicted, labels)) >= 5, (labels, positive)
+    mean = {y: sum(p for p, t in zip(positive, labels) if t == y) / labels.count(y) for y in (0, 1)}
+    assert mean[1] > mean[0], (labels, positive)
