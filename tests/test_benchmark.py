@@ -10,10 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_OVERRIDES
 
-from smt_monai.benchmark.ablation import VARIANTS, merge_ablation, select_variants
+from smt_monai.benchmark.ablation import DEPARTURES, TABLE2, merge_ablation, select_variants, variants
 from smt_monai.benchmark.accuracy import held_out_datalist
-from smt_monai.benchmark.bundle_runs import parse_overrides
+from smt_monai.benchmark.bundle_runs import (
+    bundle_workflow,
+    config_names,
+    config_value,
+    parse_overrides,
+    run_dir,
+)
+from smt_monai.benchmark.focus_diagnostic import CATEGORIES
 from smt_monai.benchmark.report import write_report
 from smt_monai.cli import main
 from smt_monai.data import load_datalist, open_slide, tissue_bbox
@@ -27,7 +35,9 @@ ACCURACY_KEYS = (
     "auc_smt_k4",
     "auc_dense",
     "focus_hit_rate_k4",
-    "focus_precision_k4",
+    "focus_hit_rate_chance_k4",
+    "focus_top1_k4",
+    "focus_region_precision_chance_k4",
 )
 
 
@@ -110,13 +120,84 @@ def test_report_judges_a_gpu_run_by_its_own_target(
     assert "**speed on a GPU (`scripts/bench_gpu.sh`)**: not run" in missing.read_text()
 
 
+def test_configs_merge_over_their_base_and_key_their_runs(tmp_path: Path) -> None:
+    assert config_names("paper.yaml") == ["train.yaml", "paper.yaml"]
+    assert config_names("train.yaml+cpu.yaml+paper.yaml+evaluate.yaml") == [
+        "train.yaml",
+        "cpu.yaml",
+        "paper.yaml",
+        "evaluate.yaml",
+    ]
+    assert config_names(["paper.yaml", "evaluate.yaml"]) == ["train.yaml", "paper.yaml", "evaluate.yaml"]
+    assert config_names("evaluate_dense.yaml") == ["train_dense.yaml", "evaluate_dense.yaml"]
+    assert config_value("paper.yaml", "loss#class_balanced") == [False, False, False]
+    assert config_value("train.yaml", "optimizer") == "@optimizers#adamw"
+    data = tmp_path / "cohort" / "datalist.json"
+    plain = run_dir(tmp_path, data, "smt", {"max_epochs": 3})
+    assert plain == run_dir(tmp_path, data, "smt", {"max_epochs": 3}, ())
+    paper = run_dir(tmp_path, data, "smt", {"max_epochs": 3}, ["paper.yaml"])
+    assert (
+        len({plain, paper, run_dir(tmp_path, data, "smt", {"max_epochs": 3}, ["cpu.yaml", "paper.yaml"])})
+        == 3
+    )
+
+
 def test_select_variants_by_name() -> None:
-    assert select_variants() == VARIANTS
-    chosen = select_variants(["forward + backward", "default (no L_focus"])
-    assert list(chosen) == ["paper: forward + backward", "default (no L_focus; L_ret drives the focus)"]
-    assert chosen["paper: forward + backward"] == {"focus_weight": [1.0, 1.0]}
+    assert select_variants() == variants()
+    chosen = select_variants(["forward + backward", "default - no L_focus"])
+    assert list(chosen) == ["paper: forward + backward", "default - no L_focus"]
+    assert chosen["paper: forward + backward"] == (("paper.yaml",), {})
+    assert chosen["default - no L_focus"] == ((), {"focus_weight": [1.0, 1.0]})
     with pytest.raises(ValueError, match="no ablation variant matches"):
         select_variants(["nonexistent"])
+
+
+def _signature(overlays: tuple[str, ...], overrides: dict, tmp_path: Path) -> dict[str, object]:
+    """What a variant trains with, read off its parsed bundle: each entry one departure's settings."""
+    flow = bundle_workflow(
+        ["train.yaml", "cpu.yaml", *overlays],
+        "training",
+        {**TINY_OVERRIDES, **overrides, "dataset_dir": str(tmp_path)},
+    )
+    get = flow.parser.get_parsed_content
+    optimizer, loss, cascade = get("optimizer"), get("loss"), get("cascade")
+    return {
+        "AdamW and cosine decay": (
+            type(optimizer).__name__,
+            [g["lr"] for g in optimizer.param_groups],
+            type(get("lr_scheduler")).__name__,
+        ),
+        "L_F trains the encoders": get("network").layer1.focus_grad_to_encoder,
+        "annotation guidance": cascade.guide,
+        "exploration": cascade.explore,
+        "flips / quarter turns": cascade.augment,
+        "class-balanced L_cls": [c.class_balanced for c in loss.classification],
+        "no L_focus": loss.focus_weight,
+        "the base config's layer schedule": (get("start_epoch"), get("ramp_epochs")),
+        "table 2": (get("lambda_bwd"), loss.recheck_weight, loss.distillation_weight, cascade.focus_source),
+    }
+
+
+def test_each_departure_changes_exactly_its_settings(tmp_path: Path) -> None:
+    """``paper + X`` differs from ``paper.yaml`` in X's settings only, which are the default's; ``default -
+    X`` differs from the default in X's only, which are the paper's."""
+    grid = variants(["cpu.yaml"])
+    assert list(grid)[: len(TABLE2)] == list(TABLE2) and len(grid) == len(TABLE2) + 2 * len(DEPARTURES) + 1
+    paper = _signature(grid["paper: forward + backward"].overlays, {}, tmp_path)
+    default = _signature((), {}, tmp_path)
+    assert all(paper[name] != default[name] for name in DEPARTURES)
+    assert paper["AdamW and cosine decay"] == ("SGD", [0.002, 0.002, 0.01], "ConstantLR")
+    assert paper["the base config's layer schedule"] == ([1, 16, 40], 16)  # 20% and 50% of cpu.yaml's 80
+    for name in DEPARTURES:
+        for variant, base, other in (
+            (f"paper + {name}", paper, default),
+            (f"default - {name}", default, paper),
+        ):
+            seen = _signature(*grid[variant], tmp_path)
+            assert {k for k in seen if seen[k] != base[k]} == {name}, variant
+            assert seen[name] == other[name], variant
+    only_forward = _signature(*grid["paper: forward only, focus by attention"], tmp_path)
+    assert only_forward["table 2"] == (0.0, 1.0, 1.0, "attention")
 
 
 def test_held_out_datalist_adds_a_second_cohort_to_the_testing_split(tmp_path: Path) -> None:
@@ -133,26 +214,54 @@ def test_held_out_datalist_adds_a_second_cohort_to_the_testing_split(tmp_path: P
     assert held_out_datalist(tmp_path, datalist, 2, 1024, 3) == combined  # written once, then reused
 
 
-def _ablation_result(variants: dict[str, list[int]], ks: list[int], **same: object) -> dict:
+def _ablation_result(chosen: dict[str, list[int]], ks: list[int], **same: object) -> dict:
     result = {"cohort": "c", "num_slides": 8, "slide_size": 1024, "smt_overrides": {"grid": 4}, **same}
-    result["variants"] = {name: {"overrides": VARIANTS[name], "seeds": s} for name, s in variants.items()}
-    result["seeds"] = sorted({s for seeds in variants.values() for s in seeds})
+    grid = variants()
+    result["variants"] = {
+        name: {"overlays": list(grid[name].overlays), "overrides": grid[name].overrides, "seeds": s}
+        for name, s in chosen.items()
+    }
+    result["seeds"] = sorted({s for seeds in chosen.values() for s in seeds})
     result["k_sweep"] = [{"k": k, "balanced_accuracy": 0.1 * k} for k in ks]
     return result
 
 
 def test_merge_ablation_adds_up_subsets_of_one_cohort() -> None:
-    names = list(VARIANTS)
-    previous = _ablation_result({names[5]: [0], names[0]: [0]}, [1, 4], command="first")
+    names = list(variants())
+    previous = _ablation_result({names[5]: [0], names[0]: [0], names[1]: [0]}, [1, 4], command="first")
+    previous["variants"][names[1]]["overrides"] = {"focus_weight": [1.0, 1.0]}  # since defined otherwise
     current = _ablation_result({names[5]: [0, 1, 2], names[3]: [0]}, [4, 8])
     current["k_sweep"][0]["balanced_accuracy"] = 0.9
     merged = merge_ablation(previous, current)
-    assert list(merged["variants"]) == [names[0], names[3], names[5]]  # VARIANTS order
+    assert list(merged["variants"]) == [names[0], names[3], names[5]]  # table order, the stale one dropped
     assert merged["variants"][names[5]]["seeds"] == [0, 1, 2] and merged["seeds"] == [0, 1, 2]
     assert [(p["k"], p["balanced_accuracy"]) for p in merged["k_sweep"]] == [(1, 0.1), (4, 0.9), (8, 0.8)]
     assert merged["merged_commands"] == ["first"]
     other = _ablation_result({names[0]: [0]}, [1], smt_overrides={"grid": 8})
     assert list(merge_ablation(other, _ablation_result({names[3]: [0]}, [4]))["variants"]) == [names[3]]
+
+
+def test_report_shows_ablation_grids_with_chance_and_landing(tmp_path: Path) -> None:
+    names = list(variants())
+    landing = {"model": dict.fromkeys(CATEGORIES, 0.25), "random": dict.fromkeys(CATEGORIES, 0.25)}
+    files = []
+    for contrast in (0.0, 0.75):
+        result = _ablation_result({names[5]: [0, 1], names[8]: [0]}, [4], low_mag_tumour_contrast=contrast)
+        result |= {"smt_overlays": ["cpu.yaml"], "extra_test_slides": 0}
+        for entry in result["variants"].values():
+            entry |= {"auc": {"mean": 0.9, "std": 0.01}, "focus_hit_rate": {"mean": 0.7, "std": 0.1}}
+            entry |= {"focus_hit_rate_chance": {"mean": 0.48, "std": 0.0}}
+            entry["landing"] = {"positive": {"layer1": landing, "layer2": landing}}
+        result["k_sweep"][0] |= {"regions": 21, "auc": 0.9, "focus_hit_rate": 0.7, "seconds_per_slide": 0.1}
+        files.append(tmp_path / f"ablation_{contrast}.json")
+        files[-1].write_text(json.dumps(result))
+    text = write_report(tmp_path / "b.md", None, None, files).read_text()
+    assert text.count("## Ablations") == 2 and "**ablation 2**: not run" not in text
+    assert "`--low-mag-tumour-contrast 0.75`" in text and "merged over `train.yaml + cpu.yaml`" in text
+    row = "| paper: forward + backward | paper.yaml | 0, 1 | 0.900 +- 0.010 | n/a | 0.700 +- 0.100 (0.480) |"
+    assert row in text and f"| {names[8]} | paper.yaml; guide: 0.5 |" in text
+    assert "### Where the picks land (positive test slides)" in text and "| 0.25 (0.25) |" in text
+    assert all((tmp_path / "b" / name).exists() for name in ("accuracy_vs_k.png", "accuracy_vs_k_2.png"))
 
 
 @pytest.mark.slow

@@ -146,7 +146,13 @@ def test_train_interrupt_resume_matches_uninterrupted(tmp_path: Path) -> None:
         "loss",
     ):
         assert tag in tags, tag
-    for tag in ("balanced_accuracy", "balanced_accuracy_layer1", "auc", "focus_precision", "focus_hit_rate"):
+    for tag in (
+        "balanced_accuracy",
+        "balanced_accuracy_layer1",
+        "auc",
+        "focus_top1",
+        "focus_hit_rate_chance",
+    ):
         assert tag in tags, tag
 
 
@@ -184,7 +190,7 @@ def test_evaluate_infer_and_export_from_the_command_line(tmp_path: Path) -> None
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((evaluation / "metrics.json").read_text())
-    for key in ("balanced_accuracy", "auc", "balanced_accuracy_layer1", "focus_hit_rate", "focus_precision"):
+    for key in ("balanced_accuracy", "auc", "balanced_accuracy_layer1", "focus_hit_rate", "focus_top1"):
         assert key in metrics
     assert metrics["num_slides"] == 2 and metrics["seconds_per_slide"] > 0
 

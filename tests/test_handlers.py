@@ -11,6 +11,7 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
+from smt_monai.engines.focus_outcome import FocusOutcome
 from smt_monai.focus import ScoreBank
 from smt_monai.handlers import (
     BalancedAccuracy,
@@ -116,20 +117,26 @@ def test_metric_functions_by_hand() -> None:
     assert quadratic_weighted_kappa(np.array([0, 2]), np.array([2, 0]), 3) < 0
 
 
+def _focus(**columns: list[float]) -> dict[str, np.ndarray]:
+    """The evaluator's ``focus`` output: the given measures, NaN (not applicable) for the others."""
+    count = len(next(iter(columns.values()))) if columns else 6
+    return {name: np.array(columns.get(name, [np.nan] * count)) for name in FocusOutcome._fields}
+
+
 def test_metrics_on_an_engine_and_metrics_json(tmp_path: Path) -> None:
     batches = [
         {
             "label": np.array([1, 0]),
-            "layer_probs": np.array([[[0.5, 0.5], [0.2, 0.8]], [[0.4, 0.6], [0.9, 0.1]]]),
-            "hit": np.array([1.0, np.nan]),
-            "precise": np.array([0.0, np.nan]),
+            "layer_probs": np.array([[[0.6, 0.4], [0.2, 0.8]], [[0.4, 0.6], [0.9, 0.1]]]),
+            "focus": _focus(
+                hit=[1.0, np.nan], top1=[0.0, np.nan], regions=[0.25, np.nan], hit_chance=[0.5, np.nan]
+            ),
             "seconds": np.array([0.5, 1.5]),
         },
         {
             "label": np.array([1]),
             "layer_probs": np.array([[[0.7, 0.3], [0.3, 0.7]]]),
-            "hit": np.array([1.0]),
-            "precise": np.array([1.0]),
+            "focus": _focus(hit=[1.0], top1=[1.0], regions=[0.75], hit_chance=[0.3]),
             "seconds": np.array([1.0]),
         },
     ]
@@ -139,16 +146,20 @@ def test_metrics_on_an_engine_and_metrics_json(tmp_path: Path) -> None:
     SlideAUC().attach(engine, "auc")
     QuadraticKappa().attach(engine, "kappa")
     FocusRate("hit").attach(engine, "focus_hit_rate")
-    FocusRate("precision").attach(engine, "focus_precision")
+    FocusRate("hit", chance=True).attach(engine, "focus_hit_rate_chance")
+    FocusRate("top1").attach(engine, "focus_top1")
+    FocusRate("regions").attach(engine, "focus_region_precision")
     MetricsJSONWriter(tmp_path / "out" / "metrics.json").attach(engine)
     engine.run(batches)
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["balanced_accuracy"] == pytest.approx(1.0)
-    # layer 1 at P(positive) >= 0.5: the tie 0.5/0.5 is called positive (right), the other two slides wrong
-    assert metrics["balanced_accuracy_layer1"] == pytest.approx(0.25)
+    # layer 1 gets every slide wrong
+    assert metrics["balanced_accuracy_layer1"] == pytest.approx(0.0)
     assert metrics["auc"] == pytest.approx(1.0)
     assert metrics["focus_hit_rate"] == pytest.approx(1.0)
-    assert metrics["focus_precision"] == pytest.approx(0.5)
+    assert metrics["focus_hit_rate_chance"] == pytest.approx(0.4)
+    assert metrics["focus_top1"] == pytest.approx(0.5)
+    assert metrics["focus_region_precision"] == pytest.approx(0.5)
     assert metrics["num_slides"] == 3 and metrics["seconds_per_slide"] == pytest.approx(1.0)
     with pytest.raises(ValueError):
         FocusRate("recall")
@@ -166,8 +177,7 @@ def test_the_decision_threshold_is_tuned_on_validation_and_kept() -> None:
     output = {
         "label": labels,
         "layer_probs": np.stack([1 - positive, positive], axis=1)[:, None],
-        "hit": np.full(6, np.nan),
-        "precise": np.full(6, np.nan),
+        "focus": _focus(),
     }
     results = {}
     for name, metric in (
@@ -177,7 +187,7 @@ def test_the_decision_threshold_is_tuned_on_validation_and_kept() -> None:
         ("kept", BalancedAccuracy(threshold=0.8)),
     ):
         metric.reset()
-        metric.update((output["label"], output["layer_probs"], output["hit"], output["precise"]))
+        metric.update((output["label"], output["layer_probs"], output["focus"]))
         results[name] = metric.compute()
     assert results["fixed"] == 0.5 and results["tuned"] == 1.0 and results["kept"] == 1.0
     assert results["threshold"] == pytest.approx(0.81)

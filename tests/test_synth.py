@@ -419,11 +419,12 @@ def test_cli_lays_out_slides_physically(tmp_path: Path, capsys: pytest.CaptureFi
     args = parser.parse_args(
         ["--out", str(tmp_path / "c"), "--num-slides", "2", "--seed", "1", "--quiet", "--workers", "1"]
         + ["--tissue-mm", "0.3,0.5", "--sections", "1,1", "--regions", "3,3", "--region-radius-um", "20,30"]
-        + ["--pen-marks", "1", "--debris", "1"]
+        + ["--pen-marks", "1", "--debris", "1", "--low-mag-tumour-contrast", "0.5"]
     )
     assert run_synth(args) == 0
     cohort = json.loads((tmp_path / "c" / "cohort.json").read_text())
     assert cohort["size"] is None and cohort["options"]["layout"]["tissue_extent"] == [300.0, 500.0]
+    assert cohort["options"]["look"]["low_mag_tumour_contrast"] == 0.5
     for meta in cohort["slides"]:
         assert len(meta["regions"]) == 3 and len(meta["sections"]) == 1
         assert meta["pen_marks"] >= 1 and meta["debris"] >= 1
@@ -432,10 +433,15 @@ def test_cli_lays_out_slides_physically(tmp_path: Path, capsys: pytest.CaptureFi
         assert meta["width"] * 0.25 == pytest.approx(meta["tissue_mm"][0] * 1000 + 1000, abs=0.5)
         assert meta["height"] * 0.25 == pytest.approx(meta["tissue_mm"][1] * 1000 + 1000, abs=0.5)
     assert sorted(s["label"] for s in cohort["slides"]) == [0, 1]
-    for bad in (["--mpp", "-1"], ["--size", "1024", "--mpp", "3"], ["--tissue-mm", "0.05,0.1"]):
+    for bad in (
+        ["--mpp", "-1"],
+        ["--size", "1024", "--mpp", "3"],
+        ["--tissue-mm", "0.05,0.1"],
+        ["--low-mag-tumour-contrast", "1.5"],
+    ):
         assert run_synth(parser.parse_args(["--out", str(tmp_path / "d"), "--num-slides", "1", *bad])) == 2
     err = capsys.readouterr().err
-    assert "mpp" in err and "tissue_extent" in err
+    assert "mpp" in err and "tissue_extent" in err and "low_mag_tumour_contrast must lie in [0, 1]" in err
 
 
 def test_a_physical_slide_too_small_for_its_mpp_is_refused(tmp_path: Path) -> None:
@@ -508,16 +514,14 @@ def at_resolution(tif: tifffile.TiffFile, mpp: float, um_per_px: float) -> np.nd
     return image[: h * factor, : w * factor].reshape(h, factor, w, factor, 3).mean(axis=(1, 3))
 
 
-@pytest.fixture(scope="module", params=[0.25, 0.5], ids=["mpp0.25", "mpp0.5"])
-def leak_tiles(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def leak_tile_set(folder: Path, mpp: float, contrast: float = 0.0) -> dict:
     """Tiles of 64 um inside tumour and mimic regions (as many of each per slide) and in normal tissue,
-    from three positive 4-mm slides at ``mpp``: at 4, 8 and 16 um/px, and at level 0 (the middle 32 um).
-    The group of a tile is ``10 * slide seed + region index``."""
-    mpp = request.param
-    folder = tmp_path_factory.mktemp(f"leak{mpp}")
+    from three positive 4-mm slides at ``mpp`` (``low_mag_tumour_contrast`` ``contrast``): at 4, 8 and 16
+    um/px, and at level 0 (the middle 32 um). The group of a tile is ``10 * slide seed + region index``."""
     # The slow drift of eosin across a slide (``tone``) is the same field whatever the class, but it gives
     # each region its own shade; with a dozen regions, those shades would decide the classifier either way.
-    options = SlideOptions(layout=LEAK_LAYOUT, look=Appearance(tone=0.0), mpp=mpp)
+    look = Appearance(tone=0.0, low_mag_tumour_contrast=contrast)
+    options = SlideOptions(layout=LEAK_LAYOUT, look=look, mpp=mpp)
     rng = np.random.default_rng(1)
     out: dict = defaultdict(lambda: {"x": [], "cls": [], "group": []})  # "full", 4, 8, 16, ("normal", 8), ...
     origins = np.arange(0, LEAK_SIDE - TILE_UM + 1, TILE_UM)
@@ -572,6 +576,12 @@ def leak_tiles(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     return {k: {f: np.array(v) for f, v in d.items()} for k, d in out.items()}
 
 
+@pytest.fixture(scope="module", params=[0.25, 0.5], ids=["mpp0.25", "mpp0.5"])
+def leak_tiles(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """:func:`leak_tile_set` at 0.25 and 0.5 um/px, tumour and mimic alike at low magnification."""
+    return leak_tile_set(tmp_path_factory.mktemp(f"leak{request.param}"), request.param)
+
+
 def leak_accuracy(data: dict[str, np.ndarray], other: dict[str, np.ndarray] | None = None) -> float:
     """Balanced accuracy of tumour vs mimic tiles, or (with ``other``) of suspicious vs ``other`` tiles.
 
@@ -613,3 +623,22 @@ def test_tumour_and_mimic_look_alike_at_low_magnification(leak_tiles: dict, um_p
 @pytest.mark.slow
 def test_tumour_and_mimic_differ_at_full_resolution(leak_tiles: dict) -> None:
     assert leak_accuracy(leak_tiles["full"]) >= 0.95
+
+
+@pytest.fixture(scope="module")
+def contrast_tiles(tmp_path_factory: pytest.TempPathFactory) -> dict[float, dict]:
+    """:func:`leak_tile_set` at 1 um/px (cheap: only low magnification is compared) for three contrasts."""
+    return {c: leak_tile_set(tmp_path_factory.mktemp(f"contrast{c}"), 1.0, c) for c in (0.0, 0.3, 1.0)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("um_per_px", [8, 16])
+def test_low_mag_tumour_contrast_opens_the_low_magnification_leak(
+    contrast_tiles: dict, um_per_px: int
+) -> None:
+    """``--low-mag-tumour-contrast``: at 0 tumour and mimic stay alike at 8-16 um/px, above it tumour is told
+    apart more and more often, at 1 nearly always."""
+    accuracy = {c: leak_accuracy(tiles[um_per_px]) for c, tiles in contrast_tiles.items()}
+    assert accuracy[0.0] <= 0.65
+    assert accuracy[0.0] + 0.15 <= accuracy[0.3] <= accuracy[1.0]
+    assert accuracy[1.0] >= 0.95

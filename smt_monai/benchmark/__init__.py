@@ -1,4 +1,4 @@
-"""Benchmarks of SMT against the dense baseline: speed, memory, accuracy, ablations, report."""
+"""Benchmarks of SMT against the dense baseline: speed, memory, accuracy, ablations, focus, report."""
 
 from smt_monai.benchmark.cli import add_benchmark_arguments, run_benchmark
 

@@ -4,8 +4,8 @@ Both are trained through the bundle on the cohort's training split (SMT picks it
 validation split, as ``train.yaml`` does; the dense baseline keeps its last epoch) and evaluated on the
 testing split, which neither saw, plus ``extra_test_slides`` slides of a second cohort drawn the same way
 (a cohort sets aside only a fifth of its slides for testing, too few to resolve a 2-point difference). SMT's
-hyper-parameters are the bundle's defaults plus the overrides given, so that better defaults in
-``train.yaml`` flow into the benchmark.
+hyper-parameters are the bundle's (``train.yaml`` and any overlays, e.g. ``cpu.yaml``) plus the overrides
+given, so that better defaults in the configs flow into the benchmark.
 """
 
 from __future__ import annotations
@@ -18,36 +18,42 @@ from typing import Any
 from smt_monai.benchmark.bundle_runs import evaluate, run_dir, train
 from smt_monai.benchmark.fixtures import environment, synthetic_cohort
 from smt_monai.data import load_datalist
-from smt_monai.data.synth import make_cohort
 from smt_monai.utils import atomic_path
 
 TEST_COHORT_SEED_OFFSET = 1000
 """The extra test slides come from the cohort seed plus this, so that they never repeat a training slide."""
 
-SMT_METRICS = ("balanced_accuracy", "auc", "focus_hit_rate", "focus_precision", "balanced_accuracy_layer1")
+FOCUS_METRICS = tuple(
+    f"{name}{chance}"
+    for name in ("focus_hit_rate", "focus_top1", "focus_region_precision")
+    for chance in ("", "_chance")
+)
+"""The focus measures of ``metrics.json``, each followed by its chance level."""
+SMT_METRICS = ("auc", "balanced_accuracy", "balanced_accuracy_layer1", *FOCUS_METRICS)
 
 
 def smt_figures(metrics: Mapping[str, Any], k: int) -> dict[str, Any]:
     """The stable report keys of one SMT evaluation at ``K = k``."""
-    names = {"focus_hit_rate": "focus_hit_rate", "focus_precision": "focus_precision"}
-    out = {}
-    for name in SMT_METRICS:
-        key = f"{names[name]}_k{k}" if name in names else f"{name}_smt_k{k}"
-        out[key] = metrics.get(name)
+    out = {
+        f"{name}_k{k}" if name in FOCUS_METRICS else f"{name}_smt_k{k}": metrics.get(name)
+        for name in SMT_METRICS
+    }
     out[f"seconds_per_slide_smt_k{k}"] = metrics.get("seconds_per_slide")
     return out
 
 
-def held_out_datalist(work_dir: Path, datalist: Path, extra_slides: int, size: int, seed: int) -> Path:
+def held_out_datalist(
+    work_dir: Path, datalist: Path, extra_slides: int, size: int, seed: int, contrast: float = 0.0
+) -> Path:
     """A datalist whose ``testing`` split is the cohort's plus ``extra_slides`` slides of a second cohort
-    (seed ``seed + TEST_COHORT_SEED_OFFSET``, all of it testing), both written once; ``datalist`` itself
-    when ``extra_slides`` is 0."""
+    drawn the same way (seed ``seed + TEST_COHORT_SEED_OFFSET``, the same ``contrast``, all of it testing),
+    both written once; ``datalist`` itself when ``extra_slides`` is 0."""
     if extra_slides <= 0:
         return datalist
     extra_seed = seed + TEST_COHORT_SEED_OFFSET
-    folder = work_dir / f"cohort_{extra_slides}x{size}_seed{extra_seed}_test"
-    if not (folder / "cohort.json").exists():
-        make_cohort(folder, extra_slides, size, extra_seed, split=(0.0, 0.0, 1.0), progress=False)
+    folder = synthetic_cohort(
+        work_dir, extra_slides, size, extra_seed, contrast=contrast, split=(0.0, 0.0, 1.0), name="_test"
+    ).parent
     combined = folder / f"testing_with_{datalist.parent.name}.json"
     if not combined.exists():
         testing = [
@@ -68,17 +74,19 @@ def held_out_suffix(extra_slides: int) -> str:
 
 
 def held_out_cohort(
-    work_dir: Path, num_slides: int, size: int, seed: int, extra_test_slides: int
+    work_dir: Path, num_slides: int, size: int, seed: int, extra_test_slides: int, contrast: float = 0.0
 ) -> tuple[Path, Path, str, dict[str, Any]]:
-    """The benchmark cohort's datalist, its held-out datalist (``held_out_datalist``), the suffix of the
-    evaluation folders, and the figures that describe them (the head of a benchmark's JSON)."""
-    datalist = synthetic_cohort(work_dir, num_slides, size, seed)
-    test_datalist = held_out_datalist(work_dir, datalist, extra_test_slides, size, seed)
+    """The benchmark cohort's datalist (``contrast``: ``smt-monai synth --low-mag-tumour-contrast``), its
+    held-out datalist (``held_out_datalist``), the suffix of the evaluation folders, and the figures that
+    describe them (the head of a benchmark's JSON)."""
+    datalist = synthetic_cohort(work_dir, num_slides, size, seed, contrast=contrast)
+    test_datalist = held_out_datalist(work_dir, datalist, extra_test_slides, size, seed, contrast)
     record = {
         "environment": environment(),
         "cohort": str(datalist.parent),
         "num_slides": num_slides,
         "slide_size": size,
+        "low_mag_tumour_contrast": contrast,
         "extra_test_slides": extra_test_slides,
         "test_datalist": str(test_datalist),
     }
@@ -94,6 +102,8 @@ def benchmark_accuracy(
     smt_overrides: Mapping[str, Any] | None = None,
     dense_overrides: Mapping[str, Any] | None = None,
     extra_test_slides: int = 0,
+    smt_overlays: Sequence[str] = (),
+    contrast: float = 0.0,
 ) -> dict[str, Any]:
     """Train both models once (runs are reused), evaluate them on the held-out slides, return the figures.
 
@@ -105,19 +115,28 @@ def benchmark_accuracy(
         dense_overrides: ``train_dense.yaml`` / ``evaluate_dense.yaml`` overrides; ``patch_size``
             defaults to SMT's.
         extra_test_slides: slides of a second cohort added to the testing split (``held_out_datalist``).
+        smt_overlays: configs merged over ``train.yaml`` for SMT (e.g. ``cpu.yaml``).
+        contrast: the cohort's ``low_mag_tumour_contrast``.
     """
     work_dir = Path(work_dir)
     smt_overrides = dict(smt_overrides or {})
     dense_overrides = {"patch_size": smt_overrides.get("patch_size", 256), **(dense_overrides or {})}
     datalist, test_datalist, suffix, record = held_out_cohort(
-        work_dir, num_slides, size, seed, extra_test_slides
+        work_dir, num_slides, size, seed, extra_test_slides, contrast
     )
-    smt_dir = run_dir(work_dir, datalist, "smt", smt_overrides)
-    model = train("train.yaml", datalist, smt_dir / "train", smt_overrides)
-    out: dict[str, Any] = {**record, "smt_overrides": smt_overrides, "dense_overrides": dense_overrides}
+    configs = ["train.yaml", *smt_overlays]
+    smt_dir = run_dir(work_dir, datalist, "smt", smt_overrides, smt_overlays)
+    model = train(configs, datalist, smt_dir / "train", smt_overrides)
+    out: dict[str, Any] = {
+        **record,
+        "smt_overlays": list(smt_overlays),
+        "smt_overrides": smt_overrides,
+        "dense_overrides": dense_overrides,
+    }
     for k in focus:
         overrides = {**smt_overrides, "num_focus": k}
-        metrics = evaluate("evaluate.yaml", test_datalist, model, smt_dir / f"eval_k{k}{suffix}", overrides)
+        evaluated = smt_dir / f"eval_k{k}{suffix}"
+        metrics = evaluate([*configs, "evaluate.yaml"], test_datalist, model, evaluated, overrides)
         out.update(smt_figures(metrics, k))
     out["num_test_slides"] = metrics.get("num_slides")
     dense_dir = run_dir(work_dir, datalist, "dense", dense_overrides)

@@ -1,31 +1,61 @@
 """Training and evaluating SMT and the dense baseline through the bundle, as a user would.
 
 Each run is a ``monai.bundle`` ``ConfigWorkflow`` of the bundle's own configs (``train.yaml``,
-``evaluate.yaml``, ``train_dense.yaml``, ``evaluate_dense.yaml``) with command-line-style overrides, so the
-hyper-parameters the benchmarks use are the bundle's defaults unless an override says otherwise. A run
-whose output already exists is reused: the ablations share the default model with the accuracy benchmark.
+``evaluate.yaml``, ``train_dense.yaml``, ``evaluate_dense.yaml``, and overlays merged over them such as
+``cpu.yaml`` and ``paper.yaml``) with command-line-style overrides, so the hyper-parameters the benchmarks
+use are the bundle's unless an override says otherwise. A run whose output already exists is reused: the
+ablations share the default model with the accuracy benchmark.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 CONFIGS = Path(__file__).resolve().parents[2] / "bundle" / "configs"
-MERGED_OVER = {"evaluate.yaml": "train.yaml", "evaluate_dense.yaml": "train_dense.yaml"}
-"""The evaluation configs are merged over their training config, as a user runs them."""
+MERGED_OVER = {
+    "evaluate.yaml": "train.yaml",
+    "cpu.yaml": "train.yaml",
+    "paper.yaml": "train.yaml",
+    "evaluate_dense.yaml": "train_dense.yaml",
+}
+"""The configs merged over another, as a user runs them: that one comes first when it is not given."""
+
+Configs = str | Sequence[str]
+"""Config files of ``bundle/configs`` merged in order: a list, or names joined by ``+``
+(``"train.yaml+paper.yaml"``)."""
 
 
-def config_files(config: str) -> list[str]:
-    """The files of ``bundle/configs`` that make up ``config``: the config, after its base if it has one."""
-    return [str(CONFIGS / name) for name in (MERGED_OVER.get(config), config) if name]
+def config_names(config: Configs) -> list[str]:
+    """The names of ``config`` in merge order, each preceded by its base (``MERGED_OVER``) unless that
+    comes earlier: ``"paper.yaml+evaluate.yaml"`` is ``["train.yaml", "paper.yaml", "evaluate.yaml"]``."""
+    names: list[str] = []
+    for name in config.split("+") if isinstance(config, str) else config:
+        base = MERGED_OVER.get(name)
+        if base is not None and base not in names:
+            names.append(base)
+        names.append(name)
+    return names
 
 
-def bundle_workflow(config: str, run_id: str, overrides: Mapping[str, Any]) -> Any:
-    """The initialised ``ConfigWorkflow`` of ``run_id`` in ``bundle/configs/<config>`` with ``overrides``."""
+def config_files(config: Configs) -> list[str]:
+    """The files of ``bundle/configs`` that make up ``config`` (:func:`config_names`)."""
+    return [str(CONFIGS / name) for name in config_names(config)]
+
+
+def config_value(config: Configs, key: str) -> Any:
+    """The raw value of ``key`` (``#`` for nesting) in the merged ``config``: references and expressions
+    unresolved, as an override takes them."""
+    from monai.bundle import ConfigParser
+
+    return ConfigParser(ConfigParser.load_config_files(config_files(config))).get(key)
+
+
+def bundle_workflow(config: Configs, run_id: str, overrides: Mapping[str, Any]) -> Any:
+    """The initialised ``ConfigWorkflow`` of ``run_id`` in the merged ``config`` with ``overrides``."""
     from monai.bundle import ConfigWorkflow
 
     flow = ConfigWorkflow(
@@ -40,16 +70,16 @@ def bundle_workflow(config: str, run_id: str, overrides: Mapping[str, Any]) -> A
     return flow
 
 
-def run_bundle(config: str, run_id: str, overrides: Mapping[str, Any]) -> None:
-    """Run ``run_id`` of ``bundle/configs/<config>`` with ``overrides`` (bundle ids to values)."""
+def run_bundle(config: Configs, run_id: str, overrides: Mapping[str, Any]) -> None:
+    """Run ``run_id`` of the merged ``config`` with ``overrides`` (bundle ids to values)."""
     flow = bundle_workflow(config, run_id, overrides)
     flow.run()
     flow.finalize()
 
 
-def train(config: str, datalist: Path, out: Path, overrides: Mapping[str, Any]) -> Path:
-    """Run ``training`` of ``config`` (``train.yaml`` or ``train_dense.yaml``) once per ``out``; returns
-    its best ``model.pt``."""
+def train(config: Configs, datalist: Path, out: Path, overrides: Mapping[str, Any]) -> Path:
+    """Run ``training`` of ``config`` (``train.yaml`` or ``train_dense.yaml``, with any overlays) once per
+    ``out``; returns its best ``model.pt``."""
     model = out / "model.pt"
     if not model.exists():
         run_bundle(
@@ -59,10 +89,10 @@ def train(config: str, datalist: Path, out: Path, overrides: Mapping[str, Any]) 
 
 
 def evaluate(
-    config: str, datalist: Path, model: Path, out: Path, overrides: Mapping[str, Any]
+    config: Configs, datalist: Path, model: Path, out: Path, overrides: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """Run ``evaluating`` of ``config`` (``evaluate.yaml`` or ``evaluate_dense.yaml``) on the testing split
-    once per ``out``; returns its ``metrics.json``."""
+    """Run ``evaluating`` of ``config`` (ending in ``evaluate.yaml`` or ``evaluate_dense.yaml``) on the
+    testing split once per ``out``; returns its ``metrics.json``."""
     metrics = out / "metrics.json"
     if not metrics.exists():
         overrides = {"datalist": str(datalist), "ckpt_path": str(model), "output_dir": str(out), **overrides}
@@ -84,7 +114,13 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def run_dir(work_dir: Path, datalist: Path, kind: str, overrides: Mapping[str, Any]) -> Path:
-    """A folder per cohort, method and set of overrides, so a changed setting never reuses a stale run."""
-    key = hashlib.sha1(json.dumps(dict(overrides), sort_keys=True).encode()).hexdigest()[:10]
+def run_dir(
+    work_dir: Path, datalist: Path, kind: str, overrides: Mapping[str, Any], overlays: Sequence[str] = ()
+) -> Path:
+    """A folder per cohort, method, overlays (configs merged over the method's own) and overrides, so a
+    changed setting never reuses a stale run. Without overlays the key is that of the overrides alone."""
+    settings: Any = (
+        dict(overrides) if not overlays else {"overlays": list(overlays), "overrides": dict(overrides)}
+    )
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     return work_dir / "runs" / datalist.parent.name / f"{kind}_{key}"

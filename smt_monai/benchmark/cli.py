@@ -1,9 +1,10 @@
-"""``smt-monai benchmark``: ``speed``, ``throughput``, ``accuracy``, ``ablation``, ``report``, and ``all``
-(the default).
+"""``smt-monai benchmark``: ``speed``, ``throughput``, ``accuracy``, ``ablation``, ``report``, ``all`` (the
+default), and ``focus-diagnostic``.
 
-Each of the first three writes its figures to ``--json`` (stable keys, see the modules); ``report`` turns the
-three files into ``docs/benchmarks.md``. ``--quick`` shrinks every size (tiny SMT preset, small slides and
-cohort, two epochs) so that CI runs all of it in a few minutes; its figures only show that the code works.
+Each of the first four writes its figures to ``--json`` (stable keys, see the modules); ``report`` turns the
+files into ``docs/benchmarks.md``. ``--quick`` shrinks every size (tiny SMT preset, small slides and
+cohort, two epochs, a few ablation variants) so that CI runs all of it in a few minutes; its figures only
+show that the code works. ``focus-diagnostic`` says where a trained model's picks land on annotated slides.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ QUICK_SMT = {
 }
 """SMT overrides of ``--quick``: the tiny preset, all layers trained within two epochs."""
 QUICK_DENSE = {"max_epochs": 1, "bag_size": 16}
+QUICK_VARIANTS = ["paper: forward + backward", "paper + no L_focus", "default - exploration"]
+"""The ablation variants of ``--quick``: one of each kind (Table 2, a departure added, one removed)."""
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +73,22 @@ def _training(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--smt", action="append", metavar="KEY=VALUE", help="train.yaml/evaluate.yaml override (repeatable)"
     )
+    parser.add_argument(
+        "--smt-config",
+        action="append",
+        default=[],
+        metavar="YAML",
+        help="a bundle config merged over train.yaml for every SMT run, e.g. cpu.yaml (repeatable; the "
+        "ablation's paper variants merge paper.yaml after it)",
+    )
+    parser.add_argument(
+        "--low-mag-tumour-contrast",
+        type=float,
+        default=0.0,
+        metavar="X",
+        help="the cohort's smt-monai synth --low-mag-tumour-contrast (default 0: tumour and mimics alike at "
+        "low magnification)",
+    )
     parser.add_argument("--dense", action="append", metavar="KEY=VALUE", help="train_dense.yaml override")
     parser.add_argument(
         "--extra-test-slides",
@@ -80,7 +99,10 @@ def _training(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="ablation seeds (default 0 1 2)")
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8], help="K sweep (default 1 2 4 8)")
     parser.add_argument(
-        "--variants", nargs="+", default=None, help="ablation variants, by (part of) name (default: all)"
+        "--variants",
+        nargs="+",
+        default=None,
+        help="ablation variants, by (part of) name (default: all; quick: three)",
     )
 
 
@@ -95,6 +117,23 @@ def _report(parser: argparse.ArgumentParser) -> None:
         default=Path("docs/benchmarks/speed_gpu.json"),
         help="scripts/bench_gpu.sh's speed.json from a CUDA machine, kept in the repository",
     )
+
+
+def _diagnostic(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, type=Path, help="a trained model (model.pt or model.ts)")
+    parser.add_argument("--datalist", required=True, type=Path, help="datalist with annotations")
+    parser.add_argument("--split", default="testing", help="the datalist's split (default: testing)")
+    parser.add_argument("--num-focus", type=int, default=None, help="K (default: the model's)")
+    parser.add_argument("--focus-source", default="q", choices=["q", "score", "attention"])
+    parser.add_argument(
+        "--label-overlap",
+        type=float,
+        nargs=2,
+        default=(0.01, 0.1),
+        metavar=("LAYER2", "LAYER3"),
+        help="tumour / mimic overlap fraction from which a pick lands on it (default: train.yaml's 0.01 0.1)",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
 
 
 def add_benchmark_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -115,15 +154,26 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
         ),
         ("report", (_common, _report), "write docs/benchmarks.md from the JSON figures"),
         ("all", (_common, _speed, _training, _report), "run everything, then the report (the default)"),
+        (
+            "focus-diagnostic",
+            (_diagnostic,),
+            "where a model's layer-1 and layer-2 picks land (glass, normal tissue, mimic, tumour) against "
+            "random picks, on annotated slides",
+        ),
     ):
         command = sub.add_parser(name, help=help_text, description=help_text)
         for add in parts:
             add(command)
         if name in ("speed", "throughput", "accuracy", "ablation"):
             command.add_argument("--json", type=Path, default=None, help=f"output (default WORK/{name}.json)")
+        if name == "focus-diagnostic":
+            command.add_argument("--json", type=Path, default=None, help="also write the figures here")
         if name == "report":
-            for source in ("speed", "throughput", "accuracy", "ablation"):
+            for source in ("speed", "throughput", "accuracy"):
                 command.add_argument(f"--{source}-json", type=Path, default=None)
+            command.add_argument(
+                "--ablation-json", type=Path, nargs="+", default=None, help="one or more ablation results"
+            )
     return parser
 
 
@@ -135,7 +185,7 @@ def _save(data: dict[str, Any], path: Path, args: argparse.Namespace) -> None:
     argv = sys.argv[1:]
     argv = argv[1:] if argv[:1] == ["benchmark"] else argv  # `smt-monai benchmark ...` or the script
     data["command"] = "smt-monai benchmark " + " ".join(shlex.quote(a) for a in argv)
-    data["quick"] = bool(args.quick)
+    data["quick"] = bool(getattr(args, "quick", False))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
     print(f"wrote {path}")
@@ -186,6 +236,8 @@ def _training_settings(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.cohort_seed,
         "extra_test_slides": _pick(args.extra_test_slides, q, 0, 30),
         "smt_overrides": {**(QUICK_SMT if q else {}), **parse_overrides(args.smt)},
+        "smt_overlays": list(args.smt_config),
+        "contrast": args.low_mag_tumour_contrast,
     }
 
 
@@ -202,12 +254,41 @@ def _run_ablation(args: argparse.Namespace, path: Path) -> None:
     from smt_monai.benchmark.ablation import benchmark_ablation, merge_ablation, select_variants
 
     seeds = _pick(args.seeds, args.quick, [0], [0, 1, 2])
-    variants = select_variants(args.variants)
     settings = _training_settings(args)
-    data = benchmark_ablation(args.work_dir, seeds=seeds, ks=args.ks, variants=variants, **settings)
+    selection = select_variants(
+        _pick(args.variants, args.quick, QUICK_VARIANTS, None), settings["smt_overlays"]
+    )
+    data = benchmark_ablation(args.work_dir, seeds=seeds, ks=args.ks, selection=selection, **settings)
     if path.exists():
         data = merge_ablation(json.loads(path.read_text()), data)
     _save(data, path, args)
+
+
+def _run_diagnostic(args: argparse.Namespace) -> int:
+    """Print (and with ``--json`` write) where the model's picks land."""
+    from smt_monai.benchmark.focus_diagnostic import CATEGORIES, focus_landing_of_model, landing_table
+
+    result = focus_landing_of_model(
+        args.model,
+        args.datalist,
+        args.split,
+        label_overlap=args.label_overlap,
+        device=args.device,
+        num_focus=args.num_focus,
+        focus_source=args.focus_source,
+    )
+    for group in ("positive", "negative"):
+        count = result["summary"][group]["slides"]
+        print(f"\n{group} slides ({count}), K = {result['num_focus']}: share of each layer's picks")
+        print("| layer | picks | " + " | ".join(CATEGORIES) + " |")
+        print("|---|---|" + "---:|" * len(CATEGORIES))
+        print("\n".join(landing_table(result, group)))
+    failed = [s for s in result["slides"] if "error" in s]
+    for slide in failed:
+        print(f"skipped {slide['image']}: {slide['error']}")
+    if args.json:
+        _save(result, args.json, args)
+    return 0
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
@@ -217,6 +298,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
     from smt_monai.benchmark.report import write_report
 
     command = args.benchmark or "all"
+    if command == "focus-diagnostic":
+        return _run_diagnostic(args)
     if args.benchmark is None:  # plain ``smt-monai benchmark``: every option at its default
         args = add_benchmark_arguments(argparse.ArgumentParser()).parse_args(["all"])
     if args.threads:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from smt_monai.data.synth import make_cohort
+from smt_monai.data.synth import Appearance, SlideOptions, make_cohort
 
 
 def synthetic_slide(cache_dir: str | os.PathLike, size: int, seed: int = 0) -> tuple[Path, float]:
@@ -32,12 +32,32 @@ def synthetic_slide(cache_dir: str | os.PathLike, size: int, seed: int = 0) -> t
 
 
 def synthetic_cohort(
-    cache_dir: str | os.PathLike, num_slides: int, size: int, seed: int = 0, workers: int | None = None
+    cache_dir: str | os.PathLike,
+    num_slides: int,
+    size: int,
+    seed: int = 0,
+    workers: int | None = None,
+    contrast: float = 0.0,
+    split: tuple[float, float, float] = (0.6, 0.2, 0.2),
+    name: str = "",
 ) -> Path:
-    """``datalist.json`` of a synthetic cohort (training / validation / testing), written once."""
-    folder = Path(cache_dir) / f"cohort_{num_slides}x{size}_seed{seed}"
+    """``datalist.json`` of a synthetic cohort, written once into ``cache_dir`` (a folder named by its
+    settings, then ``name``).
+
+    Args:
+        cache_dir: where cohorts are kept.
+        num_slides, size, seed, split: as ``smt-monai synth`` (``--size`` in px).
+        workers: writer processes.
+        contrast: ``smt-monai synth --low-mag-tumour-contrast``.
+        name: the folder name's end.
+    """
+    suffix = f"_contrast{contrast:g}" if contrast else ""
+    folder = Path(cache_dir) / f"cohort_{num_slides}x{size}_seed{seed}{suffix}{name}"
     if not (folder / "cohort.json").exists():
-        make_cohort(folder, num_slides, size, seed, workers=workers, progress=False)
+        options = SlideOptions(look=Appearance(low_mag_tumour_contrast=contrast))
+        make_cohort(
+            folder, num_slides, size, seed, split=split, options=options, workers=workers, progress=False
+        )
     return folder / "datalist.json"
 
 

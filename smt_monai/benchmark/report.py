@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,12 @@ TARGETS = {"dense_over_smt_k4": 300.0, "dense_over_smt_stretch_k4": 500.0, "smt_
 GPU_TARGET_SECONDS_K8 = 2.0
 GPU_TARGET_SIDE = 100000
 """On a GPU: under 2 s per 100000 x 100000 px slide at K = 8, end to end (the paper: 2.17 to 5.65 s, A800)."""
+FOCUS_NOTE = (
+    "Focus measures on the positive annotated slides: hit rate (some layer-3 region on tumour), top-1 (the "
+    "most probable one is), region precision (the share of the K^2 that are); in brackets their chance "
+    "level, every layer picking K tissue patches at random on the same slides (exact)."
+)
+LANDING_ORDER = ("tumour", "mimic", "normal", "glass")
 ACCURACY_GAP_POINTS = 2.0
 MIN_TEST_SLIDES = 20
 """Below this many test slides one slide moves balanced accuracy by more than the 2-point target."""
@@ -33,6 +40,25 @@ def _f(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
+
+
+def _with_chance(values: dict[str, Any], name: str) -> str:
+    """``value (chance)`` of a focus measure ``name`` in ``values`` (figures or their summaries)."""
+
+    def one(key: str) -> str:
+        value = values.get(key)
+        if isinstance(value, dict):
+            value = value.get("mean")
+        return _f(value)
+
+    return f"{one(name)} ({one(name + '_chance')})"
+
+
+def _cohort(data: dict[str, Any]) -> str:
+    """The benchmark cohort and how it was drawn."""
+    contrast = data.get("low_mag_tumour_contrast") or 0
+    drawn = f", `--low-mag-tumour-contrast {contrast:g}`" if contrast else ""
+    return f"`{data['cohort']}` ({data['num_slides']} slides of {data['slide_size']} px{drawn})"
 
 
 def _extra_test_slides(data: dict[str, Any]) -> str:
@@ -204,24 +230,30 @@ def accuracy_section(acc: dict[str, Any]) -> list[str]:
     lines = [
         "## Accuracy",
         "",
-        f"Synthetic cohort `{acc['cohort']}` ({acc['num_slides']} slides of {acc['slide_size']} px); both "
-        f"models trained on its training split and evaluated on its testing split"
+        f"Synthetic cohort {_cohort(acc)}; both models trained on its training split and evaluated on its "
+        "testing split"
         + _extra_test_slides(acc)
-        + f" ({acc.get('num_test_slides', '?')} slides), which neither saw. SMT overrides: "
-        f"`{json.dumps(acc['smt_overrides'])}`; dense overrides: `{json.dumps(acc['dense_overrides'])}`.",
+        + f" ({acc.get('num_test_slides', '?')} slides), which neither saw. SMT configs: "
+        f"`{' + '.join(['train.yaml', *acc.get('smt_overlays', [])])}`, overrides "
+        f"`{json.dumps(acc['smt_overrides'])}`; dense overrides: `{json.dumps(acc['dense_overrides'])}`. "
+        + FOCUS_NOTE,
         "",
-        "| model | balanced accuracy | AUC | layer-1 balanced accuracy | focus hit rate | focus precision | "
-        "s / slide |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| model | AUC | balanced accuracy | layer-1 balanced accuracy | focus hit rate | focus top-1 | "
+        "focus region precision | s / slide |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for k in focus:
+        figures = {name.removesuffix(f"_k{k}"): v for name, v in acc.items() if name.endswith(f"_k{k}")}
+        focus_cells = " | ".join(
+            _with_chance(figures, name) for name in ("focus_hit_rate", "focus_top1", "focus_region_precision")
+        )
         lines.append(
-            f"| SMT, K = {k} | {_f(acc[f'balanced_accuracy_smt_k{k}'])} | {_f(acc[f'auc_smt_k{k}'])} | "
-            f"{_f(acc.get(f'balanced_accuracy_layer1_smt_k{k}'))} | {_f(acc.get(f'focus_hit_rate_k{k}'))} | "
-            f"{_f(acc.get(f'focus_precision_k{k}'))} | {_f(acc.get(f'seconds_per_slide_smt_k{k}'))} |"
+            f"| SMT, K = {k} | {_f(acc[f'auc_smt_k{k}'])} | {_f(acc[f'balanced_accuracy_smt_k{k}'])} | "
+            f"{_f(acc.get(f'balanced_accuracy_layer1_smt_k{k}'))} | {focus_cells} | "
+            f"{_f(acc.get(f'seconds_per_slide_smt_k{k}'))} |"
         )
     lines.append(
-        f"| dense | {_f(acc['balanced_accuracy_dense'])} | {_f(acc['auc_dense'])} | - | - | - | "
+        f"| dense | {_f(acc['auc_dense'])} | {_f(acc['balanced_accuracy_dense'])} | - | - | - | - | "
         f"{_f(acc.get('seconds_per_slide_dense'))} |"
     )
     gap = acc.get("dense_minus_smt_points_k4")
@@ -233,46 +265,100 @@ def accuracy_section(acc: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def ablation_section(abl: dict[str, Any], plot_dir: Path, doc_dir: Path) -> list[str]:
-    """The variants (mean and standard deviation over seeds) and the K sweep."""
+def _settings(variant: dict[str, Any]) -> str:
+    """A variant's overlays and overrides, short: an object's class for a config object."""
+
+    def short(value: Any) -> str:
+        if isinstance(value, dict) and "_target_" in value:
+            return str(value["_target_"]).rsplit(".", 1)[-1]
+        return json.dumps(value)
+
+    parts = [" + ".join(variant.get("overlays", []))]
+    parts += [f"{key}: {short(value)}" for key, value in variant["overrides"].items()]
+    return "; ".join(p for p in parts if p) or "-"
+
+
+def _landing_section(abl: dict[str, Any]) -> list[str]:
+    """Where each variant's picks land on positive slides (``focus_diagnostic``), beside random picks."""
+    rows = [(name, v["landing"]["positive"]) for name, v in abl["variants"].items() if v.get("landing")]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "### Where the picks land (positive test slides)",
+        "",
+        "Share of each layer's picks on tumour, mimic, normal tissue and glass (a pick is on tumour or on a "
+        "mimic when its overlap reaches the next layer's `label_overlap`), mean over the seeds; in brackets, "
+        "K tissue patches picked at random in the same regions (`smt-monai benchmark focus-diagnostic`).",
+        "",
+        "| variant | " + " | ".join(f"layer {layer} {c}" for layer in (1, 2) for c in LANDING_ORDER) + " |",
+        "|---|" + "---:|" * (2 * len(LANDING_ORDER)),
+    ]
+    for name, positive in rows:
+        cells = [
+            f"{_f(positive[layer]['model'][c], 2)} ({_f(positive[layer]['random'][c], 2)})"
+            for layer in ("layer1", "layer2")
+            for c in LANDING_ORDER
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def ablation_section(
+    abl: dict[str, Any], plot_dir: Path, doc_dir: Path, plot_name: str = "accuracy_vs_k.png"
+) -> list[str]:
+    """The variants (mean and standard deviation over seeds), where their picks land, and the K sweep (its
+    plot ``plot_name``)."""
+    configs = " + ".join(["train.yaml", *abl.get("smt_overlays", [])])
     lines = [
         "## Ablations (paper Table 2 and Figure 3)",
         "",
-        f"Cohort `{abl['cohort']}`, base overrides `{json.dumps(abl['smt_overrides'])}`; "
-        "mean +- standard deviation over the seeds of each variant, on the testing split"
+        f"Cohort {_cohort(abl)}, every variant merged over `{configs}` with the base overrides "
+        f"`{json.dumps(abl['smt_overrides'])}`; mean +- standard deviation over the seeds of each variant, "
+        "on the testing split"
         + _extra_test_slides(abl)
-        + ".",
+        + ". The paper's rows are `paper.yaml` (Table 2); `paper + X` adds one of the project's departures "
+        "to it, `default - X` takes one out of the default. " + FOCUS_NOTE,
         "",
-        "| variant | overrides | seeds | balanced accuracy | AUC | focus hit rate | focus precision | "
-        "layer-1 bal. acc. |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| variant | settings | seeds | AUC | balanced accuracy | focus hit rate | focus top-1 | "
+        "focus region precision | layer-1 bal. acc. |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
 
-    def ms(entry: dict[str, Any]) -> str:
-        return "n/a" if entry["mean"] is None else f"{entry['mean']:.3f} +- {entry['std']:.3f}"
+    def ms(entry: dict[str, Any] | None) -> str:
+        if not entry or entry["mean"] is None:
+            return "n/a"
+        return f"{entry['mean']:.3f} +- {entry['std']:.3f}"
+
+    def focus(v: dict[str, Any], name: str) -> str:
+        chance = (v.get(f"{name}_chance") or {}).get("mean")
+        return ms(v.get(name)) + ("" if chance is None else f" ({chance:.3f})")
 
     for name, v in abl["variants"].items():
         seeds = ", ".join(str(s) for s in v.get("seeds", abl["seeds"]))
-        lines.append(
-            f"| {name} | `{json.dumps(v['overrides'])}` | {seeds} | "
-            f"{ms(v['balanced_accuracy'])} | {ms(v['auc'])} | "
-            f"{ms(v['focus_hit_rate'])} | {ms(v['focus_precision'])} | {ms(v['balanced_accuracy_layer1'])} |"
+        focus_cells = " | ".join(
+            focus(v, m) for m in ("focus_hit_rate", "focus_top1", "focus_region_precision")
         )
+        lines.append(
+            f"| {name} | {_settings(v)} | {seeds} | {ms(v.get('auc'))} | {ms(v.get('balanced_accuracy'))} | "
+            f"{focus_cells} | {ms(v.get('balanced_accuracy_layer1'))} |"
+        )
+    lines += _landing_section(abl)
     sweep = abl.get("k_sweep", [])
     if sweep:
         lines += [
             "",
             "### Accuracy and time against K (default model)",
             "",
-            "| K | regions | balanced accuracy | AUC | focus hit rate | s / slide |",
+            "| K | regions | AUC | balanced accuracy | focus hit rate | s / slide |",
             "|---:|---:|---:|---:|---:|---:|",
         ]
         for p in sweep:
             lines.append(
-                f"| {p['k']} | {p['regions']} | {_f(p['balanced_accuracy'])} | {_f(p['auc'])} | "
-                f"{_f(p['focus_hit_rate'])} | {_f(p['seconds_per_slide'])} |"
+                f"| {p['k']} | {p['regions']} | {_f(p['auc'])} | {_f(p['balanced_accuracy'])} | "
+                f"{_with_chance(p, 'focus_hit_rate')} | {_f(p['seconds_per_slide'])} |"
             )
-        image = _plot_accuracy_vs_k(sweep, plot_dir / "accuracy_vs_k.png")
+        image = _plot_accuracy_vs_k(sweep, plot_dir / plot_name)
         lines += ["", f"![accuracy and time against K]({os.path.relpath(image, doc_dir)})"]
     return lines + [""]
 
@@ -327,7 +413,7 @@ def write_report(
     out: str | os.PathLike,
     speed_json: str | os.PathLike | None,
     accuracy_json: str | os.PathLike | None,
-    ablation_json: str | os.PathLike | None,
+    ablation_json: str | os.PathLike | Sequence[str | os.PathLike] | None,
     notes: str | os.PathLike | None = None,
     gpu_speed_json: str | os.PathLike | None = None,
     throughput_json: str | os.PathLike | None = None,
@@ -336,7 +422,9 @@ def write_report(
 
     Args:
         out: the Markdown file (``docs/benchmarks.md``).
-        speed_json, accuracy_json, ablation_json: the benchmarks' ``--json`` outputs (missing: said so).
+        speed_json, accuracy_json, ablation_json: the benchmarks' ``--json`` outputs (missing: said so);
+            ``ablation_json`` may list several (e.g. the default cohort and one drawn with
+            ``--low-mag-tumour-contrast``), each with its section.
         notes: a Markdown file of hand-written findings inserted after the tables (optional).
         gpu_speed_json: ``scripts/bench_gpu.sh``'s speed figures from a CUDA machine (optional: only said to
             be missing when given and absent).
@@ -344,7 +432,9 @@ def write_report(
     """
     out = Path(out)
     plot_dir = out.parent / out.stem
-    speed, acc, abl = _load(speed_json), _load(accuracy_json), _load(ablation_json)
+    speed, acc = _load(speed_json), _load(accuracy_json)
+    single = ablation_json is None or isinstance(ablation_json, (str, os.PathLike))
+    ablations = [_load(path) for path in ([ablation_json] if single else ablation_json)]
     gpu, rate = _load(gpu_speed_json), _load(throughput_json)
     lines = [
         "# Benchmarks",
@@ -356,7 +446,8 @@ def write_report(
         "## Runs",
         "",
     ]
-    runs = [("speed", speed), ("accuracy", acc), ("ablation", abl)]
+    runs = [("speed", speed), ("accuracy", acc)]
+    runs += [(f"ablation {n}" if len(ablations) > 1 else "ablation", a) for n, a in enumerate(ablations, 1)]
     if gpu_speed_json is not None:
         runs.insert(1, ("speed on a GPU (`scripts/bench_gpu.sh`)", gpu))
     if throughput_json is not None:
@@ -373,8 +464,10 @@ def write_report(
         lines += throughput_section(rate)
     if acc:
         lines += accuracy_section(acc)
-    if abl:
-        lines += ablation_section(abl, plot_dir, out.parent)
+    for n, abl in enumerate(ablations, 1):
+        if abl:
+            plot_name = "accuracy_vs_k.png" if n == 1 else f"accuracy_vs_k_{n}.png"
+            lines += ablation_section(abl, plot_dir, out.parent, plot_name)
     if notes is not None and Path(notes).exists():
         lines += [Path(notes).read_text().rstrip(), ""]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -72,8 +72,14 @@ class TumourAnnotation:
         self._exclusions = [_closed_path(e) for e in self.exclusions]
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> TumourAnnotation:
+    def from_file(cls, path: str | os.PathLike, names: frozenset[str] = TUMOUR_NAMES) -> TumourAnnotation:
         """Read a QuPath GeoJSON (``.geojson``/``.json``) or ASAP XML (``.xml``) annotation.
+
+        Args:
+            path: the file.
+            names: the classes (lower case) whose GeoJSON polygons are read: tumour by default, where a file
+                without any class is all tumour; e.g. ``{"mimic"}`` for the benign mimics ``smt-monai synth``
+                annotates. ASAP XML holds tumour only, so other names read nothing from it.
 
         Raises:
             ValueError: if the file is missing, unreadable or not such an annotation; the message names the
@@ -89,7 +95,10 @@ class TumourAnnotation:
         start = text.lstrip()[:1]
         is_xml = path.suffix.lower() == ".xml" or start == "<"
         try:
-            parts = _parse_asap(text) if is_xml else _parse_geojson(text)
+            if is_xml:
+                parts = _parse_asap(text) if names == TUMOUR_NAMES else ([], [], [])
+            else:
+                parts = _parse_geojson(text, names)
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from err
         return cls(*parts, source=str(path))
@@ -181,9 +190,13 @@ class AnnotationOverlap:
 
     Each annotation file is parsed once and kept. A slide without annotation (an empty path) gives NaN, the
     "unknown" that ``smt_monai.focus.next_labels`` reads as weak supervision.
+
+    Args:
+        names: the annotation classes whose overlap is measured (``TumourAnnotation.from_file``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, names: frozenset[str] = TUMOUR_NAMES) -> None:
+        self.names = names
         self._loaded: dict[str, TumourAnnotation] = {}
 
     def annotation(self, path: str) -> TumourAnnotation | None:
@@ -191,7 +204,7 @@ class AnnotationOverlap:
         if not path:
             return None
         if path not in self._loaded:
-            self._loaded[path] = TumourAnnotation.from_file(path)
+            self._loaded[path] = TumourAnnotation.from_file(path, self.names)
         return self._loaded[path]
 
     def __call__(self, paths: Sequence[str], slide_index: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -233,7 +246,9 @@ def _class_name(feature: dict) -> str | None:
     return cls.strip() if isinstance(cls, str) and cls.strip() else None
 
 
-def _parse_geojson(text: str) -> tuple[list[np.ndarray], list[list[np.ndarray]], list[np.ndarray]]:
+def _parse_geojson(
+    text: str, names: frozenset[str] = TUMOUR_NAMES
+) -> tuple[list[np.ndarray], list[list[np.ndarray]], list[np.ndarray]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -247,7 +262,9 @@ def _parse_geojson(text: str) -> tuple[list[np.ndarray], list[list[np.ndarray]],
     if not isinstance(features, list) or not all(isinstance(f, dict) for f in features):
         raise ValueError("expected a GeoJSON FeatureCollection, a list of features or a feature")
     if any(_class_name(f) for f in features):
-        features = [f for f in features if (_class_name(f) or "").lower() in TUMOUR_NAMES]
+        features = [f for f in features if (_class_name(f) or "").lower() in names]
+    elif names != TUMOUR_NAMES:
+        features = []
     polygons: list[np.ndarray] = []
     holes: list[list[np.ndarray]] = []
     for n, feature in enumerate(features):

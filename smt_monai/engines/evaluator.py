@@ -1,9 +1,10 @@
 """Slide-level evaluation on MONAI's ``Evaluator``: SMT's, and the base the dense baseline's shares.
 
-:class:`SlideEvaluator` predicts each slide of a batch (``evaluate_slide``) and returns what the metrics of
-:mod:`smt_monai.handlers.metrics` and ``MetricsJSONWriter`` read: every layer's own slide prediction (layer 1
-alone should stay near chance on data that needs magnification), and on annotated positive slides whether
-the layer-3 regions found the tumour. :class:`SMTEvaluator` predicts with
+:class:`SlideEvaluator` predicts each slide of a batch (``evaluate_slide``, timed) and returns what the
+metrics of :mod:`smt_monai.handlers.metrics` and ``MetricsJSONWriter`` read: every layer's own slide
+prediction (layer 1 alone should stay near chance on data that needs magnification), and on annotated
+positive slides where the layer-3 regions landed, beside chance (``focus_measures``, not timed:
+:mod:`smt_monai.engines.focus_outcome`). :class:`SMTEvaluator` predicts with
 :class:`~smt_monai.inference.api.SMTPredictor`, the code every inference runs.
 """
 
@@ -23,6 +24,13 @@ from torch.utils.data import DataLoader
 from smt_monai.cascade.prediction import SlidePrediction
 from smt_monai.data.annotations import AnnotationOverlap
 from smt_monai.data.regions import RegionReader
+from smt_monai.engines.focus_outcome import (
+    ANNOTATION_CLASSES,
+    TUMOUR,
+    FocusOutcome,
+    SlidePatches,
+    focus_outcome,
+)
 from smt_monai.inference.api import SMTPredictor
 
 logger = logging.getLogger(__name__)
@@ -30,23 +38,10 @@ logger = logging.getLogger(__name__)
 
 class SlideOutcome(NamedTuple):
     """One evaluated slide: ``layer_probs`` ``(layers, C)``, each layer's own slide prediction (the last is
-    the method's); ``hit`` and ``precise``, the focus outcomes (NaN where they do not apply)."""
+    the method's), and SMT's ``prediction`` (for :meth:`SlideEvaluator.focus_measures`)."""
 
     layer_probs: np.ndarray
-    hit: float = float("nan")
-    precise: float = float("nan")
-
-
-def focus_outcome(prediction: SlidePrediction, label: int, overlap: np.ndarray | None) -> tuple[float, float]:
-    """``(hit, precise)`` for one slide: NaN unless it is positive and annotated.
-
-    ``hit``: the tumour overlaps at least one last-layer region; ``precise``: the last-layer region with the
-    highest positive mass overlaps the tumour.
-    """
-    if label <= 0 or overlap is None or np.isnan(overlap).all():
-        return float("nan"), float("nan")
-    positive = prediction.region_probs[-1][:, 1:].sum(axis=1)
-    return float((overlap > 0).any()), float(overlap[int(np.argmax(positive))] > 0)
+    prediction: SlidePrediction | None = None
 
 
 class SlideEvaluator(Evaluator):
@@ -90,8 +85,12 @@ class SlideEvaluator(Evaluator):
         """Predict one slide item; ``None`` when it cannot be (the reason is logged)."""
         raise NotImplementedError
 
+    def focus_measures(self, item: Mapping[str, Any], outcome: SlideOutcome) -> FocusOutcome:
+        """Where the slide's prediction focused (none by default: NaN)."""
+        return FocusOutcome()
+
     def _iteration(self, engine: SlideEvaluator, batchdata: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        labels, outcomes, seconds = [], [], []
+        labels, outcomes, focus, seconds = [], [], [], []
         for item in batchdata:
             start = time.perf_counter()
             outcome = self.evaluate_slide(item)
@@ -100,13 +99,11 @@ class SlideEvaluator(Evaluator):
             seconds.append(time.perf_counter() - start)
             labels.append(int(item["label"]))
             outcomes.append(outcome)
-        if not outcomes:
-            return {"label": np.zeros(0, int), "layer_probs": np.zeros((0, 3, 2)), "hit": [], "precise": []}
+            focus.append(self.focus_measures(item, outcome))
         return {
-            "label": np.array(labels),
-            "layer_probs": np.stack([o.layer_probs for o in outcomes]),
-            "hit": np.array([o.hit for o in outcomes]),
-            "precise": np.array([o.precise for o in outcomes]),
+            "label": np.array(labels, dtype=int),
+            "layer_probs": np.stack([o.layer_probs for o in outcomes]) if outcomes else np.zeros((0, 3, 2)),
+            "focus": {name: np.array([f[i] for f in focus]) for i, name in enumerate(FocusOutcome._fields)},
             "seconds": np.array(seconds),
         }
 
@@ -123,6 +120,8 @@ class SMTEvaluator(SlideEvaluator):
         aggregation: ``max`` or ``mean`` over the layer-3 regions.
         focus_source: what each top-K is taken by: ``"q"`` (SMT), ``"score"`` or ``"attention"`` (the
             ablations).
+        label_overlap: tumour-overlap fraction from which a layer-3 region is on tumour (one value, or
+            training's pair for layers 2 and 3, of which the last counts).
         key_val_metric, additional_metrics, val_handlers, amp: as :class:`SlideEvaluator`.
     """
 
@@ -135,6 +134,7 @@ class SMTEvaluator(SlideEvaluator):
         num_focus: int = 4,
         aggregation: str = "max",
         focus_source: str = "q",
+        label_overlap: float | Sequence[float] = 0.1,
         key_val_metric: dict[str, Metric] | None = None,
         additional_metrics: dict[str, Metric] | None = None,
         val_handlers: Sequence | None = None,
@@ -145,16 +145,24 @@ class SMTEvaluator(SlideEvaluator):
         self.predictor = SMTPredictor(
             network, num_focus, aggregation, device=device, amp=amp, focus_source=focus_source, reader=reader
         )
-        self.overlap = AnnotationOverlap()
+        self.label_overlap = float(np.ravel(label_overlap)[-1])
+        self.annotations = AnnotationOverlap(ANNOTATION_CLASSES[TUMOUR])
 
     def evaluate_slide(self, item: Mapping[str, Any]) -> SlideOutcome | None:
         prediction = self.predictor.predict_view(dict(item))
         if prediction.error:
             logger.warning("evaluation: skipping slide %s", prediction.error)
             return None
-        overlap = None
-        if item["annotation"]:
-            last = prediction.boxes[-1]
-            overlap = self.overlap([item["annotation"]], np.zeros(len(last), dtype=np.int64), last)
-        hit, precise = focus_outcome(prediction, int(item["label"]), overlap)
-        return SlideOutcome(np.stack(prediction.layer_probs), hit, precise)
+        return SlideOutcome(np.stack(prediction.layer_probs), prediction)
+
+    def focus_measures(self, item: Mapping[str, Any], outcome: SlideOutcome) -> FocusOutcome:
+        """The focus measures and their chance levels on a positive annotated slide."""
+        prediction = outcome.prediction
+        if int(item["label"]) <= 0 or not item.get("annotation") or prediction is None:
+            return FocusOutcome()
+        annotation = self.annotations.annotation(str(item["annotation"]))
+        assert annotation is not None and prediction.fields is not None
+        patches = SlidePatches.of(
+            prediction.fields, prediction.boxes[0], int(self.network.grid), {TUMOUR: annotation}
+        )
+        return focus_outcome(prediction, patches, self.predictor.num_focus, self.label_overlap)

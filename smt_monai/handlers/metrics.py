@@ -1,8 +1,9 @@
 """Slide-level validation metrics as Ignite metrics (what peers report; method-notes "Metrics").
 
 Each metric reads the evaluator's per-batch output: ``label`` ``(B,)`` (-1 when unknown), ``layer_probs``
-``(B, layers, C)`` (each layer's own aggregated slide prediction; the last layer's is SMT's), and the focus
-outcomes ``hit`` / ``precise`` ``(B,)`` (NaN where not applicable: negative or unannotated slides).
+``(B, layers, C)`` (each layer's own aggregated slide prediction; the last layer's is SMT's), and ``focus``,
+the focus measures and their chance levels by name (``smt_monai.engines.focus_outcome.FocusOutcome``'s
+fields), each ``(B,)``, NaN where they do not apply (negative or unannotated slides).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def roc_auc(labels: np.ndarray, probs: np.ndarray) -> float:
 class _SlideMetric(Metric):
     """Accumulates the evaluator's per-slide outputs over an epoch; subclasses reduce them."""
 
-    required_output_keys = ("label", "layer_probs", "hit", "precise")
+    required_output_keys = ("label", "layer_probs", "focus")
 
     def __init__(
         self, layer: int = -1, output_transform=lambda x: x, device: str | torch.device = "cpu"
@@ -58,17 +59,15 @@ class _SlideMetric(Metric):
     def reset(self) -> None:
         self._labels: list[np.ndarray] = []
         self._probs: list[np.ndarray] = []
-        self._hits: list[np.ndarray] = []
-        self._precise: list[np.ndarray] = []
+        self._focus: list[dict[str, np.ndarray]] = []
 
     def update(self, output: Sequence[Any]) -> None:
-        """``output``: ``(label, layer_probs, hit, precise)``, taken from the evaluator's output dict."""
-        labels, layer_probs, hit, precise = (np.asarray(v) for v in output)
+        """``output``: ``(label, layer_probs, focus)``, taken from the evaluator's output dict."""
+        labels, layer_probs, focus = np.asarray(output[0]), np.asarray(output[1]), output[2]
         known = labels >= 0
         self._labels.append(labels[known])
         self._probs.append(layer_probs[known][:, self.layer] if len(layer_probs) else np.zeros((0, 2)))
-        self._hits.append(hit)
-        self._precise.append(precise)
+        self._focus.append(focus)
 
     def _collected(self) -> tuple[np.ndarray, np.ndarray]:
         labels = np.concatenate(self._labels) if self._labels else np.zeros(0, dtype=int)
@@ -150,17 +149,20 @@ class QuadraticKappa(_SlideMetric):
 
 
 class FocusRate(_SlideMetric):
-    """On annotated positive slides: ``hit`` rate (tumour overlaps a layer-3 region) or ``precision`` (the
-    layer-3 region with the highest P(positive) overlaps tumour)."""
+    """A focus measure averaged over the annotated positive slides (``smt_monai.engines.focus_outcome``):
+    ``hit`` (some layer-3 region is on tumour), ``top1`` (the layer-3 region with the highest P(positive)
+    is), ``regions`` (the share of the ``K^2`` layer-3 regions that are), or with ``chance`` its expected
+    value when every layer picks ``K`` tissue patches at random."""
 
-    def __init__(self, kind: str = "hit", output_transform=lambda x: x) -> None:
-        if kind not in ("hit", "precision"):
-            raise ValueError(f"kind must be 'hit' or 'precision', got {kind!r}")
-        self.kind = kind
+    KINDS = ("hit", "top1", "regions")
+
+    def __init__(self, kind: str = "hit", chance: bool = False, output_transform=lambda x: x) -> None:
+        if kind not in self.KINDS:
+            raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}")
+        self.key = f"{kind}_chance" if chance else kind
         super().__init__(output_transform=output_transform)
 
     def compute(self) -> float:
-        values = self._hits if self.kind == "hit" else self._precise
-        flat = np.concatenate(values) if values else np.zeros(0)
-        flat = flat[~np.isnan(flat)]
-        return float(flat.mean()) if len(flat) else float("nan")
+        values = np.concatenate([np.zeros(0), *(np.asarray(f[self.key]) for f in self._focus)])
+        values = values[~np.isnan(values)]
+        return float(values.mean()) if len(values) else float("nan")

@@ -71,6 +71,10 @@ class SlideOptions:
             raise ValueError(f"jpeg_quality must lie in [1, 100], got {self.jpeg_quality}")
         if self.border < 0:
             raise ValueError(f"border must be >= 0, got {self.border}")
+        if not 0.0 <= self.look.low_mag_tumour_contrast <= 1.0:
+            raise ValueError(
+                f"low_mag_tumour_contrast must lie in [0, 1], got {self.look.low_mag_tumour_contrast}"
+            )
 
 
 def make_slide(
@@ -413,6 +417,15 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="um per px at level 0, 0.2 to 2 (40x: 0.25, 20x: 0.5; default: 0.25); the specimen is the same "
         "at any mpp unless --size is given",
     )
+    parser.add_argument(
+        "--low-mag-tumour-contrast",
+        type=float,
+        default=0.0,
+        metavar="X",
+        help="how much darker tumour is than benign mimics at low magnification, 0 to 1: 0 (default) makes "
+        "them alike at 4 um/px and coarser, so a first layer cannot tell them apart; 1 makes tumour clearly "
+        "darker at 8-16 um/px",
+    )
     parser.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality (default: 90)")
     parser.add_argument("--border", type=int, default=0, help="black scanner border width in px (default: 0)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
@@ -434,6 +447,7 @@ def run_synth(args: argparse.Namespace) -> int:
                 pen_marks=args.pen_marks,
                 debris=args.debris,
             ),
+            look=Appearance(low_mag_tumour_contrast=args.low_mag_tumour_contrast),
             mpp=args.mpp,
             jpeg_quality=args.jpeg_quality,
             border=args.border,

@@ -33,6 +33,10 @@ texture statistics stays near chance at 4 to 16 um/px while it separates the two
   gradient energy there.
 - colour: a nucleolus in a colour of its own blurs differently from the rest of the nucleus, so channel
   ratios of the local variance gave tumour away. All nuclear ink has one colour.
+
+``Appearance.low_mag_tumour_contrast`` opens one leak on purpose, for data where a first layer can do
+better than chance on the thumbnail (as on CAMELYON16): tumour points carry more ink, so tumour regions are
+darker than mimics at every magnification, and the mimics stay as they are.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -54,6 +58,7 @@ PATTERN_PERIOD = 512.0  # um: period of the nucleus pattern
 LATTICE = 8  # px between the points at which a tile's region and mark distances are evaluated exactly
 FIT_BOX = 4.0  # um: the area average at which fit_mimic_separation matches tumour and mimic
 MPP_RANGE = (0.2, 2.0)  # um/px a slide may be rendered at
+TUMOUR_CONTRAST_INK = 0.5  # extra integrated ink of a tumour point, relative, at low_mag_tumour_contrast 1
 
 # Colours (0-255), and intensity removed per unit of stain.
 GLASS = np.array([242.0, 241.0, 240.0], dtype=np.float32)
@@ -84,6 +89,9 @@ class Appearance:
         tone: relative amplitude of the smooth variation of eosin staining across the slide.
         mimic_separation: distance between the two nuclei of a mimic point; ``None``: fitted to the other
             parameters at the slide's mpp by :func:`fit_mimic_separation` (which takes a couple of seconds).
+        low_mag_tumour_contrast: how much darker tumour regions are than mimics, from 0 (alike at 4 um/px and
+            coarser) to 1 (clearly darker at 8 to 16 um/px): a tumour point carries ``1 +
+            TUMOUR_CONTRAST_INK * low_mag_tumour_contrast`` times the integrated ink ``ink``.
     """
 
     spacing: float = 4.0
@@ -99,6 +107,12 @@ class Appearance:
     noise: float = 1.5
     tone: float = 0.5
     mimic_separation: float | None = None
+    low_mag_tumour_contrast: float = 0.0
+
+    @property
+    def tumour_ink(self) -> float:
+        """Mean integrated ink of a tumour point (``ink`` raised by ``low_mag_tumour_contrast``)."""
+        return self.ink * (1.0 + TUMOUR_CONTRAST_INK * self.low_mag_tumour_contrast)
 
 
 def check_mpp(mpp: float) -> float:
@@ -405,7 +419,7 @@ def _nucleus_windows(
     dist = np.sqrt((ux - _col(nuc_r * np.cos(nuc_t))) ** 2 + (uy - _col(nuc_r * np.sin(nuc_t))) ** 2)
     nucleolus = inside * np.clip((_col(0.45 + 0.125 * u[:, _NUC_S]) - dist) / mpp, 0.0, 1.0)
     profile = _unit(_unit(chromatin) + look.nucleolus * _unit(nucleolus))
-    total = look.ink * spread * ink_px
+    total = look.tumour_ink * spread * ink_px
     # The few nuclei whose granules or nucleolus would exceed ``max_ink`` are flattened towards a disc.
     flat = _unit(inside)
     peak, flat_peak = profile.max(axis=(1, 2)) * total, flat.max(axis=(1, 2)) * total
@@ -445,10 +459,18 @@ def _structure_factor(look: Appearance, mpp: float, size: int = 64) -> np.ndarra
     return 1.0 - occupancy + occupancy * structure
 
 
-@lru_cache(maxsize=8)
 def fit_mimic_separation(look: Appearance, mpp: float = REFERENCE_MPP, count: int = 500) -> float:
     """Distance (um) between the two nuclei of a mimic point that makes mimic regions keep the tumour's
     local variance and gradient energy at :data:`FIT_BOX` um/px, for a slide rendered at ``mpp``.
+
+    Fitted to the tumour without its ``low_mag_tumour_contrast``, so that the mimics do not depend on it.
+    """
+    return _fit_mimic_separation(replace(look, low_mag_tumour_contrast=0.0), mpp, count)
+
+
+@lru_cache(maxsize=8)
+def _fit_mimic_separation(look: Appearance, mpp: float, count: int) -> float:
+    """:func:`fit_mimic_separation` (cached per appearance and mpp).
 
     A region's ink is a marked point pattern; its power spectrum per point is
     ``(1 + cv^2) E|P(k)|^2 + (S(k) - 1) |E P(k)|^2`` for unit-sum profiles ``P`` and the pattern's structure
