@@ -60,6 +60,7 @@ def test_datalist_problems_fail_at_start_listing_all(tmp_path: Path) -> None:
     content = json.loads(datalist.read_text())
     content["training"].append({"image": "nowhere.tif", "label": 1})
     content["training"].append({"image": "slide_0.tif"})
+    content["training"].append({"image": content["training"][0]["image"], "label": 5})
     datalist.write_text(json.dumps(content))
     result = bundle_cli(
         "run",
@@ -73,7 +74,8 @@ def test_datalist_problems_fail_at_start_listing_all(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert "nowhere.tif" in result.stderr and "missing key 'label'" in result.stderr
-    assert "2 problem(s)" in result.stderr
+    assert "3 problem(s)" in result.stderr
+    assert "label 5 is not one of the model's 2 classes (0 to 1)" in result.stderr
 
 
 @pytest.mark.slow

@@ -49,6 +49,20 @@ def test_every_problem_is_listed(tmp_path: Path) -> None:
         assert part in message
 
 
+def test_labels_outside_the_models_classes_are_listed(tmp_path: Path) -> None:
+    _touch(tmp_path / "a.tif")
+    listing = tmp_path / "datalist.json"
+    entries = [{"image": "a.tif", "label": label} for label in (0, 3, 5, -1, 1)]
+    listing.write_text(json.dumps({"testing": entries}))
+    assert len(load_datalist(listing, "testing")) == 5  # without a model, any integer label is kept
+    with pytest.raises(DatalistError) as info:
+        load_datalist(listing, "testing", num_classes=4)
+    message = str(info.value)
+    assert "2 problem(s)" in message
+    assert "entry 2" in message and "label 5 is not one of the model's 4 classes (0 to 3)" in message
+    assert "entry 3" in message and "label -1" in message and "entry 1" not in message
+
+
 def test_missing_split_and_bad_json(tmp_path: Path) -> None:
     listing = tmp_path / "datalist.json"
     listing.write_text(json.dumps({"training": []}))

@@ -33,6 +33,7 @@ def load_datalist(
     dataset_dir: str | os.PathLike | None = None,
     require_label: bool = True,
     check_files: bool = True,
+    num_classes: int | None = None,
 ) -> list[dict[str, Any]]:
     """Entries of one split of a decathlon datalist, with absolute ``image`` and ``annotation`` paths.
 
@@ -42,10 +43,12 @@ def load_datalist(
         dataset_dir: folder relative paths resolve against; defaults to the datalist's folder.
         require_label: every entry must hold an integer ``label``.
         check_files: every ``image`` (and ``annotation``, when given) must exist.
+        num_classes: the model's classes: every label must lie in ``0 .. num_classes - 1`` (checked here,
+            before training or evaluation starts, rather than as an index error inside the loss).
 
     Raises:
-        DatalistError: the file is missing or malformed, the split is absent, or entries lack keys or point
-            to missing files; the message lists all of them.
+        DatalistError: the file is missing or malformed, the split is absent, or entries lack keys, point
+            to missing files or hold labels the model has no class for; the message lists all of them.
     """
     path = Path(datalist)
     if not path.is_file():
@@ -59,7 +62,7 @@ def load_datalist(
         raise DatalistError(f"{path}: no split {split!r} (found {keys})")
     base = Path(dataset_dir) if dataset_dir else path.parent
     entries = content[split]
-    return validate_entries(entries, f"{path} [{split}]", base, require_label, check_files)
+    return validate_entries(entries, f"{path} [{split}]", base, require_label, check_files, num_classes)
 
 
 def class_names(datalist: str | os.PathLike, num_classes: int) -> list[str]:
@@ -74,7 +77,12 @@ def class_names(datalist: str | os.PathLike, num_classes: int) -> list[str]:
 
 
 def validate_entries(
-    entries: Any, source: str, base: Path, require_label: bool, check_files: bool
+    entries: Any,
+    source: str,
+    base: Path,
+    require_label: bool,
+    check_files: bool,
+    num_classes: int | None = None,
 ) -> list[dict[str, Any]]:
     """Resolve paths and check every entry; raise one :class:`DatalistError` listing all problems."""
     if not isinstance(entries, list):
@@ -96,6 +104,12 @@ def validate_entries(
                 item["label"] = int(item["label"])
             except (TypeError, ValueError):
                 problems.append(f"entry {i} ({item['image']}): label {item['label']!r} is not an integer")
+            else:
+                if num_classes is not None and not 0 <= item["label"] < num_classes:
+                    problems.append(
+                        f"entry {i} ({item['image']}): label {item['label']} is not one of the model's "
+                        f"{num_classes} classes (0 to {num_classes - 1})"
+                    )
         elif require_label:
             problems.append(f"entry {i} ({item['image']}): missing key 'label'")
         else:
