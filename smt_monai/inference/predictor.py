@@ -1,6 +1,6 @@
 """Inference on a list of slides: one prediction per slide, where the model looked, and how long it took.
 
-:class:`SlideListPredictor` runs :class:`~smt_monai.engines.inference.SlideInference` (a MONAI ``Evaluator``)
+:class:`SlideListPredictor` runs :class:`~smt_monai.inference.engine.SlideInference` (a MONAI ``Evaluator``)
 over the slides of the list that are not done yet (``OutputFolder``), ``slides_in_flight`` at once: each
 slide is claimed, its layer-1 view read, predicted by
 :class:`~smt_monai.inference.api.SMTPredictor`, and its outputs written into ``OUT/<name>/``:
@@ -29,8 +29,8 @@ from tqdm import tqdm
 from smt_monai.cascade.prediction import SlidePrediction
 from smt_monai.data.errors import SlideReadError
 from smt_monai.data.regions import read_boxes
-from smt_monai.engines.inference import SlideInference
 from smt_monai.inference.api import SMTPredictor
+from smt_monai.inference.engine import SlideInference
 from smt_monai.inference.outputs import OutputFolder, network_fingerprint, parse_shard
 from smt_monai.inference.writers import (
     GALLERY_TILE_PX,
