@@ -56,14 +56,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def slide_entries(sources: Sequence[str]) -> list[dict]:
     """Slides from command-line arguments: slide files, folders of slides, and lists (datalist JSON, CSV with
     an ``image`` column, text files of paths), in the order given."""
-    from smt_monai.data.datalist import SLIDE_SUFFIXES, load_slide_list
+    from smt_monai.data.datalist import load_slide_list
 
     entries: list[dict] = []
     for source in sources:
-        if Path(source).suffix.lower() in SLIDE_SUFFIXES or not Path(source).exists():
-            entries.append({"image": source})  # a missing slide becomes an error row, not a dead run
-        else:
+        if Path(source).exists():
             entries += load_slide_list(source)
+        else:
+            entries.append({"image": source})  # a missing slide becomes an error row, not a dead run
     return entries
 
 

@@ -50,10 +50,11 @@ def slide_landing(
     (at ``num_focus``), with ``label_overlap`` the thresholds of layer-2 and layer-3 regions."""
     second, third = patches.locate(prediction)
     first_codes = patch_categories(patches, 0, label_overlap[0])
-    second_codes = patch_categories(patches, 1, label_overlap[1])[second]
+    layer2_codes = patch_categories(patches, 1, label_overlap[1])
+    second_codes = layer2_codes[second]
     random_first = pick_probability(patches.tissue[0][None], num_focus)[0]
     random_second = pick_probability(patches.tissue[1][second], num_focus)
-    picked = patch_categories(patches, 1, label_overlap[1])[third[:, 0], third[:, 1]]
+    picked = layer2_codes[third[:, 0], third[:, 1]]
     return {
         "layer1": {
             "model": _fractions(np.ones(len(second)), first_codes[second]),

@@ -40,6 +40,13 @@ def aggregate(probs: np.ndarray, mode: str) -> np.ndarray:
     raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {mode!r}")
 
 
+def predicted_classes(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """The class of each row of ``probs``: P(positive) against ``threshold`` for two classes, else argmax."""
+    if probs.shape[1] == 2:
+        return (probs[:, 1] >= threshold).astype(int)
+    return probs.argmax(axis=1)
+
+
 @dataclass
 class SlidePrediction:
     """What the cascade saw and concluded for one slide.
@@ -92,9 +99,7 @@ class SlidePrediction:
     @property
     def prediction(self) -> int:
         """The predicted class (see the class docstring)."""
-        if len(self.probs) == 2:
-            return int(self.positive >= self.threshold)
-        return int(np.argmax(self.probs))
+        return int(predicted_classes(self.probs[None], self.threshold)[0])
 
     @property
     def label(self) -> str:

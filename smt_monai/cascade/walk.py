@@ -162,12 +162,15 @@ class Inputs(NamedTuple):
     tissue: torch.Tensor
 
 
-def layer_inputs(chunks: Chunks, device: torch.device, grid: int) -> Iterator[Inputs]:
+def layer_inputs(chunks: Chunks, device: torch.device, grid: int, focuses: bool = True) -> Iterator[Inputs]:
     """``chunks`` of uint8 images as the layers' input: on ``device``, through ``normalize_he`` (the one
     place where inputs are normalised), with the patches that hold tissue (``patch_tissue``, on the uint8
-    images)."""
+    images) where the layer ``focuses``; the last layer selects no patch, so there every patch counts."""
     for rows, images in chunks:
-        tissue = patch_tissue(images, grid)
+        if focuses:
+            tissue = patch_tissue(images, grid)
+        else:
+            tissue = torch.ones(len(images), grid * grid, dtype=torch.bool)
         yield Inputs(np.asarray(rows), normalize_he(images.to(device, non_blocking=True)), tissue)
 
 
@@ -206,7 +209,7 @@ def walk(
     passes: list[LayerPass] = []
     chunks = images
     for level in range(1, num_layers + 1):
-        inputs = layer_inputs(chunks, device, int(model.grid))
+        inputs = layer_inputs(chunks, device, int(model.grid), focuses=level < len(layers))
         layer_run = run(layers[level - 1], inputs, len(regions), focus.signals)
         step = LayerPass(level, regions, layer_run)
         passes.append(step)

@@ -127,11 +127,13 @@ def validate_entries(
 def load_slide_list(
     source: str | os.PathLike, datalist_key: str = "testing", dataset_dir: str | os.PathLike | None = None
 ) -> list[dict[str, Any]]:
-    """Slides to run inference on, from a datalist JSON, a CSV, a folder or a text file.
+    """Slides to run inference on, from one slide file, a datalist JSON, a CSV, a folder or a text file.
 
-    Files are not required to exist: inference reports a missing slide as an error row and goes on.
+    Files in a list are not required to exist: inference reports a missing slide as an error row and goes on.
     """
     path = Path(source)
+    if path.is_file() and path.suffix.lower() in SLIDE_SUFFIXES:
+        return [{"image": str(path)}]
     if path.is_dir():
         slides = sorted(p for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES)
         if not slides:

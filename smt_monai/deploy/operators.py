@@ -17,7 +17,7 @@ from typing import Any
 from monai.deploy.core import ExecutionContext, Fragment, InputContext, Operator, OperatorSpec, OutputContext
 from monai.deploy.core.models import TorchScriptModel
 
-from smt_monai.data.datalist import SLIDE_SUFFIXES, load_slide_list
+from smt_monai.data.datalist import load_slide_list
 from smt_monai.data.errors import UserError
 from smt_monai.data.magnification import LayerScale
 from smt_monai.inference import SlideListPredictor
@@ -36,8 +36,6 @@ def slide_entries(path: Path) -> list[dict[str, Any]]:
 
     A single slide is accepted because a MONAI Application Package may be given one file as its input.
     """
-    if path.is_file() and path.suffix.lower() in SLIDE_SUFFIXES:
-        return [{"image": str(path)}]
     return load_slide_list(path)
 
 

@@ -16,6 +16,8 @@ import torch
 from ignite.metrics import Metric
 from monai.metrics import compute_roc_auc
 
+from smt_monai.cascade.prediction import predicted_classes
+
 
 def balanced_accuracy(labels: np.ndarray, predictions: np.ndarray) -> float:
     """Mean recall over the classes present in ``labels``."""
@@ -87,11 +89,12 @@ def tuned_threshold(labels: np.ndarray, positive: np.ndarray) -> float:
     return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
 
 
-def predicted_classes(probs: np.ndarray, threshold: float) -> np.ndarray:
-    """The class of each row of ``probs``: P(positive) against ``threshold`` for two classes, else argmax."""
-    if probs.shape[1] == 2:
-        return (probs[:, 1] >= threshold).astype(int)
-    return probs.argmax(axis=1)
+def split_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
+    """The decision threshold a split gives: :func:`tuned_threshold` for a binary model on a split holding
+    both classes, else 0.5."""
+    if not len(labels) or probs.shape[1] != 2 or len(np.unique(labels > 0)) < 2:
+        return 0.5
+    return tuned_threshold(labels, probs[:, 1])
 
 
 class BalancedAccuracy(_SlideMetric):
@@ -113,9 +116,7 @@ class BalancedAccuracy(_SlideMetric):
         labels, probs = self._collected()
         if not len(labels):
             return float("nan")
-        threshold = self.threshold
-        if threshold == "tuned":
-            threshold = tuned_threshold(labels, probs[:, 1:].sum(axis=1)) if probs.shape[1] == 2 else 0.5
+        threshold = split_threshold(labels, probs) if self.threshold == "tuned" else self.threshold
         return balanced_accuracy(labels, predicted_classes(probs, float(threshold)))
 
 
@@ -124,10 +125,7 @@ class DecisionThreshold(_SlideMetric):
     training's best epoch saves it with the model (``load_model`` reads it into the model card)."""
 
     def compute(self) -> float:
-        labels, probs = self._collected()
-        if not len(labels) or probs.shape[1] != 2 or len(np.unique(labels > 0)) < 2:
-            return 0.5
-        return tuned_threshold(labels, probs[:, 1])
+        return split_threshold(*self._collected())
 
 
 class SlideAUC(_SlideMetric):

@@ -49,6 +49,8 @@ class SMTPredictor:
         reader: a region reader to share (its open-slide cache serves the layer-1 views too); default: one
             of its own, ``backend`` and ``num_workers`` apply to it.
         default_mpp: the scanner's level-0 um/px for slides whose file holds none.
+        open_slides: slides its own reader keeps open; at least the slides predicted at once, so that no
+            thread closes a slide another is still reading.
     """
 
     def __init__(
@@ -64,6 +66,7 @@ class SMTPredictor:
         reader: RegionReader | None = None,
         default_mpp: float | None = None,
         threshold: float | None = None,
+        open_slides: int = 4,
     ) -> None:
         self.device = torch.device(device)
         self.network = network.to(self.device)
@@ -78,7 +81,9 @@ class SMTPredictor:
         read_size = int(network.read_size)
         # Chunks of K regions: layer 3 reads its K^2 regions in K chunks, one read ahead of the network.
         chunks = self.num_focus
-        self.reader = reader or RegionReader(read_size, backend, num_workers, chunks, SlideCache(backend, 4))
+        self.reader = reader or RegionReader(
+            read_size, backend, num_workers, chunks, SlideCache(backend, open_slides)
+        )
         self.load_view = LoadLayer1d(
             LayerScale.of(network), backend, cache=self.reader.cache, default_mpp=default_mpp
         )

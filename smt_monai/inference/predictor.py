@@ -112,7 +112,7 @@ class SlideListPredictor:
         self.progress = progress
         self.predictor = SMTPredictor(
             network, num_focus, aggregation, backend, num_workers, device, amp,
-            default_mpp=default_mpp, threshold=threshold,
+            default_mpp=default_mpp, threshold=threshold, open_slides=max(4, self.slides_in_flight + 1),
         )  # fmt: skip
         if class_names:
             self.predictor.class_names = list(class_names)
@@ -152,9 +152,12 @@ class SlideListPredictor:
         engine.add_event_handler(
             Events.ITERATION_COMPLETED, lambda e: bar.update(len(e.state.output["rows"]))
         )
-        if pending:
-            engine.run()
-        bar.close()
+        try:
+            if pending:
+                engine.run()
+        finally:
+            bar.close()
+            self.predictor.close()
         if distributed:
             dist.barrier()
         if shard is not None and (not distributed or dist.get_rank() != 0):
@@ -163,7 +166,7 @@ class SlideListPredictor:
         run = {"resumed": mine - len(pending)}
         summary = self.outputs.write_tables(self.predictor.class_names, skip=self.timed_out, run=run)
         logger.info("%s", summary_line(summary, self.output_dir))
-        if summary["ok"] == 0 and self.slides:
+        if summary["ok"] == 0:
             reasons = "; ".join(sorted({r["error"] for r in self.outputs.rows(False) if r.get("error")}))
             logger.error("no slide succeeded (%d in the list): %s", len(self.slides), reasons or "empty list")
             raise NoSlideSucceededError(1)
