@@ -15,6 +15,7 @@ from smt_monai.data.errors import UserError
 
 def slide_info(path: str, backend: str = "auto") -> dict:
     """Backend, real pyramid levels, mpp and tissue bounding box of a slide, as plain data."""
+    from smt_monai.data.magnification import known_mpp
     from smt_monai.data.slide import open_slide
     from smt_monai.data.tissue import tissue_bbox
 
@@ -28,7 +29,7 @@ def slide_info(path: str, backend: str = "auto") -> dict:
                 for i, ((w, h), ds) in enumerate(zip(slide.level_dimensions, slide.level_downsamples))
             ],
             "mpp": slide.mpp,
-            "tissue_bbox": [round(v, 1) for v in tissue_bbox(slide)],
+            "tissue_bbox": [round(v, 1) for v in tissue_bbox(slide, known_mpp(slide))],
         }
 
 

@@ -8,7 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from smt_monai.data.annotations import TumourAnnotation, polygon_feature, write_geojson
+from smt_monai.data.annotations import (
+    AnnotationOverlap,
+    TumourAnnotation,
+    annotation_classes,
+    annotation_names,
+    polygon_feature,
+    unknown_annotation_classes,
+    write_geojson,
+)
 
 SQUARE = [[0, 0], [100, 0], [100, 100], [0, 100], [0, 0]]
 HOLE = [[25, 25], [75, 25], [75, 75], [25, 75], [25, 25]]
@@ -184,3 +192,64 @@ def test_boxes_must_be_n_by_3() -> None:
     ann = TumourAnnotation(polygons=[np.array(SQUARE[:-1], dtype=float)])
     with pytest.raises(ValueError, match=r"\(N, 3\)"):
         ann.overlap_fraction(np.zeros((2, 4)))
+
+
+GRADES = ["benign", "grade 1", "grade 2", "grade 3"]
+
+
+def test_graded_polygons_give_each_box_its_class_fractions_highest_class_first(tmp_path: Path) -> None:
+    """Grading: polygons carry their grade by class name; a point under two polygons counts for the higher
+    grade, so the fractions of a box are disjoint and sum to its tumour fraction."""
+    path = write(
+        tmp_path,
+        {
+            "type": "FeatureCollection",
+            "features": [
+                feature([SQUARE], "Grade 1"),
+                feature([shifted(SQUARE, 50)], "grade 3"),  # overlaps the right half of the first
+                feature([shifted(SQUARE, 300)], "Mimic"),
+            ],
+        },
+    )
+    classes = annotation_classes(GRADES)
+    assert classes == {"grade 1": 1, "grade 2": 2, "grade 3": 3}
+    ann = TumourAnnotation.from_file(path, classes)
+    assert sorted(ann.classes) == [1, 3] and ann.num_classes == 3
+    boxes = np.array([[0, 0, 100], [100, 0, 50], [300, 0, 100]], dtype=float)
+    np.testing.assert_allclose(ann.class_overlap(boxes, 3), [[0.5, 0, 0.5], [0, 0, 1], [0, 0, 0]], atol=1e-9)
+    np.testing.assert_allclose(ann.overlap_fraction(boxes), [1.0, 1.0, 0.0], atol=1e-9)
+    overlap = AnnotationOverlap(classes)(
+        [str(path), ""], np.array([0, 0, 1]), np.array([[0, 0, 100], [100, 0, 50], [0, 0, 100]])
+    )
+    assert overlap.shape == (3, 3) and np.isnan(overlap[2]).all()
+    np.testing.assert_allclose(overlap[:2], [[0.5, 0, 0.5], [0, 0, 1]], atol=1e-9)
+    # diagnosis reads the same file as "no tumour" (no polygon is called Tumor) and checks nothing
+    assert TumourAnnotation.from_file(path, annotation_classes(["negative", "tumour"])).empty
+    assert unknown_annotation_classes(path, ["negative", "tumour"]) is None
+
+
+def test_asap_groups_name_grades(tmp_path: Path) -> None:
+    text = asap_xml(
+        [("a", "grade 2", SQUARE[:-1]), ("b", "_0", shifted(SQUARE[:-1], 200)), ("c", "_2", HOLE[:-1])]
+    )
+    path = write(tmp_path, text, "a.xml")
+    ann = TumourAnnotation.from_file(path, annotation_classes(GRADES))
+    assert ann.classes == [2] and len(ann.exclusions) == 1
+    np.testing.assert_allclose(ann.class_overlap(np.array([[0.0, 0.0, 100.0]]), 3), [[0, 0.75, 0]], atol=1e-9)
+    assert annotation_names(path) == {"grade 2", "_0"}
+    assert "'_0'" in unknown_annotation_classes(path, GRADES)
+    # for diagnosis every group but the exclusions is tumour, as CAMELYON16 writes them
+    assert len(TumourAnnotation.from_file(path).polygons) == 2
+
+
+def test_a_grading_model_names_the_annotation_classes_it_does_not_know(tmp_path: Path) -> None:
+    known = write(
+        tmp_path, [feature([SQUARE], "Grade 2"), feature([SQUARE], "benign"), feature([SQUARE], "mimic")]
+    )
+    assert unknown_annotation_classes(known, GRADES) is None
+    odd = write(
+        tmp_path, [feature([SQUARE], "Grade 5"), feature([SQUARE], "Tumor"), feature([SQUARE])], "b.json"
+    )
+    message = unknown_annotation_classes(odd, GRADES)
+    assert "'grade 5'" in message and "'tumor'" in message and "polygons without a class" in message
+    assert "benign, grade 1, grade 2, grade 3" in message

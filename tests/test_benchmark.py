@@ -306,7 +306,7 @@ def test_gpu_decoding_probe_times_cpu_decoding_and_reports_the_gpu_path(tiny_sli
     if not torch.cuda.is_available():
         assert "failed" in cuda[0]
     with open_slide(tiny_slide) as slide:  # by default, regions as big as the last layer's (grid 4)
-        x0, y0, x1, y1 = tissue_bbox(slide)
+        x0, y0, x1, y1 = tissue_bbox(slide, slide.mpp)
     done = subprocess.run(
         [sys.executable, str(script), str(tiny_slide), "--grid", "4", "--count", "3", "--repeats", "1"],
         capture_output=True,

@@ -2,6 +2,8 @@
 labels, score-bank updates, every Eq. 7 term, which parameters each loss may train; and the training walk
 and the inference walk choosing the same regions for the same model and slide."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -124,7 +126,7 @@ def test_full_cascade_training_step() -> None:
     assert region_key("slide_a", sel1.boxes[0, K].numpy()) not in bank
 
     losses = step.losses
-    assert set(TERMS) | {"L_V", "L_F", "total"} == set(losses)
+    assert set(TERMS) - {"slide"} | {"L_V", "L_F", "total"} == set(losses)  # no slide head here
     assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
 
     groups = _groups(model)
@@ -176,7 +178,7 @@ def test_annotations_and_no_extra_region() -> None:
     def overlap(slide_index: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         # slide 0 annotated: tumour in its left half; slide 1 unannotated
         left = (boxes[:, 0] + boxes[:, 2] / 2 < 3200.0).astype(np.float64)
-        return np.where(slide_index == 0, left, np.nan)
+        return np.where(slide_index == 0, left, np.nan)[:, None]
 
     step = _step(smt_tiny().train(), ScoreBank(), reader, extra_benign=False, overlap=overlap)
     assert [o.logits.shape[0] for o in outputs(step)] == [2, 4, 8]
@@ -190,7 +192,7 @@ def test_label_overlap_per_layer() -> None:
     """Layer 2's regions are labelled with the first threshold, layer 3's with the second."""
 
     def overlap(slide_index: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-        return np.where(boxes[:, 2] > 1000.0, 0.05, 0.5)  # layer 2: 0.05, layer 3: 0.5
+        return np.where(boxes[:, 2] > 1000.0, 0.05, 0.5)[:, None]  # layer 2: 0.05, layer 3: 0.5
 
     labels = {}
     for thresholds in ((0.01, 0.1), (0.1, 0.6), 0.3):
@@ -219,7 +221,7 @@ def test_guide_shows_the_next_layers_the_annotated_tumour() -> None:
         top = np.clip(np.maximum(boxes[:, 1], 5000.0), None, 5200.0)
         bottom = np.clip(np.minimum(boxes[:, 1] + boxes[:, 2], 5200.0), 5000.0, None)
         fraction = (hi - lo) * (bottom - top) / boxes[:, 2] ** 2
-        return np.where(slide_index == 0, fraction, np.nan)
+        return np.where(slide_index == 0, fraction, np.nan)[:, None]
 
     for seed in range(5):
         torch.manual_seed(seed)
@@ -419,3 +421,15 @@ def test_glass_and_padding_are_never_focused() -> None:
     )
     x0, _, side = BOXES[0].tolist()
     assert (prediction.boxes[1][:, 0] < x0 + side / 2).all()  # layer 2 reads tissue only
+
+
+def test_the_slide_head_learns_from_the_slide_labels_on_detached_layer3_embeddings() -> None:
+    """With a slide head, the step adds ``slide`` (cross-entropy of the pooled layer-3 embeddings against the
+    slide labels, weighted as layer 3's L_cls) to L_V; its gradient reaches the head and no layer."""
+    model = smt_tiny(slide_head=True).train()
+    step = _step(model, ScoreBank(), RandomReader())
+    assert "slide" in step.losses and math.isfinite(float(step.losses["slide"]))
+    step.losses["slide"].backward()
+    assert all(p.grad is not None for p in model.slide_head.parameters())
+    assert all(p.grad is None for p in model.layer3.parameters())
+    assert "slide" not in _step(model, ScoreBank(), RandomReader(), num_layers=2).losses

@@ -63,6 +63,36 @@ def test_labels_outside_the_models_classes_are_listed(tmp_path: Path) -> None:
     assert "entry 3" in message and "label -1" in message and "entry 1" not in message
 
 
+def test_survival_and_annotation_classes_are_checked_at_start(tmp_path: Path) -> None:
+    """Survival keys parse to numbers (both or neither); a grading model's datalist whose annotation holds a
+    class it does not know is refused at start, naming the slide."""
+    _touch(tmp_path / "a.tif")
+    grades = ["benign", "grade 1", "grade 2"]
+    feature = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [9, 0], [9, 9]]]}}
+    for name, cls in (("good.geojson", "grade 2"), ("bad.geojson", "grade 7")):
+        labelled = {**feature, "properties": {"classification": {"name": cls}}}
+        (tmp_path / name).write_text(json.dumps([labelled]))
+    entries = [
+        {"image": "a.tif", "label": 2, "annotation": "good.geojson", "time": "12.5", "event": 1},
+        {"image": "a.tif", "label": 1, "time": 3},
+        {"image": "a.tif", "label": 1, "time": -1, "event": 2},
+        {"image": "a.tif", "label": 1, "annotation": "bad.geojson"},
+    ]
+    listing = tmp_path / "datalist.json"
+    listing.write_text(json.dumps({"testing": entries[:1], "validation": entries}))
+    good = load_datalist(listing, "testing", class_names=grades)
+    assert (good[0]["time"], good[0]["event"]) == (12.5, 1)
+    with pytest.raises(DatalistError) as info:
+        load_datalist(listing, "validation", class_names=grades)
+    message = str(info.value)
+    assert "3 problem(s)" in message and "entry 0" not in message
+    assert "entry 1" in message and "both 'time' and 'event'" in message
+    assert "entry 2" in message and "event 0 (censored) or 1" in message
+    assert "entry 3 (" in message and "a.tif" in message and "'grade 7'" in message
+    with pytest.raises(DatalistError, match="label 2 is not one of the model's 2 classes"):
+        load_datalist(listing, "testing", class_names=["negative", "tumour"])
+
+
 def test_missing_split_and_bad_json(tmp_path: Path) -> None:
     listing = tmp_path / "datalist.json"
     listing.write_text(json.dumps({"training": []}))

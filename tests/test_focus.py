@@ -220,12 +220,33 @@ def test_next_labels() -> None:
     # Weak supervision: slide label, extra benign region 0.
     assert next_labels(slide, focusable).tolist() == [[1, 1, 0], [0, 0, 0], [2, 2, 0]]
     nan = float("nan")
-    overlap = torch.tensor([[0.1, 0.05, 0.5], [0.9, 0.0, 0.0], [nan, nan, nan]])
+    overlap = torch.tensor([[0.1, 0.05, 0.5], [0.9, 0.0, 0.0], [nan, nan, nan]])[..., None]
     assert next_labels(slide, focusable, overlap).tolist() == [[1, 0, 1], [0, 0, 0], [2, 2, 0]]
     any_overlap = next_labels(slide, focusable, overlap, label_overlap=0.0)
     assert any_overlap.tolist() == [[1, 1, 1], [0, 0, 0], [2, 2, 0]]
     strict = next_labels(slide, focusable, overlap, label_overlap=0.2)
     assert strict.tolist() == [[0, 0, 1], [0, 0, 0], [2, 2, 0]]
+
+
+def test_next_labels_of_graded_regions_take_the_highest_grade_they_reach() -> None:
+    """Grading: a region is the highest class whose area (with the classes above it) reaches the label
+    overlap, capped by the slide's grade; unknown overlap keeps weak supervision."""
+    slide = torch.tensor([3, 2, 0, 3])
+    focusable = torch.ones(4, 3, dtype=torch.bool)
+    nan = float("nan")
+    overlap = torch.tensor(
+        [
+            [
+                [0.5, 0.0, 0.0],
+                [0.3, 0.3, 0.15],
+                [0.02, 0.05, 0.06],
+            ],  # grade 1; grade 3 reached; 2 and up reached
+            [[0.0, 0.0, 0.5], [0.0, 0.0, 0.0], [0.0, 0.2, 0.0]],  # capped at the slide's grade 2
+            [[0.0, 0.0, 0.9], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]],  # a negative slide stays 0
+            [[nan, nan, nan], [nan, nan, nan], [nan, nan, nan]],  # unannotated: the slide label
+        ]
+    )
+    assert next_labels(slide, focusable, overlap).tolist() == [[1, 3, 2], [2, 0, 2], [0, 0, 0], [3, 3, 3]]
 
 
 @pytest.mark.parametrize("transform", range(8))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine, Events
+from PIL import Image
 
 from smt_monai.engines.focus_outcome import FocusOutcome
 from smt_monai.focus import ScoreBank
@@ -24,7 +25,7 @@ from smt_monai.handlers import (
     SlideAUC,
     StagedLayerActivation,
 )
-from smt_monai.handlers.metrics import balanced_accuracy, quadratic_weighted_kappa
+from smt_monai.handlers.metrics import balanced_accuracy, concordance_index, quadratic_weighted_kappa
 
 
 def _record(engine: Engine, *names: str) -> list:
@@ -115,6 +116,51 @@ def test_metric_functions_by_hand() -> None:
     assert balanced_accuracy(labels, np.array([0, 0, 1, 1])) == pytest.approx((2 / 3 + 1) / 2)
     assert quadratic_weighted_kappa(np.array([0, 1, 2]), np.array([0, 1, 2]), 3) == pytest.approx(1.0)
     assert quadratic_weighted_kappa(np.array([0, 2]), np.array([2, 0]), 3) < 0
+
+
+def test_concordance_index_by_hand() -> None:
+    time = np.array([1.0, 2.0, 3.0, 4.0])
+    event = np.array([1, 1, 0, 1])
+    # comparable pairs: (0,1) (0,2) (0,3) (1,2) (1,3); slide 2 censored, so (2,3) is not
+    assert concordance_index(time, event, np.array([4.0, 3.0, 2.0, 1.0])) == 1.0
+    assert concordance_index(time, event, np.array([1.0, 2.0, 3.0, 4.0])) == 0.0
+    assert concordance_index(time, event, np.ones(4)) == 0.5
+    assert concordance_index(time, event, np.array([4.0, 1.0, 2.0, 3.0])) == pytest.approx(3 / 5)
+    assert np.isnan(concordance_index(time, np.zeros(4), np.ones(4)))
+
+
+def test_grading_metrics_recall_confusion_kappa_concordance_and_their_picture(tmp_path: Path) -> None:
+    """Four graded slides through an engine: per-class recall, the confusion matrix in metrics.json and as a
+    PNG and a TensorBoard figure, the concordance of the expected grade with survival."""
+    from smt_monai.handlers import ClassRecall, ConcordanceIndex, ConfusionMatrix, ConfusionMatrixWriter
+
+    names = ["benign", "grade 1", "grade 2"]
+    probs = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.6, 0.3], [0.0, 0.2, 0.8]])
+    batch = {
+        "label": np.array([0, 1, 2, 2]),
+        "layer_probs": probs[:, None],
+        "focus": _focus(hit=[np.nan] * 4),
+        "seconds": np.ones(4),
+        "survival": np.array([[9.0, 0], [5.0, 1], [4.0, 1], [1.0, 1]]),
+    }
+    engine = Engine(lambda e, b: b)
+    QuadraticKappa().attach(engine, "quadratic_kappa")
+    ClassRecall(names).attach(engine, "recall")
+    ConfusionMatrix().attach(engine, "confusion_matrix")
+    ConcordanceIndex().attach(engine, "concordance_index")
+    MetricsJSONWriter(tmp_path / "metrics.json").attach(engine)
+    ConfusionMatrixWriter(tmp_path / "confusion_matrix.png", names, log_dir=tmp_path / "tb").attach(engine)
+    engine.run([batch])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["confusion_matrix"] == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
+    assert (metrics["recall_benign"], metrics["recall_grade 1"], metrics["recall_grade 2"]) == (1.0, 1.0, 0.5)
+    assert "recall" not in metrics
+    assert metrics["quadratic_kappa"] == pytest.approx(
+        quadratic_weighted_kappa(batch["label"], np.array([0, 1, 1, 2]), 3)
+    )
+    assert metrics["concordance_index"] == 1.0  # expected grade 0.3 < 0.9 < 1.2 < 1.8 as time shortens
+    assert Image.open(tmp_path / "confusion_matrix.png").size[0] > 200
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
 def _focus(**columns: list[float]) -> dict[str, np.ndarray]:

@@ -201,6 +201,53 @@ def test_predict_slide_focuses_by_the_chosen_source(source: str) -> None:
         predict_slide(model, view, reader, num_focus=k, focus_source="saliency")
 
 
+def test_learned_aggregation_is_the_slide_head_on_the_layer3_embeddings(tmp_path: Path) -> None:
+    """``aggregation: learned``: the slide probabilities are the slide head's softmax over the K^2 layer-3
+    class-token embeddings, also from the TorchScript export; a model without a head refuses it."""
+    from smt_monai.cascade.prediction import aggregate, check_aggregation
+
+    torch.manual_seed(0)
+    model = smt_tiny(num_classes=4, slide_head=True).eval()
+    side, k = model.read_size, 2
+    view = {"path": "slide.tif", "image": torch.randint(0, 256, (3, side, side), dtype=torch.uint8)}
+    view["box"] = np.array([0.0, 0.0, 6400.0])
+    reader = RandomRegions(side)
+    images: list[torch.Tensor] = []
+    chunks = reader.chunks
+    reader.chunks = lambda *args: ((i, images.append(x) or x) for i, x in chunks(*args))
+    learned = predict_slide(model, view, reader, num_focus=k, aggregation="learned")
+    with torch.no_grad():
+        logits, attention = model.slide_head(model.layer3(normalize_he(images[-1])).cls_embedding)
+    assert logits.shape == (1, 4) and attention.shape == (k * k,)
+    np.testing.assert_allclose(learned.probs, torch.softmax(logits, -1)[0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(learned.layer_probs[1], aggregate(learned.region_probs[1], "max"), atol=1e-6)
+    scripted = torch.jit.script(model)
+    scripted.save(str(tmp_path / "model.ts"))
+    exported = torch.jit.load(str(tmp_path / "model.ts"))
+    embeddings = torch.randn(5, model.config.embed_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.slide_head(embeddings)[0], model.slide_head(embeddings)[0])
+    with pytest.raises(ValueError, match="slide head"):
+        check_aggregation(smt_tiny(), "learned")
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        check_aggregation(model, "median")
+
+
+def test_max_aggregation_grades_a_slide_by_its_furthest_region() -> None:
+    """``max``: P(slide >= c) is the largest P(region >= c); a single high-grade region grades the slide,
+    where ``mean`` dilutes it; for two classes it is the region with the largest P(positive)."""
+    from smt_monai.cascade.prediction import aggregate
+
+    regions = np.array([[0.9, 0.1, 0.0, 0.0]] * 15 + [[0.1, 0.1, 0.1, 0.7]])
+    slide = aggregate(regions, "max")
+    np.testing.assert_allclose(slide, [0.1, 0.1, 0.1, 0.7], atol=1e-9)
+    assert int(aggregate(regions, "mean").argmax()) == 0
+    mixed = np.array([[0.2, 0.5, 0.3], [0.3, 0.1, 0.6]])  # P(>=1): 0.8 vs 0.7; P(>=2): 0.3 vs 0.6
+    np.testing.assert_allclose(aggregate(mixed, "max"), [0.2, 0.2, 0.6], atol=1e-9)
+    binary = np.array([[0.7, 0.3], [0.2, 0.8], [0.6, 0.4]])
+    np.testing.assert_allclose(aggregate(binary, "max"), binary[1], atol=1e-12)
+
+
 def test_the_readme_python_example_runs(tmp_path: Path) -> None:
     """The README's Python example, as written, on a slide of ours with the model the bundle ships."""
     text = (ROOT / "README.md").read_text()

@@ -12,6 +12,7 @@ from conftest import scene, write_tiff
 
 from smt_monai.data import SlideReadError, open_slide
 from smt_monai.data.magnification import LayerScale, plausible, scan_mpp
+from smt_monai.data.tissue import tissue_components
 from smt_monai.inference import SMTPredictor
 from smt_monai.networks import SMT
 
@@ -97,3 +98,21 @@ def test_an_absurd_mpp_is_not_trusted(tmp_path: Path, mpp: float) -> None:
         assert scan_mpp(slide, default_mpp=0.5) == 0.5
         with pytest.raises(ValueError, match="default_mpp"):
             scan_mpp(slide, default_mpp=500.0)
+
+
+def test_tissue_detection_uses_the_resolved_mpp_not_an_absurd_one_from_the_file(tmp_path: Path) -> None:
+    """A file stating 350 um/px (a 72-dpi tag) read with --default_mpp 0.5 finds the same layer-1 fields as
+    the same image whose file states 0.5: the debris filter and the section gap are sized by the resolved
+    mpp, not by the file's absurd one."""
+    image = scene(768, 1024)
+    image[40:52, 60:72] = (150, 105, 80)  # a 6 x 6 um debris speck at 0.5 um/px: not a section
+    stated = write_tiff(tmp_path / "stated.tif", image, mpp=0.5)
+    absurd = write_tiff(tmp_path / "absurd.tif", image, mpp=350.0)
+    scale = LayerScale.of(tiny(0.5))
+    with open_slide(stated) as a, open_slide(absurd) as b:
+        expected = scale.layer1_boxes(a)
+        np.testing.assert_allclose(scale.layer1_boxes(b, default_mpp=0.5), expected)
+        relative = LayerScale.of(tiny(0.5, "tissue"))
+        np.testing.assert_allclose(relative.layer1_boxes(b, 0.5), relative.layer1_boxes(a))
+        # the speck counts as tissue only when the file's 350 um/px sizes the debris filter
+        assert len(tissue_components(b, 350.0)) == 2 and len(tissue_components(b, 0.5)) == 1

@@ -47,7 +47,7 @@ def test_tissue_bbox_finds_tissue_and_ignores_black_border(tmp_path: Path) -> No
     image[-30:] = 10
     path = write_tiff(tmp_path / "border.tif", image, downsamples=(1, 4, 16))
     with open_slide(path) as slide:
-        x0, y0, x1, y1 = tissue_bbox(slide)
+        x0, y0, x1, y1 = tissue_bbox(slide, slide.mpp)
     assert abs(x0 - 204) <= 32 and abs(x1 - 819) <= 32
     assert abs(y0 - 256) <= 32 and abs(y1 - 768) <= 32
 
@@ -56,7 +56,7 @@ def test_tissue_bbox_of_blank_slide_is_whole_slide(tmp_path: Path) -> None:
     blank = np.full((512, 768, 3), 243, np.uint8)
     path = write_tiff(tmp_path / "blank.tif", blank, downsamples=(1, 4))
     with open_slide(path) as slide:
-        assert tissue_bbox(slide) == (0.0, 0.0, 768.0, 512.0)
+        assert tissue_bbox(slide, slide.mpp) == (0.0, 0.0, 768.0, 512.0)
 
 
 def test_tissue_mask_on_aperio(aperio_slide: Path) -> None:

@@ -25,7 +25,7 @@ PINK, BLUE, GREEN, BLACK, BROWN = (225, 150, 190), (60, 100, 200), (50, 140, 80)
 
 def boxes_of(path: Path) -> list[tuple[float, float, float, float]]:
     with open_slide(path) as slide:
-        return tissue_components(slide)
+        return tissue_components(slide, slide.mpp)
 
 
 def assert_same_box(a: tuple, b: tuple, tolerance: float) -> None:
@@ -40,8 +40,8 @@ def test_a_pen_stroke_on_the_glass_does_not_move_the_tissue_box(tmp_path: Path, 
     image[100:220, 800:824] = ink  # 30 x 6 px at the 512 px level
     marked = write_tiff(tmp_path / "marked.tif", image, downsamples=(1, 4))
     with open_slide(clean) as a, open_slide(marked) as b:
-        assert_same_box(tissue_bbox(b), tissue_bbox(a), tolerance=4.0)
-        assert_same_box(tissue_bbox(a), (409, 512, 1639, 1536), tolerance=8.0)
+        assert_same_box(tissue_bbox(b, b.mpp), tissue_bbox(a, a.mpp), tolerance=4.0)
+        assert_same_box(tissue_bbox(a, a.mpp), (409, 512, 1639, 1536), tolerance=8.0)
 
 
 @pytest.mark.parametrize("mpp", [0.5, None], ids=["mpp", "no-mpp"])
@@ -66,7 +66,7 @@ def test_two_sections_are_two_components_and_a_stroke_across_one_keeps_it_whole(
     assert_same_box(found[0], (300, 400, 1500, 1600), tolerance=40.0)
     assert_same_box(found[1], (2400, 600, 3800, 1400), tolerance=40.0)
     with open_slide(path) as slide:
-        assert_same_box(tissue_bbox(slide), (300, 400, 3800, 1600), tolerance=40.0)
+        assert_same_box(tissue_bbox(slide, slide.mpp), (300, 400, 3800, 1600), tolerance=40.0)
 
 
 def test_fragments_of_one_section_are_one_component(tmp_path: Path) -> None:
@@ -87,7 +87,7 @@ def test_a_dark_fluorescence_slide_is_refused(tmp_path: Path) -> None:
     path = write_tiff(tmp_path / "dapi.tif", image, downsamples=(1, 4))
     with open_slide(path) as slide:
         with pytest.raises(SlideReadError, match="not a brightfield slide .*dark background.*H&E") as err:
-            tissue_bbox(slide)
+            tissue_bbox(slide, slide.mpp)
         assert err.value.path == str(path)
         with pytest.raises(SlideReadError, match="not a brightfield slide"):
             check_brightfield(slide)
@@ -114,7 +114,7 @@ def test_real_h_and_e_is_not_taken_for_ink_and_its_box_is_the_tissue(aperio_slid
     made at 8 um/px, where they are averaged into the tissue."""
     with open_slide(aperio_slide) as slide:
         image, factor = working_image(thumbnail(slide), slide.mpp)
-        found = tissue_components(slide)
+        found = tissue_components(slide, slide.mpp)
     assert factor == 16
     tissue, ink = detect_tissue(image, slide.mpp * factor)
     assert ink.sum() < 0.01 * tissue.sum()

@@ -99,7 +99,8 @@ def test_geojson_carries_qupath_measurements_and_classes(tmp_path: Path) -> None
 
     write_geojson(prediction(P3, classes=3), SLIDE, SLIDE, tmp_path / "graded.geojson")
     graded_props = json.loads((tmp_path / "graded.geojson").read_text())["features"][-1]["properties"]
-    assert {"P(class 1)", "P(class 2)"} <= set(graded_props["measurements"])
+    assert {"P(class 1)", "P(class 2)", "predicted class"} <= set(graded_props["measurements"])
+    assert graded_props["predicted_class"] == f"class {graded_props['measurements']['predicted class']}"
 
 
 def pixel(fig, ax, xy: tuple[float, float]) -> tuple[int, int]:
@@ -215,3 +216,26 @@ def test_the_focus_map_of_several_fields_is_one_map_over_the_slide(tmp_path: Pat
     assert image.shape[:2] == (2 * GRID, GRID) and image.affine[0, 0] == pytest.approx(step * 0.5 / 1000)
     write_overlay(pred, tmp_path / "overlay.png", title="two fields")
     assert overlay_figure(pred).axes[0].get_xlim() == pytest.approx((0, 2 * SLIDE))
+
+
+def test_graded_regions_are_coloured_and_named_by_their_predicted_grade(tmp_path: Path) -> None:
+    """A grading model (4 classes): each region's predicted grade names its GeoJSON feature and colours it,
+    and the overlay's legend lists the grades with their region counts."""
+    pred = prediction(P3, classes=4)
+    pred.class_names = ["benign", "grade 1", "grade 2", "grade 3"]
+    pred.region_probs[-1] = np.tile(np.eye(4)[[0, 3, 2, 0]], (K * K // 4, 1)) * 0.6 + 0.1
+    write_geojson(pred, SLIDE, SLIDE, tmp_path / "graded.geojson")
+    layer3 = [f["properties"] for f in json.loads((tmp_path / "graded.geojson").read_text())["features"]][
+        -K * K :
+    ]
+    assert [p["predicted_class"] for p in layer3[:4]] == ["benign", "grade 3", "grade 2", "benign"]
+    assert "grade 3 (P 0.70)" in layer3[1]["name"] and layer3[1]["measurements"]["predicted class"] == 3
+    assert {"P(grade 1)", "P(grade 2)", "P(grade 3)"} <= set(layer3[1]["measurements"])
+    assert layer3[1]["color"][0] > layer3[0]["color"][0] and layer3[1]["color"][2] < layer3[0]["color"][2]
+    legend = [t.get_text() for t in overlay_figure(pred).legends[0].get_texts()]
+    assert [
+        f"benign ({K * K // 2})",
+        "grade 1 (0)",
+        f"grade 2 ({K * K // 4})",
+        f"grade 3 ({K * K // 4})",
+    ] == legend[-5:-1]

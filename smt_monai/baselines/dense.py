@@ -40,6 +40,7 @@ from smt_monai.data.slide import Slide
 from smt_monai.data.tissue import tissue_mask
 from smt_monai.engines.evaluator import SlideEvaluator, SlideOutcome
 from smt_monai.networks.normalization import normalize_he
+from smt_monai.networks.pooling import GatedAttentionPool
 from smt_monai.utils import prefetch
 
 logger = logging.getLogger(__name__)
@@ -62,10 +63,7 @@ class DenseMIL(nn.Module):
     def __init__(self, num_classes: int = 2, attention_dim: int = 128) -> None:
         super().__init__()
         self.encoder = resnet18(spatial_dims=2, n_input_channels=3, conv1_t_stride=2, feed_forward=False)
-        self.attention_v = nn.Linear(self.feature_dim, attention_dim)
-        self.attention_u = nn.Linear(self.feature_dim, attention_dim)
-        self.attention_w = nn.Linear(attention_dim, 1)
-        self.classifier = nn.Linear(self.feature_dim, num_classes)
+        self.pooling = GatedAttentionPool(self.feature_dim, num_classes, attention_dim)
 
     def encode(self, tiles: torch.Tensor) -> torch.Tensor:
         """``(n, 512)`` features of tiles ``(n, 3, s, s)`` of 8-bit intensities (``normalize_he`` is applied
@@ -74,10 +72,7 @@ class DenseMIL(nn.Module):
 
     def pool(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Slide logits ``(1, C)`` and tile attention ``(n,)`` from the features of all its tiles."""
-        gate = torch.tanh(self.attention_v(features)) * torch.sigmoid(self.attention_u(features))
-        attention = torch.softmax(self.attention_w(gate).squeeze(-1), dim=0)
-        embedding = (attention[:, None] * features).sum(dim=0, keepdim=True)
-        return self.classifier(embedding), attention
+        return self.pooling(features)
 
     def forward(self, bags: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, C)`` of bags of tiles ``(B, n, 3, s, s)`` (``MILModel``'s input), or ``(1, C)`` of one

@@ -32,6 +32,7 @@ from smt_monai.baselines.dense import DenseMIL, predict_dense, tile_tissue
 from smt_monai.benchmark.fixtures import environment, synthetic_slide
 from smt_monai.data.errors import SlideReadError
 from smt_monai.data.geometry import square_around
+from smt_monai.data.magnification import known_mpp
 from smt_monai.data.regions import read_boxes
 from smt_monai.data.slide import open_slide
 from smt_monai.data.tissue import tissue_bbox
@@ -79,7 +80,7 @@ def run_floor(
     """Seconds to open ``path``, find its tissue box and read ``boxes`` (an array per layer), nothing else."""
     start = time.perf_counter()
     with open_slide(path, backend) as slide:
-        square_around(tissue_bbox(slide))
+        square_around(tissue_bbox(slide, known_mpp(slide)))
         for layer_boxes in boxes:
             read_boxes(slide, layer_boxes, read_size, num_workers)
     return time.perf_counter() - start

@@ -24,20 +24,36 @@ from smt_monai.cascade.walk import ChunkedRunner, LayerPass, Regions, TopK, time
 from smt_monai.data.regions import RegionReader
 from smt_monai.utils import prefetch
 
-AGGREGATIONS = ("max", "mean")
+AGGREGATIONS = ("max", "mean", "learned")
+"""How the slide prediction comes from the last layer's regions: :func:`aggregate`'s ``max`` or ``mean`` of
+their probabilities, or ``learned``, the model's slide head on their embeddings (``SMTConfig.slide_head``)."""
 
 
 def aggregate(probs: np.ndarray, mode: str) -> np.ndarray:
     """Slide probabilities from region probabilities ``(n, C)``.
 
-    ``max``: the region with the largest positive mass ``sum_{c>0} p_c`` speaks for the slide (binary
-    diagnosis: a slide is positive when any focused region is); ``mean``: the average (multi-class grading).
+    ``max``: the slide is as far up the classes as its furthest region, ``P(slide >= c) = max_r P(region r
+    >= c)`` for every class ``c`` (the maximum of decreasing sequences is decreasing, so these are the
+    cumulative probabilities of a distribution). For diagnosis this is the region with the largest P(positive)
+    (a slide is positive when any focused region is); for grading, a small high-grade focus grades the slide,
+    as a pathologist grades by the worst pattern seen. ``mean``: the average over the regions (the paper's
+    choice, which dilutes a small focus among the K^2 regions).
     """
     if mode == "max":
-        return probs[int(np.argmax(probs[:, 1:].sum(axis=1)))]
+        at_least = probs[:, ::-1].cumsum(axis=1)[:, ::-1].max(axis=0)  # P(slide >= c), c = 0 .. C - 1
+        return np.clip(at_least - np.append(at_least[1:], 0.0), 0.0, None)
     if mode == "mean":
         return probs.mean(axis=0)
-    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {mode!r}")
+    raise ValueError(f"aggregation of probabilities must be max or mean, got {mode!r}")
+
+
+def check_aggregation(model: torch.nn.Module, aggregation: str) -> str:
+    """``aggregation`` if ``model`` can aggregate that way; a ValueError naming the problem otherwise."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    if aggregation == "learned" and getattr(model, "slide_head", None) is None:
+        raise ValueError("aggregation 'learned' needs a model trained with a slide head (slide_head: true)")
+    return aggregation
 
 
 def predicted_classes(probs: np.ndarray, threshold: float) -> np.ndarray:
@@ -154,7 +170,8 @@ def predict_slide(
             ``box`` ``(F, 3)``; ``dimensions``, ``mpp`` and ``backend`` are copied into the prediction.
         reader: reader of the focused regions (at the network's ``read_size``).
         num_focus: ``K``.
-        aggregation: ``max`` or ``mean`` over the last layer's regions.
+        aggregation: ``max`` or ``mean`` over the last layer's regions, or ``learned`` (the model's slide
+            head on their embeddings; the earlier layers' own predictions are then their ``max``).
         focus_source: what the top-K is taken by: ``"q"`` (SMT), ``"score"`` or ``"attention"`` (the
             ablations; see :class:`~smt_monai.cascade.walk.TopK`).
         num_layers: layers to run (fewer during the staged schedule; the last one run predicts).
@@ -165,8 +182,7 @@ def predict_slide(
     Raises:
         SlideReadError: a region of the slide could not be read.
     """
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    check_aggregation(model, aggregation)
     start = time.perf_counter()
     device = torch.device(device)
     path = str(view["path"])
@@ -185,6 +201,10 @@ def predict_slide(
         device,
     )
     result = _slide_prediction(passes, aggregation, int(model.grid))
+    if aggregation == "learned" and len(passes) == 3:
+        with torch.inference_mode():
+            logits, _ = model.slide_head(passes[-1].run.out.cls_embedding.to(device))
+        result.probs = result.layer_probs[-1] = torch.softmax(logits.float(), dim=-1)[0].cpu().numpy()
     mpp = float(view.get("mpp", float("nan")))
     width, height = (int(v) for v in view.get("dimensions", (0, 0)))
     result.path, result.backend, result.dimensions = path, str(view.get("backend", "")), (width, height)
@@ -209,7 +229,7 @@ def _slide_prediction(passes: list[LayerPass], aggregation: str, grid: int) -> S
         result.focus.append(step.regions.focus)
         result.rank.append(step.regions.rank)
         result.parent.append(step.regions.parent)
-        result.layer_probs.append(aggregate(probs, aggregation))
+        result.layer_probs.append(aggregate(probs, "max" if aggregation == "learned" else aggregation))
     result.probs = result.layer_probs[-1]
     if passes[0].ranking is not None:
         result.focus_map = passes[0].ranking.numpy().reshape(-1, grid, grid)

@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from smt_monai.cascade.walk import Inputs, LayerPass, LayerRun, ReadRegions, Regions, patch_signals, walk
 from smt_monai.data.geometry import child_boxes, region_key
@@ -33,7 +34,8 @@ from smt_monai.losses.combined import SMTLoss
 from smt_monai.networks.layer import LayerOutput
 
 RegionOverlap = Callable[[np.ndarray, np.ndarray], np.ndarray]
-"""``(slide_index (M,), boxes (M, 3)) -> (M,)`` tumour-overlap fractions, NaN for unannotated slides."""
+"""``(slide_index (M,), boxes (M, 3)) -> (M, P)`` fractions covered by each positive class (tumour, or the
+grades), NaN for unannotated slides (``AnnotationOverlap``)."""
 
 
 @dataclass
@@ -157,7 +159,7 @@ class TrainingFocus:
             minmax_normalize(score, tissue) if self.extra_benign else None,
             self.explore,
             guide=self.guide,
-            target=None if overlap is None else reaches_overlap(overlap, threshold),
+            target=None if overlap is None else reaches_overlap(overlap.sum(-1), threshold),
             group=regions.groups(rows, level),
             valid=tissue,
         )
@@ -167,12 +169,13 @@ class TrainingFocus:
         return rows, ranking, selection
 
     def _patch_overlap(self, regions: Regions, rows: np.ndarray) -> torch.Tensor:
-        """``(R, grid**2)`` tumour-overlap fractions of every patch of the regions ``rows`` (NaN: unknown)."""
+        """``(R, grid**2, P)`` class-overlap fractions of every patch of the regions ``rows`` (NaN:
+        unknown)."""
         assert self.overlap is not None
         patches = np.broadcast_to(np.arange(self.grid**2), (len(rows), self.grid**2))
         boxes = child_boxes(regions.boxes[rows], patches, self.grid).reshape(-1, 3)
         fractions = self.overlap(np.repeat(regions.slide[rows], self.grid**2), boxes)
-        return torch.as_tensor(fractions).reshape(len(rows), self.grid**2)
+        return torch.as_tensor(fractions).reshape(len(rows), self.grid**2, -1)
 
 
 class CascadeStep(NamedTuple):
@@ -315,8 +318,21 @@ class CascadeTraining:
             )
         for parent, child in zip(passes, passes[1:]):
             self._backward_terms(terms, parent, child.run.out)
+        if getattr(model, "slide_head", None) is not None and len(passes) == 3:
+            terms["slide"] = self._slide_term(model.slide_head, passes[2], labels)
         losses = self.loss_fn(terms, lambda_fwd, lambda_bwd)
         return CascadeStep(losses, passes, focus.labels[: len(passes)])
+
+    @staticmethod
+    def _slide_term(head: torch.nn.Module, last: LayerPass, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the slide head (the learned aggregation) on each slide's layer-3 class-token
+        embeddings, detached: the head learns to pool what layer 3 learned from its region labels."""
+        embeddings = last.run.out.cls_embedding.detach()
+        slides = np.unique(last.regions.slide)
+        logits = torch.cat(
+            [head(embeddings[torch.as_tensor(np.flatnonzero(last.regions.slide == s))])[0] for s in slides]
+        )
+        return F.cross_entropy(logits.float(), labels.to(logits.device, torch.long)[torch.as_tensor(slides)])
 
     def _backward_terms(self, terms: dict[str, torch.Tensor], parent: LayerPass, child: LayerOutput) -> None:
         """Add ``L_ret`` (Eq. 4) and ``L_emb`` (Eq. 5-6) of ``parent``'s layer, taught by its K focused

@@ -1,22 +1,29 @@
 """Tumour annotations: reading QuPath GeoJSON and CAMELYON16 ASAP XML, and tumour overlap of boxes.
 
 SMT uses an annotation to label next-layer regions (method-notes, "Selection": a region is positive when
-its tumour-overlap fraction reaches ``label_overlap``) and to measure where it focused (focus hit rate and
-precision). Both need, for level-0 boxes ``(x, y, size)``, the fraction of each box covered by tumour, also
-for boxes far smaller than the tumour (a layer-3 region may be a few hundred pixels on a 100000-px slide).
-So coverage is not read off one global mask: each box is sampled on its own ``samples`` x ``samples`` grid
+its tumour-overlap fraction reaches ``label_overlap``; for grading, a region takes the highest class it
+overlaps by that much) and to measure where it focused (focus hit rate and precision). Both need, for
+level-0 boxes ``(x, y, size)``, the fraction of each box covered by tumour (or by each class), also for
+boxes far smaller than the tumour (a layer-3 region may be a few hundred pixels on a 100000-px slide). So
+coverage is not read off one global mask: each box is sampled on its own ``samples`` x ``samples`` grid
 of points, tested against the polygons with :meth:`matplotlib.path.Path.contains_points` (error under
 about ``1 / samples`` of the box side along each crossing edge, i.e. a few percent at 32).
 
 Formats:
 
 - QuPath GeoJSON: a ``FeatureCollection``, a list of features or one feature, with ``Polygon`` and
-  ``MultiPolygon`` geometries in level-0 px (holes are subtracted). Features whose class
-  (``properties.classification.name``, or a string ``classification``) is "Tumor"/"Tumour" in any case are
-  tumour; if no feature has a class, all are.
+  ``MultiPolygon`` geometries in level-0 px (holes are subtracted). A feature's class is
+  ``properties.classification.name`` (or a string ``classification``), matched in any case. For diagnosis,
+  "Tumor"/"Tumour" features are tumour, and if no feature has a class, all are. For grading, each polygon
+  takes the class whose name it carries (e.g. "grade 2" is class 2), and where polygons of several classes
+  overlap, the highest wins.
 - ASAP XML (CAMELYON16): ``Annotations/Annotation/Coordinates/Coordinate`` with ``X`` and ``Y``. Polygons of
-  group ``_2`` are exclusions (normal tissue cut out of tumour); all others (``_0``, ``_1``, ``Tumor``, ...)
-  are tumour. Point annotations (``Dot``, ``PointSet``) have no area and are skipped.
+  group ``_2`` are exclusions (normal tissue cut out of tumour). For diagnosis all others (``_0``, ``_1``,
+  ``Tumor``, ...) are tumour; for grading the group (``PartOfGroup``) names the class. Point annotations
+  (``Dot``, ``PointSet``) have no area and are skipped.
+
+Which names make which class is a mapping, lower-case name to class index (:func:`annotation_classes` builds
+it from a model's class names); a set of names is class 1.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from __future__ import annotations
 import json
 import os
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +43,33 @@ from matplotlib.transforms import Bbox
 TUMOUR_NAMES = frozenset({"tumor", "tumour"})
 EXCLUSION_GROUPS = frozenset({"_2"})
 POINT_TYPES = frozenset({"dot", "pointset"})
+UNCLASSIFIED = ""  # the class name of a feature without one, in annotation_names
+
+ClassNames = Collection[str] | Mapping[str, int]
+"""Annotation classes to read: lower-case names mapped to class indices (>= 1), or a set of names
+(class 1)."""
+
+
+def class_map(names: ClassNames) -> dict[str, int]:
+    """``names`` as a mapping lower-case name -> class index (a set of names is class 1)."""
+    if isinstance(names, Mapping):
+        return {str(k).lower(): int(v) for k, v in names.items()}
+    return {str(n).lower(): 1 for n in names}
+
+
+def annotation_classes(class_names: Sequence[str]) -> dict[str, int]:
+    """Which annotation classes label a model's classes: for two classes, tumour ("Tumor"/"Tumour", or the
+    name of class 1) is class 1; for more (grading), class ``c``'s name is class ``c`` for ``c >= 1``."""
+    names = [str(n).lower() for n in class_names]
+    if len(names) <= 2:
+        return class_map(TUMOUR_NAMES | set(names[1:]))
+    return {name: c for c, name in enumerate(names) if c > 0}
+
+
+def _reads_all_tumour(classes: Mapping[str, int]) -> bool:
+    """Whether unclassified GeoJSON features and every ASAP group count as class 1: diagnosis, where the
+    classes are tumour names only."""
+    return set(classes.values()) == {1} and bool(TUMOUR_NAMES & classes.keys())
 
 
 def _closed_path(ring: np.ndarray) -> MplPath:
@@ -46,62 +80,78 @@ def _closed_path(ring: np.ndarray) -> MplPath:
 
 @dataclass
 class TumourAnnotation:
-    """Tumour polygons of one slide in level-0 px.
+    """Tumour polygons of one slide in level-0 px, each with its class (1 for diagnosis; the grade for
+    grading).
 
     Attributes:
         polygons: outer rings, each an ``(N, 2)`` float array of ``(x, y)`` vertices.
         holes: for each polygon, its inner rings (not tumour).
         exclusions: rings cut out of every polygon (ASAP group ``_2``).
         source: the file it was read from, if any.
+        classes: the class (>= 1) of each polygon; all 1 by default.
     """
 
     polygons: list[np.ndarray]
     holes: list[list[np.ndarray]] = field(default_factory=list)
     exclusions: list[np.ndarray] = field(default_factory=list)
     source: str | None = None
+    classes: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.polygons = [np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in self.polygons]
         self.holes = self.holes or [[] for _ in self.polygons]
-        if len(self.holes) != len(self.polygons):
-            raise ValueError("holes must hold one list of rings per polygon")
+        self.classes = [int(c) for c in self.classes] or [1] * len(self.polygons)
+        if len(self.holes) != len(self.polygons) or len(self.classes) != len(self.polygons):
+            raise ValueError("holes and classes must hold one entry per polygon")
+        if min(self.classes, default=1) < 1:
+            raise ValueError(f"polygon classes must be >= 1, got {sorted(set(self.classes))}")
+        # highest class first, so that a point takes the highest class of the polygons covering it
+        order = np.argsort(-np.asarray(self.classes, dtype=np.int64), kind="stable")
         self._paths = [
-            (_closed_path(p), [_closed_path(h) for h in hs], p.min(axis=0), p.max(axis=0))
-            for p, hs in zip(self.polygons, self.holes, strict=True)
+            (
+                self.classes[i],
+                _closed_path(self.polygons[i]),
+                [_closed_path(h) for h in self.holes[i]],
+                self.polygons[i].min(axis=0),
+                self.polygons[i].max(axis=0),
+            )
+            for i in order
         ]
         self._exclusions = [_closed_path(e) for e in self.exclusions]
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, names: frozenset[str] = TUMOUR_NAMES) -> TumourAnnotation:
+    def from_file(cls, path: str | os.PathLike, names: ClassNames = TUMOUR_NAMES) -> TumourAnnotation:
         """Read a QuPath GeoJSON (``.geojson``/``.json``) or ASAP XML (``.xml``) annotation.
 
         Args:
             path: the file.
-            names: the classes (lower case) whose GeoJSON polygons are read: tumour by default, where a file
-                without any class is all tumour; e.g. ``{"mimic"}`` for the benign mimics ``smt-monai synth``
-                annotates. ASAP XML holds tumour only, so other names read nothing from it.
+            names: the classes to read (see :data:`ClassNames`): tumour by default, where a file without any
+                class is all tumour; e.g. ``{"mimic"}`` for the benign mimics ``smt-monai synth`` annotates,
+                or :func:`annotation_classes` of a grading model's class names.
 
         Raises:
             ValueError: if the file is missing, unreadable or not such an annotation; the message names the
                 file and the problem.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"{path}: annotation file not found")
-        try:
-            text = path.read_text(encoding="utf-8-sig")
-        except (OSError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path}: cannot read annotation file ({err})") from err
-        start = text.lstrip()[:1]
-        is_xml = path.suffix.lower() == ".xml" or start == "<"
-        try:
-            if is_xml:
-                parts = _parse_asap(text) if names == TUMOUR_NAMES else ([], [], [])
-            else:
-                parts = _parse_geojson(text, names)
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}") from err
-        return cls(*parts, source=str(path))
+        shapes = _read(path)
+        classes = class_map(names)
+        if _reads_all_tumour(classes) and (shapes.xml or set(shapes.names) == {UNCLASSIFIED}):
+            kinds = [1] * len(shapes.names)
+        else:
+            kinds = [classes.get(name, 0) for name in shapes.names]
+        keep = [i for i, kind in enumerate(kinds) if kind > 0]
+        return cls(
+            [shapes.polygons[i] for i in keep],
+            [shapes.holes[i] for i in keep],
+            shapes.exclusions,
+            source=str(path),
+            classes=[kinds[i] for i in keep],
+        )
+
+    @property
+    def num_classes(self) -> int:
+        """The highest polygon class (0 without polygons)."""
+        return max(self.classes, default=0)
 
     @property
     def empty(self) -> bool:
@@ -115,15 +165,25 @@ class TumourAnnotation:
         return boxes
 
     def overlap_fraction(self, boxes: np.ndarray, samples: int = 32) -> np.ndarray:
-        """Fraction of each box ``(x, y, size)`` covered by tumour, from a ``samples`` x ``samples`` grid of
-        points at the centres of equal sub-squares of the box.
+        """Fraction of each box ``(x, y, size)`` covered by tumour (any class), from a ``samples`` x
+        ``samples`` grid of points at the centres of equal sub-squares of the box.
 
         Returns:
             ``(N,)`` float array in [0, 1].
         """
+        return self.class_overlap(boxes, max(self.num_classes, 1), samples).sum(axis=1)
+
+    def class_overlap(self, boxes: np.ndarray, positive_classes: int, samples: int = 32) -> np.ndarray:
+        """Fraction of each box covered by each class ``1 .. positive_classes``, a point counting for the
+        highest class covering it (so the fractions of a box sum to its tumour fraction); polygons of a
+        higher class count for the highest.
+
+        Returns:
+            ``(N, positive_classes)`` float array in [0, 1].
+        """
         boxes = self._boxes(boxes)
-        out = np.zeros(len(boxes))
-        if self.empty or not len(boxes):
+        out = np.zeros((len(boxes), positive_classes))
+        if self.empty or not len(boxes) or positive_classes < 1:
             return out
         offsets = (np.arange(samples) + 0.5) / samples
         gx, gy = np.meshgrid(offsets, offsets)
@@ -131,22 +191,24 @@ class TumourAnnotation:
         x0, y0, size = boxes[:, 0:1], boxes[:, 1:2], boxes[:, 2:3]
         for i in np.flatnonzero(self.intersects(boxes)):
             points = np.stack([x0[i] + unit[:, 0] * size[i], y0[i] + unit[:, 1] * size[i]], axis=1)
-            out[i] = self._covered(points).mean()
+            covered = np.minimum(self._covered(points), positive_classes)
+            out[i] = np.bincount(covered, minlength=positive_classes + 1)[1:] / len(points)
         return out
 
     def _covered(self, points: np.ndarray) -> np.ndarray:
-        """Which points lie in tumour."""
-        inside = np.zeros(len(points), dtype=bool)
-        for outer, holes, lo, hi in self._paths:
-            near = ~inside & np.all((points >= lo) & (points <= hi), axis=1)
+        """The class of each point: the highest class of the polygons covering it, 0 outside them."""
+        inside = np.zeros(len(points), dtype=np.int64)
+        for kind, outer, holes, lo, hi in self._paths:
+            near = (inside == 0) & np.all((points >= lo) & (points <= hi), axis=1)
             if not near.any():
                 continue
             hit = outer.contains_points(points[near])
             for hole in holes:
                 hit &= ~hole.contains_points(points[near])
-            inside[np.flatnonzero(near)[hit]] = True
+            inside[np.flatnonzero(near)[hit]] = kind
         for exclusion in self._exclusions:
-            inside[inside] = ~exclusion.contains_points(points[inside])
+            covered = inside > 0
+            inside[covered] = np.where(exclusion.contains_points(points[covered]), 0, inside[covered])
         return inside
 
     def intersects(self, boxes: np.ndarray) -> np.ndarray:
@@ -176,7 +238,7 @@ class TumourAnnotation:
                 and y < hi[1]
                 and outer.intersects_bbox(bbox, filled=True)
                 and not any(within(h) for h in holes)
-                for outer, holes, lo, hi in self._paths
+                for _, outer, holes, lo, hi in self._paths
             )
         return out
 
@@ -186,17 +248,19 @@ class TumourAnnotation:
 
 
 class AnnotationOverlap:
-    """Tumour-overlap fractions of regions of several slides, from each slide's annotation file.
+    """Class-overlap fractions of regions of several slides, from each slide's annotation file.
 
     Each annotation file is parsed once and kept. A slide without annotation (an empty path) gives NaN, the
     "unknown" that ``smt_monai.focus.next_labels`` reads as weak supervision.
 
     Args:
-        names: the annotation classes whose overlap is measured (``TumourAnnotation.from_file``).
+        names: the annotation classes read (:data:`ClassNames`; :func:`annotation_classes` of a model's class
+            names): their highest class index is the number of positive classes measured.
     """
 
-    def __init__(self, names: frozenset[str] = TUMOUR_NAMES) -> None:
-        self.names = names
+    def __init__(self, names: ClassNames = TUMOUR_NAMES) -> None:
+        self.names = class_map(names)
+        self.positive_classes = max(self.names.values(), default=1)
         self._loaded: dict[str, TumourAnnotation] = {}
 
     def annotation(self, path: str) -> TumourAnnotation | None:
@@ -208,17 +272,81 @@ class AnnotationOverlap:
         return self._loaded[path]
 
     def __call__(self, paths: Sequence[str], slide_index: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-        """``(M,)`` fractions of the boxes ``(M, 3)`` covered by tumour; row ``i`` belongs to the slide whose
-        annotation file is ``paths[slide_index[i]]``."""
+        """``(M, P)`` fractions of the boxes ``(M, 3)`` covered by each positive class ``1 .. P``
+        (:meth:`TumourAnnotation.class_overlap`); row ``i`` belongs to the slide whose annotation file is
+        ``paths[slide_index[i]]``."""
         slide_index = np.asarray(slide_index)
         boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 3)
-        out = np.full(len(boxes), np.nan)
+        out = np.full((len(boxes), self.positive_classes), np.nan)
         for slide in np.unique(slide_index):
             annotation = self.annotation(paths[int(slide)])
             if annotation is not None:
                 rows = np.flatnonzero(slide_index == slide)
-                out[rows] = annotation.overlap_fraction(boxes[rows])
+                out[rows] = annotation.class_overlap(boxes[rows], self.positive_classes)
         return out
+
+
+def annotation_names(path: str | os.PathLike) -> set[str]:
+    """The classes (lower case) of the area annotations in a file: GeoJSON feature classes
+    (:data:`UNCLASSIFIED` for a feature without one) or ASAP groups (the exclusion group left out).
+
+    Raises:
+        ValueError: as :meth:`TumourAnnotation.from_file`.
+    """
+    return set(_read(path).names)
+
+
+NOT_GRADED = frozenset({"mimic"})
+"""Annotation classes a grading model's annotations may hold besides its own (benign look-alikes, as
+``smt-monai synth`` writes them)."""
+
+
+def unknown_annotation_classes(path: str | os.PathLike, class_names: Sequence[str]) -> str | None:
+    """What a grading model (more than two classes) cannot read in an annotation file, or None.
+
+    Every polygon must carry one of the model's class names (its class 0, e.g. "benign", and
+    :data:`NOT_GRADED` are read as no tumour): a polygon without a class, or with one the model does not
+    know ("Tumor" without a grade, a grade it was not built for), would silently label regions wrong.
+    Diagnosis models read tumour and ignore other classes, as QuPath projects hold many.
+
+    Raises:
+        ValueError: the file cannot be read (as :meth:`TumourAnnotation.from_file`).
+    """
+    if len(class_names) <= 2:
+        return None
+    known = {str(n).lower() for n in class_names} | NOT_GRADED
+    unknown = sorted(annotation_names(path) - known)
+    if not unknown:
+        return None
+    found = ", ".join(repr(n) if n else "polygons without a class" for n in unknown)
+    return f"annotation classes the model does not know: {found} (its classes: {', '.join(class_names)})"
+
+
+@dataclass
+class _Shapes:
+    """The area annotations of a file, each polygon with its holes and class name (lower case)."""
+
+    polygons: list[np.ndarray]
+    holes: list[list[np.ndarray]]
+    names: list[str]
+    exclusions: list[np.ndarray]
+    xml: bool
+
+
+def _read(path: str | os.PathLike) -> _Shapes:
+    """Parse an annotation file; ValueError naming the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: annotation file not found")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: cannot read annotation file ({err})") from err
+    xml = path.suffix.lower() == ".xml" or text.lstrip()[:1] == "<"
+    try:
+        return _parse_asap(text) if xml else _parse_geojson(text)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
 
 
 def _ring(coords: Any, what: str) -> np.ndarray:
@@ -246,9 +374,7 @@ def _class_name(feature: dict) -> str | None:
     return cls.strip() if isinstance(cls, str) and cls.strip() else None
 
 
-def _parse_geojson(
-    text: str, names: frozenset[str] = TUMOUR_NAMES
-) -> tuple[list[np.ndarray], list[list[np.ndarray]], list[np.ndarray]]:
+def _parse_geojson(text: str) -> _Shapes:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -261,12 +387,9 @@ def _parse_geojson(
         features = data
     if not isinstance(features, list) or not all(isinstance(f, dict) for f in features):
         raise ValueError("expected a GeoJSON FeatureCollection, a list of features or a feature")
-    if any(_class_name(f) for f in features):
-        features = [f for f in features if (_class_name(f) or "").lower() in names]
-    elif names != TUMOUR_NAMES:
-        features = []
     polygons: list[np.ndarray] = []
     holes: list[list[np.ndarray]] = []
+    names: list[str] = []
     for n, feature in enumerate(features):
         geometry = feature.get("geometry")
         if not isinstance(geometry, dict):
@@ -280,15 +403,17 @@ def _parse_geojson(
             continue  # points and lines have no area
         if not isinstance(shapes, list):
             raise ValueError(f"feature {n} has malformed {kind} coordinates")
+        name = (_class_name(feature) or UNCLASSIFIED).lower()
         for shape in shapes:
             if not isinstance(shape, list) or not shape:
                 raise ValueError(f"feature {n} has an empty or malformed polygon")
             polygons.append(_ring(shape[0], f"feature {n}"))
             holes.append([_ring(r, f"a hole of feature {n}") for r in shape[1:]])
-    return polygons, holes, []
+            names.append(name)
+    return _Shapes(polygons, holes, names, [], xml=False)
 
 
-def _parse_asap(text: str) -> tuple[list[np.ndarray], list[list[np.ndarray]], list[np.ndarray]]:
+def _parse_asap(text: str) -> _Shapes:
     try:
         root = ET.fromstring(text)
     except ET.ParseError as err:
@@ -296,6 +421,7 @@ def _parse_asap(text: str) -> tuple[list[np.ndarray], list[list[np.ndarray]], li
     if root.tag != "ASAP_Annotations" and root.find(".//Annotations") is None:
         raise ValueError(f"not an ASAP annotation (root element <{root.tag}>, no <Annotations>)")
     polygons: list[np.ndarray] = []
+    names: list[str] = []
     exclusions: list[np.ndarray] = []
     for n, annotation in enumerate(root.iter("Annotation")):
         if (annotation.get("Type") or "").lower() in POINT_TYPES:
@@ -310,8 +436,13 @@ def _parse_asap(text: str) -> tuple[list[np.ndarray], list[list[np.ndarray]], li
         except ValueError as err:
             raise ValueError(f"{name!r} has a coordinate without numeric X and Y") from err
         ring = _ring(xy, repr(name))
-        (exclusions if annotation.get("PartOfGroup") in EXCLUSION_GROUPS else polygons).append(ring)
-    return polygons, [[] for _ in polygons], exclusions
+        group = annotation.get("PartOfGroup") or UNCLASSIFIED
+        if group in EXCLUSION_GROUPS:
+            exclusions.append(ring)
+        else:
+            polygons.append(ring)
+            names.append(group.lower())
+    return _Shapes(polygons, [[] for _ in polygons], names, exclusions, xml=True)
 
 
 # ---------------------------------------------------------------------------------------------------------

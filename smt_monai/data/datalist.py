@@ -11,9 +11,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from smt_monai.data.annotations import unknown_annotation_classes
 from smt_monai.data.errors import UserError
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide")
@@ -34,8 +36,12 @@ def load_datalist(
     require_label: bool = True,
     check_files: bool = True,
     num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Entries of one split of a decathlon datalist, with absolute ``image`` and ``annotation`` paths.
+
+    An entry may also hold a survival ``time`` (>= 0, any unit) and ``event`` (1: the event was observed, 0:
+    censored), read as floats and ints, for the concordance index of prognosis.
 
     Args:
         datalist: the JSON file.
@@ -44,11 +50,15 @@ def load_datalist(
         require_label: every entry must hold an integer ``label``.
         check_files: every ``image`` (and ``annotation``, when given) must exist.
         num_classes: the model's classes: every label must lie in ``0 .. num_classes - 1`` (checked here,
-            before training or evaluation starts, rather than as an index error inside the loss).
+            before training or evaluation starts, rather than as an index error inside the loss); default:
+            ``len(class_names)``.
+        class_names: the model's class names: for a grading model (more than two), every annotation's
+            polygon classes must be among them (``unknown_annotation_classes``).
 
     Raises:
         DatalistError: the file is missing or malformed, the split is absent, or entries lack keys, point
-            to missing files or hold labels the model has no class for; the message lists all of them.
+            to missing files, hold labels the model has no class for, annotations it cannot read, or a
+            malformed ``time`` / ``event``; the message lists all of them, each naming its slide.
     """
     path = Path(datalist)
     if not path.is_file():
@@ -62,7 +72,11 @@ def load_datalist(
         raise DatalistError(f"{path}: no split {split!r} (found {keys})")
     base = Path(dataset_dir) if dataset_dir else path.parent
     entries = content[split]
-    return validate_entries(entries, f"{path} [{split}]", base, require_label, check_files, num_classes)
+    if num_classes is None and class_names is not None:
+        num_classes = len(class_names)
+    return validate_entries(
+        entries, f"{path} [{split}]", base, require_label, check_files, num_classes, class_names
+    )
 
 
 def class_names(datalist: str | os.PathLike, num_classes: int) -> list[str]:
@@ -83,6 +97,7 @@ def validate_entries(
     require_label: bool,
     check_files: bool,
     num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Resolve paths and check every entry; raise one :class:`DatalistError` listing all problems."""
     if not isinstance(entries, list):
@@ -114,14 +129,39 @@ def validate_entries(
             problems.append(f"entry {i} ({item['image']}): missing key 'label'")
         else:
             item.pop("label", None)
+        problems += _survival(item, f"entry {i} ({item['image']})")
         if check_files:
             for key in ("image", "annotation"):
                 if item.get(key) and not os.path.exists(item[key]):
                     problems.append(f"entry {i}: {key} file not found: {item[key]}")
+        if class_names is not None and item.get("annotation") and os.path.exists(item["annotation"]):
+            try:
+                unknown = unknown_annotation_classes(item["annotation"], class_names)
+            except ValueError as exc:
+                unknown = str(exc)
+            if unknown:
+                problems.append(f"entry {i} ({item['image']}): {unknown}")
         resolved.append(item)
     if problems:
         raise DatalistError(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
     return resolved
+
+
+def _survival(item: dict[str, Any], what: str) -> list[str]:
+    """Parse an entry's ``time`` and ``event`` in place (both or neither); the problems found."""
+    given = [key for key in ("time", "event") if item.get(key) not in (None, "")]
+    if not given:
+        return []
+    if len(given) == 1:
+        return [f"{what}: survival needs both 'time' and 'event', found only {given[0]!r}"]
+    try:
+        time, event = float(item["time"]), float(item["event"])
+    except (TypeError, ValueError):
+        return [f"{what}: time {item['time']!r} and event {item['event']!r} must be numbers"]
+    if not time >= 0 or event not in (0.0, 1.0):
+        return [f"{what}: time must be >= 0 and event 0 (censored) or 1 (observed), got {time}, {event:g}"]
+    item["time"], item["event"] = time, int(event)
+    return []
 
 
 def load_slide_list(

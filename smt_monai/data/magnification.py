@@ -90,14 +90,22 @@ class LayerScale:
             SlideReadError: not a brightfield slide, or (physical mode) no usable mpp.
         """
         if self.geometry == "tissue":
-            return square_around(tissue_bbox(slide))[None]
+            return square_around(tissue_bbox(slide, known_mpp(slide, default_mpp)))[None]
         mpp = scan_mpp(slide, default_mpp)
-        return layer1_fields(np.array(tissue_components(slide)), self.field_um / mpp)
+        return layer1_fields(np.array(tissue_components(slide, mpp)), self.field_um / mpp)
 
 
 def plausible(mpp: float | None) -> bool:
     """Whether ``mpp`` (um/px) can be a whole-slide scan's level-0 resolution."""
     return mpp is not None and PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]
+
+
+def known_mpp(slide: Slide, default_mpp: float | None = None) -> float | None:
+    """:func:`scan_mpp`, or None where neither the file nor ``default_mpp`` gives a usable one."""
+    try:
+        return scan_mpp(slide, default_mpp)
+    except SlideReadError:
+        return None
 
 
 def scan_mpp(slide: Slide, default_mpp: float | None = None) -> float:

@@ -204,8 +204,13 @@ def detect_tissue(rgb: np.ndarray, um_per_px: float | None = None) -> tuple[np.n
     return tissue, ink
 
 
-def tissue_components(slide: Slide) -> list[Box]:
+def tissue_components(slide: Slide, mpp: float | None) -> list[Box]:
     """Level-0 boxes ``(x0, y0, x1, y1)`` of the tissue sections, row-major by position.
+
+    ``mpp`` is the slide's level-0 um/px as the caller resolved it (``magnification.scan_mpp``: the file's
+    value when plausible, else the user's ``--default_mpp``), or None when unknown: the file's own value is
+    not trusted here, since a 72-dpi tag or a unit slip would size the debris filter and the section gap by
+    it.
 
     Ink, debris and holes are handled by :func:`detect_tissue` on the :func:`working_image` of the
     thumbnail; the remaining components that touch the same ink stroke, or lie within ``SECTION_GAP_UM``
@@ -219,7 +224,6 @@ def tissue_components(slide: Slide) -> list[Box]:
     image = thumbnail(slide)
     check_brightfield(slide, image)
     width, height = slide.dimensions
-    mpp = slide.mpp if slide.mpp and slide.mpp > 0 else None
     sx, sy = width / image.shape[1], height / image.shape[0]  # level-0 px per thumbnail px
     image, factor = working_image(image, mpp * sx if mpp else None)
     sx, sy = sx * factor, sy * factor
@@ -241,8 +245,8 @@ def tissue_components(slide: Slide) -> list[Box]:
     ]
 
 
-def tissue_bbox(slide: Slide) -> Box:
-    """Level-0 bounding box ``(x0, y0, x1, y1)`` of all the tissue sections (:func:`tissue_components`);
-    the whole slide when none is found."""
-    boxes = np.array(tissue_components(slide))
+def tissue_bbox(slide: Slide, mpp: float | None) -> Box:
+    """Level-0 bounding box ``(x0, y0, x1, y1)`` of all the tissue sections (:func:`tissue_components`, with
+    its ``mpp``); the whole slide when none is found."""
+    boxes = np.array(tissue_components(slide, mpp))
     return (*map(float, boxes[:, :2].min(axis=0)), *map(float, boxes[:, 2:].max(axis=0)))

@@ -11,6 +11,7 @@ positive slides where the layer-3 regions landed, beside chance (``focus_measure
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -22,10 +23,9 @@ from monai.engines import Evaluator
 from torch.utils.data import DataLoader
 
 from smt_monai.cascade.prediction import SlidePrediction
-from smt_monai.data.annotations import AnnotationOverlap
+from smt_monai.data.annotations import AnnotationOverlap, annotation_classes
 from smt_monai.data.regions import RegionReader
 from smt_monai.engines.focus_outcome import (
-    ANNOTATION_CLASSES,
     TUMOUR,
     FocusOutcome,
     SlidePatches,
@@ -90,7 +90,7 @@ class SlideEvaluator(Evaluator):
         return FocusOutcome()
 
     def _iteration(self, engine: SlideEvaluator, batchdata: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        labels, outcomes, focus, seconds = [], [], [], []
+        labels, outcomes, focus, seconds, survival = [], [], [], [], []
         for item in batchdata:
             start = time.perf_counter()
             outcome = self.evaluate_slide(item)
@@ -100,11 +100,13 @@ class SlideEvaluator(Evaluator):
             labels.append(int(item["label"]))
             outcomes.append(outcome)
             focus.append(self.focus_measures(item, outcome))
+            survival.append([float(item.get("time", math.nan)), float(item.get("event", math.nan))])
         return {
             "label": np.array(labels, dtype=int),
             "layer_probs": np.stack([o.layer_probs for o in outcomes]) if outcomes else np.zeros((0, 3, 2)),
             "focus": {name: np.array([f[i] for f in focus]) for i, name in enumerate(FocusOutcome._fields)},
             "seconds": np.array(seconds),
+            "survival": np.array(survival, dtype=np.float64).reshape(-1, 2),
         }
 
 
@@ -123,6 +125,8 @@ class SMTEvaluator(SlideEvaluator):
         label_overlap: tumour-overlap fraction from which a layer-3 region is on tumour (one value, or
             training's pair for layers 2 and 3, of which the last counts).
         key_val_metric, additional_metrics, val_handlers, amp: as :class:`SlideEvaluator`.
+        class_names: the model's class names (default: the model card's): which annotation classes are
+            tumour for the focus measures (:func:`~smt_monai.data.annotations.annotation_classes`).
     """
 
     def __init__(
@@ -139,6 +143,7 @@ class SMTEvaluator(SlideEvaluator):
         additional_metrics: dict[str, Metric] | None = None,
         val_handlers: Sequence | None = None,
         amp: bool = False,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__(device, val_data_loader, key_val_metric, additional_metrics, val_handlers, amp)
         self.network = network
@@ -146,7 +151,7 @@ class SMTEvaluator(SlideEvaluator):
             network, num_focus, aggregation, device=device, amp=amp, focus_source=focus_source, reader=reader
         )
         self.label_overlap = float(np.ravel(label_overlap)[-1])
-        self.annotations = AnnotationOverlap(ANNOTATION_CLASSES[TUMOUR])
+        self.annotations = AnnotationOverlap(annotation_classes(class_names or self.predictor.class_names))
 
     def evaluate_slide(self, item: Mapping[str, Any]) -> SlideOutcome | None:
         prediction = self.predictor.predict_view(dict(item))

@@ -21,7 +21,7 @@ from monai.engines import Trainer
 from torch.utils.data import DataLoader
 
 from smt_monai.cascade.training import CascadeStep, CascadeTraining
-from smt_monai.data.annotations import AnnotationOverlap
+from smt_monai.data.annotations import AnnotationOverlap, annotation_classes
 from smt_monai.data.errors import SlideReadError
 from smt_monai.data.regions import RegionReader
 
@@ -68,6 +68,8 @@ class SMTTrainer(Trainer):
         epoch_length: iterations per epoch (default: the loader's length).
         train_handlers: handlers to attach (MONAI's ``handlers`` argument).
         amp: bfloat16 autocast (``smt_monai.utils.fast_bf16`` says where it pays).
+        class_names: the model's class names: which annotation classes label regions
+            (:func:`~smt_monai.data.annotations.annotation_classes`; default: tumour, for two classes).
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class SMTTrainer(Trainer):
         epoch_length: int | None = None,
         train_handlers: Sequence | None = None,
         amp: bool = False,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__(
             device=torch.device(device),
@@ -96,7 +99,8 @@ class SMTTrainer(Trainer):
         self.optimizer = optimizer
         self.cascade = cascade
         self.reader = reader
-        self.overlap = AnnotationOverlap()
+        classes = class_names or [f"class_{c}" for c in range(network.config.num_classes)]
+        self.overlap = AnnotationOverlap(annotation_classes(classes))
         self.state.num_layers = 3
         self.state.lambda_fwd = [1.0, 1.0, 1.0]
         self.state.lambda_bwd = [0.1, 0.1]

@@ -172,6 +172,22 @@ def reaches_overlap(overlap: torch.Tensor, label_overlap: float) -> torch.Tensor
     return overlap >= label_overlap if label_overlap > 0 else overlap > 0
 
 
+def region_class(overlap: torch.Tensor, label_overlap: float) -> torch.Tensor:
+    """The class an annotation gives each region: the highest ``c`` such that the classes ``>= c`` cover at
+    least ``label_overlap`` of it (0 when tumour does not reach it; unknown, NaN, is 0 too).
+
+    For one positive class this is :func:`reaches_overlap` of the tumour fraction; for grading it is the
+    highest class the region overlaps by ``label_overlap``, a small high-grade focus counting with the grades
+    above it.
+
+    Args:
+        overlap: ``(..., P)`` fractions of each region covered by classes ``1 .. P`` (disjoint, as
+            :meth:`~smt_monai.data.annotations.TumourAnnotation.class_overlap` gives them).
+    """
+    at_least = overlap.flip(-1).cumsum(-1).flip(-1)
+    return reaches_overlap(at_least, label_overlap).sum(-1)
+
+
 def next_labels(
     slide_labels: torch.Tensor,
     focusable: torch.Tensor,
@@ -180,9 +196,10 @@ def next_labels(
 ) -> torch.Tensor:
     """Labels of the next layer's regions (Sec. 3.1, 3.3; method-notes "Selection").
 
-    * A region of an annotated slide is positive (it takes the slide label) when its tumour-overlap fraction
-      reaches ``label_overlap`` (``label_overlap = 0`` means any overlap > 0), otherwise 0. For a negative
-      slide (label 0) that is 0 either way.
+    * A region of an annotated slide takes the class its annotation gives it (:func:`region_class`: positive
+      when its tumour-overlap fraction reaches ``label_overlap``, ``label_overlap = 0`` meaning any overlap
+      > 0; for grading the highest class it overlaps that much), never above the slide label (a region of a
+      negative slide is 0 whatever its annotation says).
     * A region of a slide without annotation (``overlap`` is None, or NaN for that region) takes the slide
       label (weak supervision, Sec. 3.3), except the extra benign region, which is labelled 0. Where an
       annotation exists it decides for the extra region too, since it is the ground truth.
@@ -190,8 +207,8 @@ def next_labels(
     Args:
         slide_labels: ``(B,)`` long slide labels (0 negative).
         focusable: ``(B, K')`` bool from ``Selection.focusable``.
-        overlap: optional ``(B, K')`` float fractions of each region covered by tumour, NaN where unknown;
-            computed by the caller from the annotation.
+        overlap: optional ``(B, K', P)`` float fractions of each region covered by each positive class, NaN
+            where unknown; computed by the caller from the annotation.
         label_overlap: overlap threshold of a positive region.
 
     Returns:
@@ -201,7 +218,6 @@ def next_labels(
     labels = torch.where(focusable.cpu(), slide, torch.zeros_like(slide))
     if overlap is not None:
         overlap = overlap.cpu()
-        hit = reaches_overlap(overlap, label_overlap)
-        annotated = torch.where(hit, slide, torch.zeros_like(slide))
-        labels = torch.where(torch.isnan(overlap), labels, annotated)
+        annotated = torch.minimum(region_class(overlap, label_overlap), slide)
+        labels = torch.where(torch.isnan(overlap[..., 0]), labels, annotated)
     return labels

@@ -3,17 +3,24 @@
 from smt_monai.handlers.checkpoint import BestModelCheckpoint, CheckpointError, TrainingCheckpoint
 from smt_monai.handlers.metrics import (
     BalancedAccuracy,
+    ClassRecall,
+    ConcordanceIndex,
+    ConfusionMatrix,
     DecisionThreshold,
     FocusRate,
     QuadraticKappa,
     SlideAUC,
 )
-from smt_monai.handlers.reporting import MetricsJSONWriter, ProgressBarHandler
+from smt_monai.handlers.reporting import ConfusionMatrixWriter, MetricsJSONWriter, ProgressBarHandler
 from smt_monai.handlers.schedule import LossWeightRamp, StagedLayerActivation
 from smt_monai.handlers.score_bank import ScoreBankPersistence
 
 __all__ = [
     "BalancedAccuracy",
+    "ClassRecall",
+    "ConcordanceIndex",
+    "ConfusionMatrix",
+    "ConfusionMatrixWriter",
     "DecisionThreshold",
     "BestModelCheckpoint",
     "CheckpointError",

@@ -3,12 +3,14 @@
 Each metric reads the evaluator's per-batch output: ``label`` ``(B,)`` (-1 when unknown), ``layer_probs``
 ``(B, layers, C)`` (each layer's own aggregated slide prediction; the last layer's is SMT's), and ``focus``,
 the focus measures and their chance levels by name (``smt_monai.engines.focus_outcome.FocusOutcome``'s
-fields), each ``(B,)``, NaN where they do not apply (negative or unannotated slides).
+fields), each ``(B,)``, NaN where they do not apply (negative or unannotated slides), and ``survival``
+``(B, 2)``, each slide's survival time and event (NaN where the datalist gives none).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,6 +40,23 @@ def quadratic_weighted_kappa(labels: np.ndarray, predictions: np.ndarray, num_cl
     return float(1.0 - (weights * observed).sum() / denominator) if denominator > 0 else 1.0
 
 
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """``(C, C)`` slide counts, row = true class, column = predicted class."""
+    counts = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(counts, (labels, predictions), 1)
+    return counts
+
+
+def concordance_index(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
+    """Harrell's concordance index: among the comparable pairs (the shorter time is an observed event), the
+    share where the slide with the shorter time has the higher risk (ties in risk count 1/2)."""
+    shorter = (time[:, None] < time[None, :]) & (event[:, None] == 1)
+    if not shorter.any():
+        return float("nan")
+    higher = (risk[:, None] > risk[None, :]) + 0.5 * (risk[:, None] == risk[None, :])
+    return float(higher[shorter].mean())
+
+
 def roc_auc(labels: np.ndarray, probs: np.ndarray) -> float:
     """ROC AUC of the positive mass ``sum_{c>0} p_c`` against ``label > 0`` (MONAI's implementation)."""
     positive = (labels > 0).astype(np.float32)
@@ -50,7 +69,7 @@ def roc_auc(labels: np.ndarray, probs: np.ndarray) -> float:
 class _SlideMetric(Metric):
     """Accumulates the evaluator's per-slide outputs over an epoch; subclasses reduce them."""
 
-    required_output_keys = ("label", "layer_probs", "focus")
+    required_output_keys: tuple[str, ...] = ("label", "layer_probs", "focus")
 
     def __init__(
         self, layer: int = -1, output_transform=lambda x: x, device: str | torch.device = "cpu"
@@ -62,19 +81,28 @@ class _SlideMetric(Metric):
         self._labels: list[np.ndarray] = []
         self._probs: list[np.ndarray] = []
         self._focus: list[dict[str, np.ndarray]] = []
+        self._survival: list[np.ndarray] = []
 
     def update(self, output: Sequence[Any]) -> None:
-        """``output``: ``(label, layer_probs, focus)``, taken from the evaluator's output dict."""
+        """``output``: ``(label, layer_probs, focus)`` (and ``survival`` where a metric requires it), from the
+        evaluator's output dict."""
         labels, layer_probs, focus = np.asarray(output[0]), np.asarray(output[1]), output[2]
         known = labels >= 0
         self._labels.append(labels[known])
         self._probs.append(layer_probs[known][:, self.layer] if len(layer_probs) else np.zeros((0, 2)))
         self._focus.append(focus)
+        if len(output) > 3:
+            self._survival.append(np.asarray(output[3], dtype=np.float64).reshape(-1, 2)[known])
 
     def _collected(self) -> tuple[np.ndarray, np.ndarray]:
         labels = np.concatenate(self._labels) if self._labels else np.zeros(0, dtype=int)
         probs = np.concatenate(self._probs) if self._probs else np.zeros((0, 2))
         return labels.astype(int), probs
+
+    def _predicted(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """Labels, predicted classes (``predicted_classes`` at 0.5 / argmax) and the number of classes."""
+        labels, probs = self._collected()
+        return labels, predicted_classes(probs, 0.5), probs.shape[1]
 
 
 def tuned_threshold(labels: np.ndarray, positive: np.ndarray) -> float:
@@ -140,10 +168,56 @@ class QuadraticKappa(_SlideMetric):
     """Quadratic weighted kappa of the slide grade (meaningful when ``num_classes`` > 2)."""
 
     def compute(self) -> float:
+        labels, predictions, classes = self._predicted()
+        return quadratic_weighted_kappa(labels, predictions, classes) if len(labels) else float("nan")
+
+
+class ClassRecall(_SlideMetric):
+    """Recall of every class, as metrics ``recall_<name>`` (NaN for a class no slide has).
+
+    Args:
+        class_names: the model's class names, one per class.
+        layer: which layer's slide prediction (-1: SMT's).
+    """
+
+    def __init__(self, class_names: Sequence[str], layer: int = -1, output_transform=lambda x: x) -> None:
+        self.class_names = [str(n) for n in class_names]
+        super().__init__(layer=layer, output_transform=output_transform)
+        self._metrics_result_mode = "flatten"  # each class's recall is a metric of its own
+
+    def compute(self) -> Mapping[str, float]:
+        labels, predictions, _ = self._predicted()
+        recall = {}
+        for c, name in enumerate(self.class_names):
+            members = labels == c
+            hits = predictions[members] == c
+            recall[f"recall_{name}"] = float(hits.mean()) if members.any() else math.nan
+        return recall
+
+
+class ConfusionMatrix(_SlideMetric):
+    """``(C, C)`` slide counts as nested lists (row: true class, column: predicted), for metrics.json and
+    :class:`~smt_monai.handlers.reporting.ConfusionMatrixWriter`."""
+
+    def compute(self) -> list[list[int]]:
+        return confusion_matrix(*self._predicted()).tolist()
+
+
+class ConcordanceIndex(_SlideMetric):
+    """Harrell's concordance index of the predicted class against survival (prognosis): the risk of a slide
+    is its expected class ``sum_c c p_c`` (higher classes: worse prognosis), over the slides whose datalist
+    entry gives ``time`` and ``event``; NaN without them."""
+
+    required_output_keys = ("label", "layer_probs", "focus", "survival")
+
+    def compute(self) -> float:
         labels, probs = self._collected()
-        if not len(labels):
+        survival = np.concatenate(self._survival) if self._survival else np.zeros((0, 2))
+        known = ~np.isnan(survival).any(axis=1)
+        if known.sum() < 2:
             return float("nan")
-        return quadratic_weighted_kappa(labels, probs.argmax(axis=1), probs.shape[1])
+        risk = probs[known] @ np.arange(probs.shape[1])
+        return concordance_index(survival[known, 0], survival[known, 1], risk)
 
 
 class FocusRate(_SlideMetric):

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from smt_monai.cascade.prediction import SlidePrediction, predict_slide
+from smt_monai.cascade.prediction import SlidePrediction, check_aggregation, predict_slide
 from smt_monai.data.dataset import LoadLayer1d
 from smt_monai.data.errors import SlideReadError
 from smt_monai.data.magnification import LayerScale
@@ -39,7 +39,7 @@ class SMTPredictor:
         network: an ``SMT`` module or its TorchScript export (its ``read_size``, ``grid``, ``geometry`` and
             ``layer3_mpp`` say how regions are read).
         num_focus: ``K``.
-        aggregation: ``max`` or ``mean`` over the layer-3 regions.
+        aggregation: ``max`` or ``mean`` over the layer-3 regions, or ``learned`` (the model's slide head).
         threshold: decision threshold on P(positive) of a binary model.
         backend: slide backend (``auto``, ``cucim``, ``openslide``, ``tifffile``).
         num_workers: region-reading threads.
@@ -73,7 +73,7 @@ class SMTPredictor:
         card = ModelCard.of(network) if getattr(network, "card", "") else None
         classes = int(network.layer3.head.out_features) if hasattr(network.layer3, "head") else 2
         self.num_focus = int(num_focus or (card.num_focus if card else 4))
-        self.aggregation = aggregation or (card.aggregation if card else "max")
+        self.aggregation = check_aggregation(network, aggregation or (card.aggregation if card else "max"))
         self.threshold = float(threshold if threshold is not None else card.threshold if card else 0.5)
         self.class_names = card.class_names if card else [f"class_{c}" for c in range(classes)]
         self.focus_source = focus_source

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from smt_monai import __version__
+from smt_monai.cascade.prediction import check_aggregation
 from smt_monai.data.errors import UserError
 from smt_monai.networks.normalization import HE_OD_MEAN, HE_OD_STD
 from smt_monai.networks.smt import CARD_KEY, SMT, SMTConfig
@@ -87,6 +88,7 @@ class ModelCard:
         training: Mapping[str, Any] | None = None,
     ) -> ModelCard:
         """The card of a network about to be trained (``train.yaml``'s ``model_card``)."""
+        check_aggregation(network, aggregation)
         config = dataclasses.asdict(network.config)
         names = list(class_names) if class_names else [f"class_{c}" for c in range(config["num_classes"])]
         if len(names) != config["num_classes"]:

@@ -63,7 +63,7 @@ class SlideListPredictor:
         slides: entries ``{"image": path, "label": optional int}`` (``smt_monai.data.load_slide_list``).
         output_dir: where results go.
         num_focus: ``K`` (default: the model card's).
-        aggregation: ``max`` or ``mean`` over the layer-3 regions (default: the model card's).
+        aggregation: ``max``, ``mean`` or ``learned`` over the layer-3 regions (default: the model card's).
         backend: slide backend.
         num_workers: region-reading threads.
         device: where the network runs.

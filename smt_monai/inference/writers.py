@@ -2,13 +2,14 @@
 
 - ``focus.geojson``: the focused boxes of all three layers as a QuPath-importable FeatureCollection in level-0
   pixel coordinates (clipped to the slide). Each feature carries QuPath's ``classification`` (one class per
-  layer), ``measurements`` (``P(positive)``, ``q``, ``layer``, ``rank``), a ``color`` from P(positive), and
-  the same numbers as plain properties for scripts (``layer``, ``rank``, ``parent``, ``focus``,
-  ``probability``).
+  layer), ``measurements`` (``P(positive)``, ``q``, ``layer``, ``rank``; for grading also each class's
+  probability and the predicted class), a ``color`` from P(positive) (for grading, from the predicted grade),
+  and the same numbers as plain properties for scripts (``layer``, ``rank``, ``parent``, ``focus``,
+  ``probability``, ``predicted_class``: the region's predicted class name).
 - ``overlay.png``: two views of layer 1's fields of view, in level-0 coordinates. Left, where the model
   looked: the layer-1 focus map as a heat map stretched over the tissue patches, with the layer-2 regions it
-  chose. Right, what it found: the last layer's regions coloured by P(positive) on a colour bar, the
-  ``marked`` highest numbered.
+  chose. Right, what it found: the last layer's regions coloured by P(positive) on a colour bar (for grading,
+  by predicted grade, with a legend of the grades), the ``marked`` highest numbered.
 - ``gallery.png``: the last layer's regions of highest P(positive) read from the slide, each labelled with its
   number (the overlay's), P(positive) and level-0 position (and micrometres when the mpp is known): the cells
   that decided the slide.
@@ -28,7 +29,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from smt_monai.cascade.prediction import SlidePrediction
+from smt_monai.cascade.prediction import SlidePrediction, predicted_classes
 from smt_monai.data.tissue import patch_tissue
 from smt_monai.utils import atomic_path
 
@@ -44,6 +45,27 @@ RegionReader = Callable[[tuple[float, float, float]], np.ndarray]
 
 def _positive(probs: np.ndarray) -> np.ndarray:
     return probs[:, 1:].sum(axis=1)
+
+
+def _graded(prediction: SlidePrediction) -> bool:
+    """Whether the model has more than two classes (grading): regions are then shown by predicted class."""
+    return prediction.region_probs[-1].shape[1] > 2
+
+
+def _class_names(prediction: SlidePrediction) -> list[str]:
+    count = prediction.region_probs[-1].shape[1]
+    return (
+        list(prediction.class_names)
+        if len(prediction.class_names) == count
+        else [f"class {c}" for c in range(count)]
+    )
+
+
+def class_colour(cls: int, count: int) -> tuple[float, ...]:
+    """Colour of class ``cls`` of ``count`` on the P(positive) colour map: class 0 blue, the highest red."""
+    from matplotlib import colormaps
+
+    return colormaps[PROBABILITY_CMAP](cls / max(count - 1, 1))
 
 
 def clip_box(box: np.ndarray, width: int, height: int) -> tuple[float, float, float, float]:
@@ -79,9 +101,10 @@ def focus_geojson(prediction: SlidePrediction, width: int, height: int, marked: 
     NaN, so a value that is not a number (``q`` of layer 1, which no parent chose) is left out of the
     measurements (the plain ``focus`` property is null).
 
-    Measurements: ``P(positive)`` (``sum_{c>0} p_c``), ``P(class c)`` for each positive class when there are
-    more than two, ``q`` (the parent patch's focus that chose the region), ``layer`` and ``rank`` (0 = the
-    highest ``q`` among the regions one parent chose).
+    Measurements: ``P(positive)`` (``sum_{c>0} p_c``), ``q`` (the parent patch's focus that chose the
+    region), ``layer`` and ``rank`` (0 = the highest ``q`` among the regions one parent chose); when there are
+    more than two classes (grading), ``P(<class name>)`` of each positive class and ``predicted class`` (its
+    index; the name is the ``predicted_class`` property and in the feature's name).
 
     Args:
         prediction: the slide's cascade result.
@@ -95,18 +118,25 @@ def focus_geojson(prediction: SlidePrediction, width: int, height: int, marked: 
     cmap = colormaps[PROBABILITY_CMAP]
     numbers = {int(row): n for n, row in enumerate(top_regions(prediction, marked), start=1)}
     last = len(prediction.boxes)
+    names, graded = _class_names(prediction), _graded(prediction)
     features = []
     for layer, boxes in enumerate(prediction.boxes, start=1):
         probs = prediction.region_probs[layer - 1]
         positive = _positive(probs)
+        classes = predicted_classes(probs, prediction.threshold)
         for row, box in enumerate(boxes):
             x0, y0, x1, y1 = clip_box(box, width, height)
             p = round(float(positive[row]), 6)
             focus = float(prediction.focus[layer - 1][row])
             q = None if math.isnan(focus) else round(focus, 6)
             rank = int(prediction.rank[layer - 1][row])
-            measurements = _measurements(p, probs[row], q, layer, rank)
-            name = f"layer {layer}: P(positive) {p:.2f}"
+            cls = int(classes[row])
+            measurements = _measurements(p, probs[row], names, q, layer, rank)
+            if graded:
+                name = f"layer {layer}: {names[cls]} (P {float(probs[row, cls]):.2f})"
+                colour = class_colour(cls, len(names))
+            else:
+                name, colour = f"layer {layer}: P(positive) {p:.2f}", cmap(p)
             if layer == last and row in numbers:
                 name = f"#{numbers[row]} {name}"
             features.append(
@@ -119,7 +149,7 @@ def focus_geojson(prediction: SlidePrediction, width: int, height: int, marked: 
                     "properties": {
                         "objectType": "annotation",
                         "name": name,
-                        "color": _rgb255(cmap(p)),
+                        "color": _rgb255(colour),
                         "classification": {
                             "name": f"SMT layer {layer}",
                             "color": _rgb255(LAYER_COLOURS[layer]),
@@ -131,18 +161,22 @@ def focus_geojson(prediction: SlidePrediction, width: int, height: int, marked: 
                         "parent": int(prediction.parent[layer - 1][row]),
                         "focus": q,
                         "probability": p,
+                        "predicted_class": names[cls],
                     },
                 }
             )
     return {"type": "FeatureCollection", "features": features}
 
 
-def _measurements(p: float, probs: np.ndarray, q: float | None, layer: int, rank: int) -> dict[str, float]:
-    """QuPath measurements of one region: P(positive) ``p``, class probabilities ``(C,)`` (see
-    ``focus_geojson``)."""
+def _measurements(
+    p: float, probs: np.ndarray, names: list[str], q: float | None, layer: int, rank: int
+) -> dict[str, float]:
+    """QuPath measurements of one region: P(positive) ``p``, class probabilities ``(C,)`` named ``names``
+    (see ``focus_geojson``)."""
     measurements = {"P(positive)": p}
     if len(probs) > 2:
-        measurements.update({f"P(class {c})": round(float(probs[c]), 6) for c in range(1, len(probs))})
+        measurements.update({f"P({names[c]})": round(float(probs[c]), 6) for c in range(1, len(probs))})
+        measurements["predicted class"] = int(np.argmax(probs))
     if q is not None:
         measurements["q"] = q
     measurements.update(layer=layer, rank=rank)
@@ -310,15 +344,21 @@ def _draw_what_found(fig, ax, prediction: SlidePrediction, marked: int) -> list:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch, Rectangle
 
-    ax.set_title("What the last layer found: its regions by P(positive)", fontsize=11)
+    graded = _graded(prediction)
+    ax.set_title(
+        f"What the last layer found: its regions by {'grade' if graded else 'P(positive)'}", fontsize=11
+    )
     if len(prediction.boxes) < 2:
         return []
     for x, y, size in prediction.boxes[1]:
         ax.add_patch(Rectangle((x, y), size, size, fill=False, lw=0.8, ec="white", ls="--"))
     cmap = colormaps[PROBABILITY_CMAP]
-    positive = _positive(prediction.region_probs[-1])
+    probs = prediction.region_probs[-1]
+    positive = _positive(probs)
+    names = _class_names(prediction)
+    classes = predicted_classes(probs, prediction.threshold)
     for row, (x, y, size) in enumerate(prediction.boxes[-1]):
-        colour = cmap(float(positive[row]))
+        colour = class_colour(int(classes[row]), len(names)) if graded else cmap(float(positive[row]))
         ax.add_patch(Rectangle((x, y), size, size, fc=(*colour[:3], 0.6), ec=colour, lw=1.0))
     badge = {"boxstyle": "circle,pad=0.25", "fc": "black", "ec": "white", "lw": 1.2}
     chosen = top_regions(prediction, marked)
@@ -337,15 +377,22 @@ def _draw_what_found(fig, ax, prediction: SlidePrediction, marked: int) -> list:
             va="bottom",
             bbox=badge,
         )
+    numbered = f"the {len(chosen)} of highest P(positive), numbered as in the gallery"
+    marker = Line2D([], [], marker="s", ms=11, mfc="none", mec="black", mew=2.5, ls="none", label=numbered)
+    if graded:  # one swatch per grade, with how many layer-3 regions the model gave it
+        counts = np.bincount(classes, minlength=len(names))
+        swatches = [
+            Patch(
+                fc=(*class_colour(c, len(names))[:3], 0.6), ec=class_colour(c, len(names)), label=f"{n} ({k})"
+            )
+            for c, (n, k) in enumerate(zip(names, counts, strict=True))
+        ]
+        return [*swatches, marker]
     bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), cmap), cax=fig.add_axes((0.935, 0.15, 0.01, 0.7)))
     bar.set_label("P(positive) of the region")
     swatch = cmap(0.85)
     regions = f"layer-{len(prediction.boxes)} region ({len(positive)}), colour = P(positive)"
-    numbered = f"the {len(chosen)} of highest P(positive), numbered as in the gallery"
-    return [
-        Patch(fc=(*swatch[:3], 0.6), ec=swatch, label=regions),
-        Line2D([], [], marker="s", ms=11, mfc="none", mec="black", mew=2.5, ls="none", label=numbered),
-    ]
+    return [Patch(fc=(*swatch[:3], 0.6), ec=swatch, label=regions), marker]
 
 
 def write_overlay(

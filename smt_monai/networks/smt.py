@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from smt_monai.networks.layer import LayerOutput, SMTLayer
+from smt_monai.networks.pooling import GatedAttentionPool
 from smt_monai.networks.pretrained import load_pretrained
 
 
@@ -55,6 +56,10 @@ class SMTConfig:
         layer3_mpp: um/px of the images layer 3 reads (``read_size`` px); layer ``l`` reads at
             ``layer3_mpp * grid**(3 - l)``. 1.0 for both presets: the paper preset's 2048 px inputs are then
             at 0.25 um/px (40x) before the stem's pooling.
+        slide_head: a learned aggregation: gated-attention pooling (``GatedAttentionPool``) of the class-token
+            embeddings of a slide's layer-3 regions into the slide's class logits, trained on the slide labels
+            beside the layers (``aggregation: learned``); off by default, where the slide prediction is the
+            ``max`` or ``mean`` of the regions' probabilities.
     """
 
     grid: int = 8
@@ -72,6 +77,7 @@ class SMTConfig:
     focus_grad_to_encoder: bool = False
     geometry: str = "physical"
     layer3_mpp: float = 1.0
+    slide_head: bool = False
 
     def __post_init__(self) -> None:
         # Configs arrive from YAML/JSON with lists; keep the frozen config hashable and comparable.
@@ -84,6 +90,8 @@ CARD_KEY = "smt_monai"
 
 SCALE_FIELDS = ("geometry", "layer3_mpp")
 """``SMTConfig`` fields that say how the model sees a slide rather than how a layer is built."""
+SLIDE_FIELDS = ("slide_head",)
+"""``SMTConfig`` fields of what comes after the layers."""
 
 PRESETS: dict[str, SMTConfig] = {
     "paper": SMTConfig(),
@@ -141,11 +149,18 @@ class SMT(nn.Module):
         self.layer3_mpp = float(config.layer3_mpp)
         self.card = ""  # the model card as JSON once trained weights are loaded (smt_monai.inference.model)
         layer_kwargs = {
-            f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in SCALE_FIELDS
+            f.name: getattr(config, f.name)
+            for f in dataclasses.fields(config)
+            if f.name not in SCALE_FIELDS + SLIDE_FIELDS
         }
         self.layer1 = SMTLayer(**layer_kwargs, focus=True)
         self.layer2 = SMTLayer(**layer_kwargs, focus=True)
         self.layer3 = SMTLayer(**layer_kwargs, focus=False)
+        self.slide_head = (
+            GatedAttentionPool(config.embed_dim, config.num_classes, max(config.embed_dim // 2, 16))
+            if config.slide_head
+            else None
+        )
         if pretrained is not None:
             load_pretrained(self, pretrained, pretrained_layers)
 
