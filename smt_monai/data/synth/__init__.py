@@ -6,15 +6,18 @@ stroma). Benign mimics (lymphoid clusters) occur in positive and negative slides
 area-averaged to 4 um/px or coarser, look the same as tumour; only at full resolution (0.25 or 0.5 um/px)
 do the nuclei tell them apart. A first SMT layer can therefore find where to look but not decide; the last
 layer must. The specimen is described in micrometres and rendered at any mpp; pen marks and debris on the
-glass, never annotated, can be added to test tissue detection. See :mod:`.render` for how the two are made
-alike at low magnification, :mod:`.scene` for the layout, :mod:`.pyramid` for the file format and
-:mod:`.cohort` for the files written.
+glass, never annotated, can be added to test tissue detection. A cohort is made for diagnosis (is there
+tumour) or for grading (benign, or the grade of the worst tumour region, which shows as the share of
+atypical nuclei at full resolution only). See :mod:`.render` for how tumour and mimic, and any mix of them,
+are made alike at low magnification, :mod:`.scene` for the layout and the labels, :mod:`.pyramid` for the
+file format and :mod:`.cohort` for the files written.
 """
 
 from smt_monai.data.synth.cohort import (
     SYNTH_HELP,
     SlideOptions,
     add_synth_arguments,
+    label_names,
     main,
     make_cohort,
     make_slide,
@@ -37,6 +40,7 @@ __all__ = [
     "Speck",
     "TileRenderer",
     "add_synth_arguments",
+    "label_names",
     "main",
     "make_cohort",
     "make_scene",

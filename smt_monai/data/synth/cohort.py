@@ -3,17 +3,25 @@
 A cohort directory holds::
 
     images/slide_000.tiff          pyramidal JPEG TIFF, level 0 at ``mpp`` um/px
-    annotations/slide_000.geojson  QuPath GeoJSON in level-0 px: "Tumor" polygons, and "Mimic" ones for
-                                   analysis only (pen marks and debris are never annotated)
+    annotations/slide_000.geojson  QuPath GeoJSON in level-0 px: "Tumor" polygons (in a graded cohort, one
+                                   class per grade, named as the datalist names the slide class of that
+                                   grade: "grade 1", "grade 2", ...), and "Mimic" ones for analysis only
+                                   (pen marks and debris are never annotated)
     datalist.json                  MONAI decathlon datalist: training / validation / testing lists of
-                                   {"image", "label", "annotation"}, paths relative to the directory
+                                   {"image", "label", "annotation"}, paths relative to the directory, and
+                                   the class names ("labels": {"0": "negative", "1": "tumour"}, or
+                                   {"0": "benign", "1": "grade 1", ...})
     labels.csv                     image,label,split
     cohort.json                    generation options (lengths in um) and per-slide metadata: size in px,
-                                   mpp, tissue extent in mm, section boxes, regions (radius in um), seeds
+                                   mpp, tissue extent in mm, section boxes, regions (class, grade, radius in
+                                   um), seeds
 
-Splits are stratified by label. Slide ``i`` has its own seed derived from the cohort seed and ``i``, so a
-slide's bytes do not depend on the number of worker processes or on the other slides, and its specimen
-does not depend on the mpp it is written at (unless a slide size in px is asked for).
+The task is diagnosis (two classes: does the slide hold tumour) or grading (C >= 3 classes: benign, then
+the grade of the slide's worst tumour region; see :mod:`.scene`). Diagnosis labels follow a positive
+fraction, grading labels are balanced over the classes. Splits are stratified by label. Slide ``i`` has
+its own seed derived from the cohort seed and ``i``, so a slide's bytes do not depend on the number of
+worker processes or on the other slides, and its specimen does not depend on the mpp it is written at
+(unless a slide size in px is asked for).
 """
 
 from __future__ import annotations
@@ -36,13 +44,26 @@ from tqdm import tqdm
 from smt_monai.data.annotations import polygon_feature, write_geojson
 from smt_monai.data.synth.pyramid import write_pyramid
 from smt_monai.data.synth.render import Appearance, TileRenderer, check_mpp, fit_mimic_separation
-from smt_monai.data.synth.scene import MIMIC, TUMOUR, LayoutOptions, PenStroke, Scene, Speck, make_scene
+from smt_monai.data.synth.scene import (
+    MIMIC,
+    TUMOUR,
+    LayoutOptions,
+    PenStroke,
+    Region,
+    Scene,
+    Speck,
+    make_scene,
+)
 
-CLASS_COLOURS = {TUMOUR: (200, 0, 0), MIMIC: (0, 150, 200)}
+TUMOUR_COLOUR, LOW_GRADE_COLOUR, MIMIC_COLOUR = (200, 0, 0), (235, 190, 0), (0, 150, 200)
 SYNTH_HELP = (
     "write a synthetic cohort: pyramidal JPEG TIFF slides whose tumour looks like benign mimics at low "
-    "magnification, QuPath GeoJSON annotations, a MONAI datalist.json and labels.csv"
+    "magnification, QuPath GeoJSON annotations, a MONAI datalist.json and labels.csv. --task diagnosis "
+    "(default): is there tumour in the slide. --task grading: benign or grade 1 to C - 1, the grade of the "
+    "slide's worst tumour region, which shows only at high magnification (its share of large atypical "
+    "nuclei among lymphoid-like ones)"
 )
+TASKS = {"diagnosis": 2, "grading": 4}  # task: default number of classes
 SPLITS = ("training", "validation", "testing")
 SPREAD_SIZE = 32768  # slides this big are rendered by several processes (see make_cohort)
 
@@ -77,6 +98,27 @@ class SlideOptions:
             )
 
 
+def label_names(num_classes: int) -> list[str]:
+    """Names of the slide classes of a cohort of ``num_classes`` classes, as its datalist gives them:
+    negative and tumour (diagnosis), or benign and grade 1 to ``num_classes - 1`` (grading)."""
+    if num_classes == 2:
+        return ["negative", "tumour"]
+    return ["benign"] + [f"grade {g}" for g in range(1, num_classes)]
+
+
+def region_class(region: Region, num_classes: int) -> tuple[str, tuple[int, int, int]]:
+    """Annotation class and colour of a region: "Mimic"; "Tumor" in a binary slide; in a graded one the
+    name of its grade's slide class (:func:`label_names`), coloured from yellow (grade 1) to red (the
+    highest)."""
+    if region.kind == MIMIC:
+        return MIMIC, MIMIC_COLOUR
+    if num_classes == 2:
+        return TUMOUR, TUMOUR_COLOUR
+    t = (region.grade - 1) / (num_classes - 2)
+    colour = tuple(round(a + (b - a) * t) for a, b in zip(LOW_GRADE_COLOUR, TUMOUR_COLOUR, strict=True))
+    return label_names(num_classes)[region.grade], colour
+
+
 def make_slide(
     path: str | os.PathLike,
     size: int | None,
@@ -95,7 +137,8 @@ def make_slide(
             of it; ``None``: the slide is the tissue (an extent drawn from ``options.layout``) plus a glass
             margin, its size in px following from the mpp.
         seed: the slide's seed: the same seed (and options) gives the same bytes.
-        positive: whether the slide holds tumour.
+        positive: the slide's label, in ``0 .. options.layout.num_classes - 1``: whether it holds tumour
+            (``True`` or 1), or its grade (see :func:`~.scene.make_scene`).
         options: slide options (defaults if ``None``).
         annotation_path: GeoJSON to write (default: ``path`` with suffix ``.geojson``).
         progress: show a progress bar over tile rows.
@@ -105,8 +148,8 @@ def make_slide(
         Metadata: ``image``, ``annotation`` (paths as given), ``label``, ``seed``, ``width``, ``height`` (px),
         ``mpp``, ``levels`` (``[width, height]`` per level), ``downsamples``, ``tissue_fraction``,
         ``tissue_mm`` (width and height of the box around the tissue), ``sections`` (level-0 box of each
-        section), ``pen_marks`` and ``debris`` (how many), and ``regions`` (class, centre and bounding box in
-        level-0 px, radius in um and area in mm^2 of each suspicious region).
+        section), ``pen_marks`` and ``debris`` (how many), and ``regions`` (annotation class, grade, centre
+        and bounding box in level-0 px, radius in um and area in mm^2 of each suspicious region).
     """
     options = options or SlideOptions()
     path = Path(path)
@@ -127,14 +170,15 @@ def make_slide(
         processes=processes,
     )
     px = 1.0 / options.mpp
-    features = [polygon_feature(r.blob.polygon() * px, r.kind, CLASS_COLOURS[r.kind]) for r in scene.regions]
-    write_geojson(annotation_path, features)
+    classes = [region_class(r, scene.num_classes) for r in scene.regions]
+    outlines = [r.blob.polygon() * px for r in scene.regions]
+    write_geojson(annotation_path, [polygon_feature(o, *c) for o, c in zip(outlines, classes, strict=True)])
     regions = []
-    for r in scene.regions:
-        outline = r.blob.polygon() * px
+    for r, outline, (name, _) in zip(scene.regions, outlines, classes, strict=True):
         regions.append(
             {
-                "class": r.kind,
+                "class": name,
+                "grade": r.grade,
                 "centre": [round(c * px, 2) for c in r.blob.centre],
                 "radius_um": round(r.blob.radius, 2),
                 "area_mm2": round(r.blob.area * 1e-6, 5),
@@ -145,7 +189,7 @@ def make_slide(
     return {
         "image": str(path),
         "annotation": str(annotation_path),
-        "label": int(positive),
+        "label": scene.label,
         "seed": int(seed),
         "width": width,
         "height": height,
@@ -161,7 +205,7 @@ def make_slide(
     }
 
 
-def slide_scene(size: int | None, seed: int, positive: bool, options: SlideOptions) -> Scene:
+def slide_scene(size: int | None, seed: int, positive: int, options: SlideOptions) -> Scene:
     """The layout of a slide of ``size`` px (``None``: laid out physically), checking that it has at least
     1024 px a side at the options' mpp."""
     if size is not None and size < 1024:
@@ -222,7 +266,8 @@ def make_cohort(
         size: side of each slide in level-0 px; ``None``: each slide is its tissue plus a glass margin
             (see :func:`make_slide`).
         seed: cohort seed.
-        positive_fraction: fraction of slides with tumour (rounded to whole slides).
+        positive_fraction: fraction of slides with tumour (rounded to whole slides), in a binary cohort. A
+            graded one (``options.layout.num_classes`` 3 or more) has as many slides of each class, up to one.
         split: training / validation / testing fractions, applied per label.
         options: slide options (defaults if ``None``).
         workers: processes (default: CPU count, at most ``num_slides``; 1 runs in this process). A slide
@@ -245,8 +290,12 @@ def make_cohort(
     (out / "annotations").mkdir(parents=True, exist_ok=True)
 
     rng = np.random.default_rng([seed, 0])
-    labels = np.zeros(num_slides, dtype=np.int64)
-    labels[rng.permutation(num_slides)[: round(num_slides * positive_fraction)]] = 1
+    num_classes = options.layout.num_classes
+    if num_classes == 2:
+        labels = np.zeros(num_slides, dtype=np.int64)
+        labels[rng.permutation(num_slides)[: round(num_slides * positive_fraction)]] = 1
+    else:
+        labels = rng.permutation(num_slides) % num_classes
     splits = stratified_split(labels, split, seed)
     seeds = [slide_seed(seed, i) for i in range(num_slides)]
     # every slide's layout first: cheap, and a slide too small for the mpp fails before anything is written
@@ -268,7 +317,7 @@ def make_cohort(
             "annotation_path": out / "annotations" / f"{name}.geojson",
             "size": size,
             "seed": seeds[i],
-            "positive": bool(labels[i]),
+            "positive": int(labels[i]),
             "options": options,
             "progress": progress and num_slides == 1,
             "processes": cpus // workers if cpus >= 4 and max(pixels[i]) >= SPREAD_SIZE else 1,
@@ -305,11 +354,19 @@ def make_cohort(
         meta.update(image=image, annotation=annotation, split=SPLITS[splits[i]])
         entries[SPLITS[splits[i]]].append({"image": image, "label": int(labels[i]), "annotation": annotation})
         rows.append((image, int(labels[i]), SPLITS[splits[i]]))
+    description = (
+        "Synthetic H&E-like slides: tumour and benign mimic regions look alike at low magnification and "
+        "differ in nuclear detail at level 0."
+    )
+    if num_classes > 2:
+        description += (
+            " A slide's grade is that of its worst tumour region, whose share of atypical nuclei rises with "
+            "its grade."
+        )
     datalist = {
         "name": "smt-monai synthetic cohort",
-        "description": "Synthetic H&E-like slides: tumour and benign mimic regions look alike at low "
-        "magnification and differ in nuclear detail at level 0.",
-        "labels": {"0": "negative", "1": "tumour"},
+        "description": description,
+        "labels": {str(c): name for c, name in enumerate(label_names(num_classes))},
         "numTraining": len(entries["training"]),
         "numValidation": len(entries["validation"]),
         "numTest": len(entries["testing"]),
@@ -325,7 +382,7 @@ def make_cohort(
         "seed": seed,
         "size": size,
         "mpp": options.mpp,
-        "positive_fraction": positive_fraction,
+        "positive_fraction": positive_fraction if num_classes == 2 else None,
         "split": list(split),
         "options": asdict(options),
         "slides": metadata,
@@ -363,7 +420,25 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     parser.add_argument("--seed", type=int, default=0, help="cohort seed (default: 0)")
     parser.add_argument(
-        "--positive-fraction", type=float, default=0.5, help="fraction of tumour slides (default: 0.5)"
+        "--task",
+        choices=tuple(TASKS),
+        default="diagnosis",
+        help="diagnosis (default): label 1 if the slide holds tumour; grading: label 0 benign or 1 to C - 1, "
+        "the grade of the slide's worst tumour region, as many slides of each",
+    )
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        metavar="C",
+        help=f"slide classes: 2 for diagnosis, 3 or more for grading (default: {TASKS['grading']} for "
+        "grading)",
+    )
+    parser.add_argument(
+        "--positive-fraction",
+        type=float,
+        default=0.5,
+        help="fraction of tumour slides, for diagnosis (ignored for grading; default: 0.5)",
     )
     parser.add_argument(
         "--split",
@@ -433,6 +508,19 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
+def task_classes(task: str, num_classes: int | None) -> int:
+    """The number of slide classes of ``task`` (its default if ``None``), or ValueError when it does not
+    fit the task."""
+    num_classes = TASKS[task] if num_classes is None else num_classes
+    if task == "diagnosis" and num_classes != 2:
+        raise ValueError(
+            f"--task diagnosis has 2 classes, got --num-classes {num_classes} (for more: --task grading)"
+        )
+    if task == "grading" and num_classes < 3:
+        raise ValueError(f"--task grading needs --num-classes 3 or more, got {num_classes}")
+    return num_classes
+
+
 def run_synth(args: argparse.Namespace) -> int:
     """Run ``smt-monai synth`` with parsed arguments; returns the exit status (2 on invalid options)."""
     start = time.perf_counter()
@@ -444,6 +532,7 @@ def run_synth(args: argparse.Namespace) -> int:
                 suspicious_regions=args.regions,
                 region_radius=args.region_radius_um,
                 tumour_probability=args.tumour_probability,
+                num_classes=task_classes(args.task, args.num_classes),
                 pen_marks=args.pen_marks,
                 debris=args.debris,
             ),

@@ -34,9 +34,20 @@ texture statistics stays near chance at 4 to 16 um/px while it separates the two
 - colour: a nucleolus in a colour of its own blurs differently from the rest of the nucleus, so channel
   ratios of the local variance gave tumour away. All nuclear ink has one colour.
 
+Grading (``LayoutOptions.num_classes`` C >= 3) uses the same two kinds of point. A tumour region of grade
+g is a mix: each of its occupied pattern points holds the tumour nucleus with probability ``(g + 1) / C``,
+decided by a hash of the point (its own, so that every other mark stays as it is), and a mimic pair
+otherwise. Both kinds carry the same integrated ink and, at :data:`FIT_BOX`, the same variance and gradient
+energy, so a mix of them does too: at low magnification a tumour region of any grade looks like a mimic
+region, and a thumbnail shows where to look but not the grade; at full resolution the grade is the share of
+large pleomorphic nuclei among the lymphoid-like pairs, rising with it (``tests/test_synth_grading.py``
+checks both for the lowest and the highest grade). With C = 2 a tumour region (grade 1) holds tumour nuclei
+only.
+
 ``Appearance.low_mag_tumour_contrast`` opens one leak on purpose, for data where a first layer can do
 better than chance on the thumbnail (as on CAMELYON16): tumour points carry more ink, so tumour regions are
-darker than mimics at every magnification, and the mimics stay as they are.
+darker than mimics at every magnification, and the mimics stay as they are (graded regions in proportion to
+their share of tumour points, so the grade then shows at low magnification too).
 """
 
 from __future__ import annotations
@@ -299,6 +310,9 @@ def poisson_disc_pattern(spacing: float, period: float = PATTERN_PERIOD, seed: i
 # Random streams per pattern point.
 _OCCUPY, _SIZE, _ELONG, _ORIENT, _H3, _P3, _H4, _P4, _INK, _NUC_A, _NUC_R, _NUC_S = range(12)
 _STREAMS = 12
+# Key of the draw deciding tumour or mimic at a point of a graded tumour region: a stream of its own rather
+# than one more in _STREAMS, which would change every mark of every slide.
+_GRADE_KEY = np.uint64(0x6A09E667F3BCC908)
 _NORMAL, _MIMIC, _TUMOUR = 0, 1, 2
 # candidate mimic nucleus-pair distances (um)
 SEPARATIONS = tuple(float(s) for s in np.arange(1.0, 2.5001, 0.0625))
@@ -673,7 +687,8 @@ class TileRenderer:
         x, y = np.concatenate(xs), np.concatenate(ys)
         if len(x) == 0:
             return {}
-        u = hash_uniform(np.concatenate(keys) ^ np.uint64(self.seed_key), _STREAMS)
+        point_keys = np.concatenate(keys) ^ np.uint64(self.seed_key)
+        u = hash_uniform(point_keys, _STREAMS)
         scene, look, mpp = self.scene, self.look, self.mpp
         tissue = scene.sample(FIELD_TISSUE, x * mpp, y * mpp)
         tumour = scene.region_distance(TUMOUR, x * mpp, y * mpp)
@@ -687,6 +702,11 @@ class TileRenderer:
         )
         keep = (tissue > m * mpp) & (u[:, _OCCUPY] < occupancy)
         kind = np.where(tumour > 0, _TUMOUR, np.where(mimic > 0, _MIMIC, _NORMAL))
+        graded = np.flatnonzero(keep & (tumour > 0))
+        if len(graded):  # a region of grade g: tumour nuclei at a share (g + 1) / C of its points
+            share = (scene.region_grade(x[graded] * mpp, y[graded] * mpp) + 1) / scene.num_classes
+            mixed = hash_uniform(point_keys[graded] ^ _GRADE_KEY, 1)[:, 0] >= share
+            kind[graded[mixed]] = _MIMIC
         out = {}
         for k in (_NORMAL, _MIMIC, _TUMOUR):
             sel = keep & (kind == k)

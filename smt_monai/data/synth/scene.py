@@ -8,9 +8,17 @@ the slide is that tissue plus a glass margin), or into a given slide size (the t
 fraction of it). Suspicious regions have physical radii either way, like micro- to macro-metastases.
 
 The draws that depend on the slide label come last, so that the number, size and place of the suspicious
-regions follow the same distribution in positive and negative slides: a positive slide only turns some
-of its suspicious regions into tumour, a negative one keeps them all as benign mimics. Pen marks and
-debris come from a random stream of their own, so that asking for them changes nothing else.
+regions follow the same distribution whatever the label: a positive slide only turns some of its
+suspicious regions into tumour, a negative one keeps them all as benign mimics. Pen marks and debris come
+from a random stream of their own, so that asking for them changes nothing else.
+
+A slide is labelled in one of ``LayoutOptions.num_classes`` classes C. With C = 2 (diagnosis) the label
+says whether the slide holds tumour. With C >= 3 (grading) it is the slide's grade g: 0 is benign (only
+mimics); for g > 0 the tumour regions are chosen as in a positive slide, one of them gets grade g and each
+other one a grade drawn uniformly from 1 to g, so that the slide's grade is that of its worst region, as a
+pathologist grades a specimen. The grades come from a random stream of their own, so that the layout and
+which regions are tumour do not depend on C. How a grade shows is the renderer's matter (:mod:`.render`):
+only at high magnification.
 """
 
 from __future__ import annotations
@@ -98,10 +106,12 @@ class Blob:
 
 @dataclass(frozen=True)
 class Region:
-    """A suspicious region: ``kind`` is :data:`TUMOUR` or :data:`MIMIC`."""
+    """A suspicious region: ``kind`` is :data:`TUMOUR` or :data:`MIMIC`; ``grade`` is 0 for a mimic and a
+    tumour region's grade (1 to C - 1; always 1 in a binary slide)."""
 
     blob: Blob
     kind: str
+    grade: int
 
 
 # Light let through by fully opaque ink (per RGB channel): marker inks and debris materials.
@@ -186,6 +196,8 @@ class LayoutOptions:
             smallest default region is 12 px across at 16 um/px.
         tumour_probability: in a positive slide, the chance that each suspicious region is tumour (at least
             one always is).
+        num_classes: slide classes C: 2 for diagnosis (label 1: the slide holds tumour), 3 or more for
+            grading (label: the slide's grade, 0 benign to C - 1; see the module docstring).
         pen_marks: chance that a slide has marker strokes (one to three) on the glass near or over the
             tissue edge.
         debris: chance that a slide has debris or dust specks (one to six) on the glass.
@@ -199,6 +211,7 @@ class LayoutOptions:
     suspicious_regions: tuple[int, int] = (2, 4)
     region_radius: tuple[float, float] = (100.0, 600.0)
     tumour_probability: float = 0.5
+    num_classes: int = 2
     pen_marks: float = 0.0
     debris: float = 0.0
 
@@ -218,6 +231,8 @@ class LayoutOptions:
             raise ValueError(
                 f"glass_margin and section_gap must be >= 0 um, got {self.glass_margin}, {self.section_gap}"
             )
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
         for name in ("tumour_probability", "pen_marks", "debris"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
@@ -241,7 +256,7 @@ class Scene:
     Suspicious regions are evaluated exactly (:meth:`region_distance`): they are small next to the grid
     step of a large slide. ``tone_seed`` seeds the tone field, ``pattern_offset`` (um) shifts the nucleus
     pattern and the textures, and ``stain`` (five values in [-1, 1]) varies this slide's hematoxylin, eosin
-    and colour.
+    and colour. ``label`` is one of ``num_classes`` classes (see the module docstring).
     """
 
     width: float
@@ -254,6 +269,7 @@ class Scene:
     tone_seed: int
     pattern_offset: tuple[float, float]
     stain: np.ndarray = field(repr=False)
+    num_classes: int
 
     @property
     def step(self) -> float:
@@ -334,6 +350,18 @@ class Scene:
             if cy + reach < lo_y or cy - reach > hi_y:
                 continue
             np.maximum(out, region.blob.signed_distance(x, y), out=out)
+        return out
+
+    def region_grade(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Grade (int64) of the tumour region holding each point ``(x, y)`` (um), 0 outside every one."""
+        out = np.zeros(np.shape(x), dtype=np.int64)
+        if np.size(x) == 0:
+            return out
+        box = (float(np.min(x)), float(np.min(y)), float(np.max(x)), float(np.max(y)))
+        for n in np.flatnonzero(_meets(self._region_boxes, box)):
+            region = self.regions[n]
+            if region.kind == TUMOUR:
+                out[region.blob.signed_distance(x, y) > 0] = region.grade
         return out
 
     @cached_property
@@ -489,9 +517,20 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma_cells:
     return smooth / max(float(np.abs(smooth).max()), 1e-12)
 
 
+def _region_grades(rng: np.random.Generator, tumour: np.ndarray, grade: int) -> np.ndarray:
+    """Grades of the regions of a slide of grade ``grade``: 0 for mimics, ``grade`` for one tumour region
+    and a grade drawn uniformly from 1 to ``grade`` for each other one."""
+    grades = np.zeros(len(tumour), dtype=np.int64)
+    which = np.flatnonzero(tumour)
+    if len(which):
+        grades[which] = rng.integers(1, grade + 1, len(which))
+        grades[which[rng.integers(len(which))]] = grade
+    return grades
+
+
 def make_scene(
     seed: int,
-    positive: bool,
+    positive: int,
     options: LayoutOptions | None = None,
     size: float | tuple[float, float] | None = None,
 ) -> Scene:
@@ -499,7 +538,8 @@ def make_scene(
 
     Args:
         seed: the slide's seed (>= 0); the same seed gives the same layout.
-        positive: whether the slide contains tumour.
+        positive: the slide's label, in ``0 .. options.num_classes - 1``: above 0 (``True`` is 1) the slide
+            contains tumour, of that grade when ``options.num_classes`` is 3 or more.
         options: layout options (defaults if ``None``).
         size: the slide's side, or ``(width, height)``, in um: the tissue covers a fraction of it. ``None``:
             the tissue spans an extent drawn from ``options.tissue_extent`` and the slide is that plus the
@@ -509,6 +549,9 @@ def make_scene(
         The :class:`Scene`.
     """
     options = options or LayoutOptions()
+    label = int(positive)
+    if not 0 <= label < options.num_classes:
+        raise ValueError(f"a slide label must lie in 0 .. {options.num_classes - 1}, got {label}")
     rng = np.random.default_rng(seed)
     if size is not None:
         width, height = (float(size), float(size)) if np.isscalar(size) else (float(size[0]), float(size[1]))
@@ -541,14 +584,27 @@ def make_scene(
     if debris_rng.random() < options.debris:
         marks += _debris(debris_rng, width, height)
 
-    # Label-dependent draws last: the layout above is the same distribution for both labels.
-    if positive:
+    # Label-dependent draws last: the layout above is the same distribution for every label.
+    if label:
         tumour = rng.random(len(blobs)) < options.tumour_probability
         if not tumour.any():
             tumour[rng.integers(len(blobs))] = True
     else:
         tumour = np.zeros(len(blobs), dtype=bool)
-    regions = [Region(b, TUMOUR if t else MIMIC) for b, t in zip(blobs, tumour, strict=True)]
+    grades = _region_grades(np.random.default_rng([seed, 3]), tumour, label)
+    regions = [
+        Region(b, TUMOUR if t else MIMIC, int(g)) for b, t, g in zip(blobs, tumour, grades, strict=True)
+    ]
     return Scene(
-        width, height, int(seed), int(positive), tissue, regions, marks, tone_seed, pattern_offset, stain
+        width,
+        height,
+        int(seed),
+        label,
+        tissue,
+        regions,
+        marks,
+        tone_seed,
+        pattern_offset,
+        stain,
+        options.num_classes,
     )
