@@ -128,7 +128,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from smt_monai.benchmark import add_benchmark_arguments
-    from smt_monai.data.synth import add_synth_arguments
+    from smt_monai.data.synth import SYNTH_HELP, add_synth_arguments
 
     parser = argparse.ArgumentParser(
         prog="smt-monai",
@@ -191,7 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--backend", default="auto", choices=["auto", "cucim", "openslide", "tifffile"])
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.set_defaults(func=_cmd_info)
-    synth = sub.add_parser("synth", help="write a synthetic pyramidal-TIFF cohort with annotations")
+    synth = sub.add_parser(
+        "synth",
+        help="write a synthetic pyramidal-TIFF cohort (diagnosis or grading) with annotations",
+        description=SYNTH_HELP,
+    )
     add_synth_arguments(synth)
     synth.set_defaults(func=_cmd_synth)
     benchmark = sub.add_parser("benchmark", help="SMT against dense tiling: speed, accuracy, ablations")

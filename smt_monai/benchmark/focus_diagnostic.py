@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from smt_monai.cascade.prediction import SlidePrediction
-from smt_monai.data.annotations import AnnotationOverlap
-from smt_monai.engines.focus_outcome import ANNOTATION_CLASSES, MIMIC, TUMOUR, SlidePatches, pick_probability
+from smt_monai.data.annotations import MIMIC_NAMES, AnnotationOverlap, annotation_classes
+from smt_monai.engines.focus_outcome import MIMIC, TUMOUR, SlidePatches, pick_probability
 from smt_monai.focus.selection import reaches_overlap
 from smt_monai.inference.api import SMTPredictor
 
@@ -89,7 +89,10 @@ def focus_landing(
     ``image``, ``label`` and ``annotation``; the others are skipped), per slide and averaged over the
     positive, the negative and all slides. A slide that cannot be read is listed with its ``error``."""
     grid = int(predictor.network.grid)
-    overlaps = {name: AnnotationOverlap(ANNOTATION_CLASSES[name]) for name in (TUMOUR, MIMIC)}
+    overlaps = {
+        TUMOUR: AnnotationOverlap(annotation_classes(predictor.class_names)),
+        MIMIC: AnnotationOverlap(MIMIC_NAMES),
+    }
     annotated = [e for e in entries if e.get("annotation")]
     slides: list[dict[str, Any]] = []
     for entry, prediction in zip(annotated, predictor.predict_many([e["image"] for e in annotated])):

@@ -296,16 +296,16 @@ def annotation_names(path: str | os.PathLike) -> set[str]:
     return set(_read(path).names)
 
 
-NOT_GRADED = frozenset({"mimic"})
-"""Annotation classes a grading model's annotations may hold besides its own (benign look-alikes, as
-``smt-monai synth`` writes them)."""
+MIMIC_NAMES = frozenset({"mimic"})
+"""Benign look-alikes of tumour, as ``smt-monai synth`` annotates them: the focus diagnostic measures them,
+and a grading model's annotations may hold them besides its own classes."""
 
 
 def unknown_annotation_classes(path: str | os.PathLike, class_names: Sequence[str]) -> str | None:
     """What a grading model (more than two classes) cannot read in an annotation file, or None.
 
     Every polygon must carry one of the model's class names (its class 0, e.g. "benign", and
-    :data:`NOT_GRADED` are read as no tumour): a polygon without a class, or with one the model does not
+    :data:`MIMIC_NAMES` are read as no tumour): a polygon without a class, or with one the model does not
     know ("Tumor" without a grade, a grade it was not built for), would silently label regions wrong.
     Diagnosis models read tumour and ignore other classes, as QuPath projects hold many.
 
@@ -314,7 +314,7 @@ def unknown_annotation_classes(path: str | os.PathLike, class_names: Sequence[st
     """
     if len(class_names) <= 2:
         return None
-    known = {str(n).lower() for n in class_names} | NOT_GRADED
+    known = {str(n).lower() for n in class_names} | MIMIC_NAMES
     unknown = sorted(annotation_names(path) - known)
     if not unknown:
         return None

@@ -29,15 +29,15 @@ import torch
 from scipy.special import comb
 
 from smt_monai.cascade.prediction import SlidePrediction
-from smt_monai.data.annotations import TUMOUR_NAMES, TumourAnnotation
+from smt_monai.data.annotations import TumourAnnotation
 from smt_monai.data.geometry import patch_grid_boxes
 from smt_monai.data.tissue import patch_tissue
 from smt_monai.focus.selection import reaches_overlap
 
 TUMOUR = "tumour"
 MIMIC = "mimic"
-ANNOTATION_CLASSES = {TUMOUR: TUMOUR_NAMES, MIMIC: frozenset({"mimic"})}
-"""Annotation classes (their GeoJSON names, lower case) a :class:`SlidePatches` may measure."""
+"""The annotation classes a :class:`SlidePatches` may measure: tumour (any positive class of the model,
+``annotation_classes``) and the benign mimics (``MIMIC_NAMES``)."""
 
 
 class FocusOutcome(NamedTuple):
