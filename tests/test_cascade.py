@@ -10,6 +10,7 @@ import torch
 
 from smt_monai.cascade import CascadeTraining, predict_slide
 from smt_monai.data.geometry import region_key
+from smt_monai.engines import smt_param_groups
 from smt_monai.focus import ScoreBank, class_attention, focusing_score
 from smt_monai.losses import TERMS, SMTLoss
 from smt_monai.networks import SMT, normalize_he, smt_tiny
@@ -433,3 +434,5 @@ def test_the_slide_head_learns_from_the_slide_labels_on_detached_layer3_embeddin
     assert all(p.grad is not None for p in model.slide_head.parameters())
     assert all(p.grad is None for p in model.layer3.parameters())
     assert "slide" not in _step(model, ScoreBank(), RandomReader(), num_layers=2).losses
+    grouped = [p for group in smt_param_groups(model) for p in group["params"]]
+    assert len(grouped) == len(list(model.parameters())) == len({id(p) for p in grouped})

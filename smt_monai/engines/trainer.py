@@ -33,11 +33,15 @@ class TrainingDivergedError(RuntimeError):
 
 
 def smt_param_groups(network: torch.nn.Module, lrs: Sequence[float] = (0.002, 0.002, 0.01)) -> list[dict]:
-    """Optimiser parameter groups with the paper's per-layer learning rates (layers 1-2: 0.002, 3: 0.01)."""
+    """Optimiser parameter groups with the paper's per-layer learning rates (layers 1-2: 0.002, 3: 0.01);
+    the slide head, when the network has one, learns with layer 3 (it pools layer 3's embeddings)."""
     if len(lrs) != 3:
         raise ValueError(f"lrs needs one learning rate per layer (3), got {len(lrs)}")
     layers = (network.layer1, network.layer2, network.layer3)
-    return [{"params": list(layer.parameters()), "lr": float(lr)} for layer, lr in zip(layers, lrs)]
+    groups = [{"params": list(layer.parameters()), "lr": float(lr)} for layer, lr in zip(layers, lrs)]
+    if getattr(network, "slide_head", None) is not None:
+        groups[2]["params"] += list(network.slide_head.parameters())
+    return groups
 
 
 def average_gradients(network: torch.nn.Module) -> None:
