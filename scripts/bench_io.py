@@ -22,6 +22,7 @@ import numpy as np
 
 from smt_monai.data import child_boxes, open_slide, read_boxes, square_around, tissue_bbox
 from smt_monai.data.inspect import inspect_tiff, touched_chunks
+from smt_monai.data.magnification import known_mpp
 from smt_monai.data.regions import plan_read
 from smt_monai.data.slide import BACKENDS, cucim_available
 
@@ -30,7 +31,7 @@ def smt_pattern(slide_path: str, k: int, grid: int, seed: int = 0) -> list[np.nd
     """Level-0 boxes of the three layers: ``[(1, 3), (K, 3), (K*K, 3)]``."""
     rng = np.random.default_rng(seed)
     with open_slide(slide_path) as slide:
-        layer1 = square_around(tissue_bbox(slide))[None]
+        layer1 = square_around(tissue_bbox(slide, known_mpp(slide)))[None]
     picks = np.stack([rng.choice(grid * grid, k, replace=False)])
     layer2 = child_boxes(layer1, picks, grid).reshape(-1, 3)
     picks = np.stack([rng.choice(grid * grid, k, replace=False) for _ in range(k)])

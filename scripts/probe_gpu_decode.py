@@ -35,11 +35,12 @@ def main() -> None:
     except ImportError:  # the CPU path needs no CuPy; the GPU path reports it as its failure
         cupy = None
 
+    from smt_monai.data.magnification import known_mpp
     from smt_monai.data.slide import open_slide
     from smt_monai.data.tissue import tissue_bbox
 
     with open_slide(args.slide, "cucim") as slide:
-        x0, y0, x1, y1 = tissue_bbox(slide)
+        x0, y0, x1, y1 = tissue_bbox(slide, known_mpp(slide))
     side = args.side or max(1, round(max(x1 - x0, y1 - y0) / args.grid**2))
     rng = np.random.default_rng(0)
     xs = rng.uniform(x0, max(x0, x1 - side), args.count).astype(int)

@@ -99,6 +99,7 @@ class ConfusionMatrixWriter:
         self.metric = metric
         self.log_dir = log_dir
         self.tag = tag
+        self._writer: Any = None  # one TensorBoard event file for all the evaluations of a run
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
@@ -137,8 +138,10 @@ class ConfusionMatrixWriter:
         with atomic_path(self.path) as tmp:
             fig.savefig(tmp, format="png", dpi=120)
         if self.log_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
+            if self._writer is None:
+                from torch.utils.tensorboard import SummaryWriter
 
-            with SummaryWriter(log_dir=str(self.log_dir)) as writer:
-                writer.add_figure(f"{self.tag}/confusion_matrix", fig, global_step=engine.state.epoch)
+                self._writer = SummaryWriter(log_dir=str(self.log_dir))
+            self._writer.add_figure(f"{self.tag}/confusion_matrix", fig, global_step=engine.state.epoch)
+            self._writer.flush()
         plt.close(fig)
