@@ -79,6 +79,11 @@ def load_datalist(
     )
 
 
+def numbered_class_names(num_classes: int) -> list[str]:
+    """``class_0 .. class_<C-1>``: the names of classes nobody named."""
+    return [f"class_{c}" for c in range(int(num_classes))]
+
+
 def class_names(datalist: str | os.PathLike, num_classes: int) -> list[str]:
     """Class names from a datalist's ``labels`` map (``{"0": "negative", "1": "tumour"}``, as MONAI's
     decathlon datalists and ``smt-monai synth`` write it); ``class_<c>`` where it names none."""
@@ -87,7 +92,7 @@ def class_names(datalist: str | os.PathLike, num_classes: int) -> list[str]:
     except (OSError, ValueError, AttributeError):
         labels = {}
     names = labels if isinstance(labels, dict) else {}
-    return [str(names.get(str(c), f"class_{c}")) for c in range(int(num_classes))]
+    return [str(names.get(str(c), default)) for c, default in enumerate(numbered_class_names(num_classes))]
 
 
 def validate_entries(

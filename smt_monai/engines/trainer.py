@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from smt_monai.cascade.training import CascadeStep, CascadeTraining
 from smt_monai.data.annotations import AnnotationOverlap, annotation_classes
+from smt_monai.data.datalist import numbered_class_names
 from smt_monai.data.errors import SlideReadError
 from smt_monai.data.regions import RegionReader
 
@@ -103,7 +104,7 @@ class SMTTrainer(Trainer):
         self.optimizer = optimizer
         self.cascade = cascade
         self.reader = reader
-        classes = class_names or [f"class_{c}" for c in range(network.config.num_classes)]
+        classes = class_names or numbered_class_names(network.config.num_classes)
         self.overlap = AnnotationOverlap(annotation_classes(classes))
         self.state.num_layers = 3
         self.state.lambda_fwd = [1.0, 1.0, 1.0]

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from smt_monai.cascade.prediction import SlidePrediction, check_aggregation, predict_slide
+from smt_monai.data.datalist import numbered_class_names
 from smt_monai.data.dataset import LoadLayer1d
 from smt_monai.data.errors import SlideReadError
 from smt_monai.data.magnification import LayerScale
@@ -75,7 +76,7 @@ class SMTPredictor:
         self.num_focus = int(num_focus or (card.num_focus if card else 4))
         self.aggregation = check_aggregation(network, aggregation or (card.aggregation if card else "max"))
         self.threshold = float(threshold if threshold is not None else card.threshold if card else 0.5)
-        self.class_names = card.class_names if card else [f"class_{c}" for c in range(classes)]
+        self.class_names = card.class_names if card else numbered_class_names(classes)
         self.focus_source = focus_source
         self.amp = fast_bf16(self.device) if amp is None else amp
         read_size = int(network.read_size)

@@ -26,6 +26,7 @@ import torch
 
 from smt_monai import __version__
 from smt_monai.cascade.prediction import check_aggregation
+from smt_monai.data.datalist import numbered_class_names
 from smt_monai.data.errors import UserError
 from smt_monai.networks.normalization import HE_OD_MEAN, HE_OD_STD
 from smt_monai.networks.smt import CARD_KEY, SMT, SMTConfig
@@ -90,7 +91,7 @@ class ModelCard:
         """The card of a network about to be trained (``train.yaml``'s ``model_card``)."""
         check_aggregation(network, aggregation)
         config = dataclasses.asdict(network.config)
-        names = list(class_names) if class_names else [f"class_{c}" for c in range(config["num_classes"])]
+        names = list(class_names) if class_names else numbered_class_names(config["num_classes"])
         if len(names) != config["num_classes"]:
             raise ValueError(f"{len(names)} class names for {config['num_classes']} classes: {names}")
         return cls(preset, _plain(config), names, int(num_focus), aggregation, float(threshold),
