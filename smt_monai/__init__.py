@@ -7,7 +7,7 @@ Subpackages load on first use (``smt_monai.data``, ``smt_monai.networks``, ...),
 import importlib
 from types import ModuleType
 
-__version__ = "0.3.0"
+__version__ = "0.3.1"
 
 _SUBPACKAGES = (
     "data",

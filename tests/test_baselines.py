@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_cohort
+from conftest import scene, write_cohort, write_tiff
 
-from smt_monai.baselines import DenseMIL, LoadTileBagd, predict_dense, tile_tissue
+from smt_monai.baselines import DenseMIL, LoadTileBagd, predict_dense, tile_side, tile_tissue
 from smt_monai.benchmark.bundle_runs import bundle_workflow
 from smt_monai.data import load_datalist, open_slide
+from smt_monai.data.errors import SlideReadError
 
 
 def test_tile_tissue_keeps_tiles_on_tissue_only(tiny_slide: Path) -> None:
@@ -50,6 +51,28 @@ def test_predict_dense_encodes_every_tissue_tile(tiny_slide: Path) -> None:
     assert result["probs"].shape == (2,) and np.isclose(result["probs"].sum(), 1.0, atol=1e-5)
 
 
+def test_tiles_at_a_fixed_mpp_cover_the_same_tissue_on_any_scanner(tmp_path: Path) -> None:
+    """With ``tile_mpp``, a 40x scan and a 20x scan of one scene give tiles of the same micrometres."""
+    image = scene(768, 1024)
+    fine = write_tiff(tmp_path / "fine.tif", image, mpp=0.25)
+    coarse_image = image.reshape(384, 2, 512, 2, 3).mean(axis=(1, 3)).astype(np.uint8)
+    coarse = write_tiff(tmp_path / "coarse.tif", coarse_image, mpp=0.5)
+    with open_slide(fine) as a, open_slide(coarse) as b:
+        assert tile_side(a, 32, 1.0) == 128 and tile_side(b, 32, 1.0) == 64 and tile_side(a, 32) == 32
+        boxes_a, boxes_b = tile_tissue(a, tile_side(a, 32, 1.0)), tile_tissue(b, tile_side(b, 32, 1.0))
+        assert len(boxes_a) > 0
+        np.testing.assert_allclose(boxes_a * 0.25, boxes_b * 0.5)  # the same boxes in micrometres
+        net = DenseMIL().eval()
+        assert predict_dense(net, a, 32, tile_mpp=1.0)["tiles"] == len(boxes_a)
+    bag = LoadTileBagd(tile_size=32, bag_size=4, tile_mpp=1.0, seed=0)({"image": str(coarse), "label": 0})
+    assert bag["image"].shape == (4, 3, 32, 32)
+    unknown = write_tiff(tmp_path / "unknown.tif", image, mpp=None)
+    with open_slide(unknown) as slide:
+        with pytest.raises(SlideReadError, match="default_mpp"):
+            tile_side(slide, 32, 1.0)
+        assert tile_side(slide, 32, 1.0, default_mpp=0.25) == 128
+
+
 @pytest.mark.slow
 def test_train_and_evaluate_through_the_bundle(tmp_path: Path) -> None:
     """MONAI's SupervisedTrainer trains on random bags; the evaluator writes SMT's metrics.json."""
@@ -71,7 +94,7 @@ def test_train_and_evaluate_through_the_bundle(tmp_path: Path) -> None:
         "ckpt_path": str(run / "model.pt"),
         "output_dir": str(tmp_path / "eval"),
     }
-    bundle_workflow("evaluate_dense.yaml", "evaluating", {**overrides, **settings}).run()
+    bundle_workflow("evaluate_dense.yaml", "evaluating", {**overrides, **settings, "tile_mpp": 1.0}).run()
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["num_slides"] == 1 and metrics["seconds_per_slide"] > 0 and "balanced_accuracy" in metrics
 

@@ -278,6 +278,7 @@ def test_quick_run_writes_every_figure_and_the_report(tmp_path: Path) -> None:
     assert all(throughput[f"slides_per_hour_p{p}_f{f}"] > 0 for p in (1, 2) for f in (1, 2))
     assert all(speed[k] is not None for k in SPEED_KEYS)
     assert all(k in accuracy for k in ACCURACY_KEYS)
+    assert accuracy["dense_overrides"]["tile_mpp"] == 1.0  # dense tiles at SMT's layer3_mpp (train.yaml's)
     assert [p["k"] for p in ablation["k_sweep"]] == [1, 4]
     # the quick cohort's 8 slides leave 2 for testing; 2 more come from the second cohort
     assert accuracy["num_test_slides"] == 4 and ablation["extra_test_slides"] == 2

@@ -3,6 +3,7 @@ export, and the checks a user hits first (metadata, datalist problems)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import subprocess
@@ -160,7 +161,14 @@ def test_train_interrupt_resume_matches_uninterrupted(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_evaluate_infer_and_export_from_the_command_line(tmp_path: Path) -> None:
+    """Train (with the Cox risk head, on a datalist where some slides give survival), evaluate, export,
+    infer: the concordance index ranks by the risk head; predictions.csv has a risk column, eager and
+    scripted."""
     datalist = write_cohort(tmp_path / "data")
+    lists = json.loads(datalist.read_text())
+    for i, entry in enumerate(lists["training"][1:] + lists["validation"] + lists["testing"]):
+        entry.update(time=10.0 - 3 * entry["label"] + i, event=int(i % 3 != 2))  # the first slide: none
+    datalist.write_text(json.dumps(lists))
     run = tmp_path / "run"
     result = bundle_cli(
         "run",
@@ -171,7 +179,7 @@ def test_evaluate_infer_and_export_from_the_command_line(tmp_path: Path) -> None
         str(datalist.parent),
         "--output_dir",
         str(run),
-        *overrides_cli(max_epochs=2, start_epoch=[1, 1, 1]),
+        *overrides_cli(max_epochs=2, start_epoch=[1, 1, 1], risk_head=True),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run / "model.pt").exists()
@@ -195,6 +203,7 @@ def test_evaluate_infer_and_export_from_the_command_line(tmp_path: Path) -> None
     for key in ("balanced_accuracy", "auc", "balanced_accuracy_layer1", "focus_hit_rate", "focus_top1"):
         assert key in metrics
     assert metrics["num_slides"] == 2 and metrics["seconds_per_slide"] > 0
+    assert metrics["concordance_index"] in (0.0, 1.0)  # two slides with survival: one comparable pair
 
     exported = tmp_path / "model.ts"
     result = bundle_cli(
@@ -235,6 +244,9 @@ def test_evaluate_infer_and_export_from_the_command_line(tmp_path: Path) -> None
     strip = [lambda rows: [",".join(r.split(",")[:7]) for r in rows]][0]
     assert strip(outputs["eager"]) == strip(outputs["script"])
     assert len(outputs["eager"]) == 3  # header + the 2 testing slides
+    for rows in outputs.values():
+        risks = [row["risk"] for row in csv.DictReader(rows)]
+        assert len(risks) == 2 and all(np.isfinite(float(r)) for r in risks)
 
 
 def test_nan_loss_stops_training_naming_iteration_and_slides(tmp_path: Path) -> None:

@@ -127,7 +127,7 @@ def test_full_cascade_training_step() -> None:
     assert region_key("slide_a", sel1.boxes[0, K].numpy()) not in bank
 
     losses = step.losses
-    assert set(TERMS) - {"slide"} | {"L_V", "L_F", "total"} == set(losses)  # no slide head here
+    assert set(TERMS) - {"slide", "risk"} | {"L_V", "L_F", "total"} == set(losses)  # no slide or risk head
     assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
 
     groups = _groups(model)
@@ -434,5 +434,35 @@ def test_the_slide_head_learns_from_the_slide_labels_on_detached_layer3_embeddin
     assert all(p.grad is not None for p in model.slide_head.parameters())
     assert all(p.grad is None for p in model.layer3.parameters())
     assert "slide" not in _step(model, ScoreBank(), RandomReader(), num_layers=2).losses
+    grouped = [p for group in smt_param_groups(model) for p in group["params"]]
+    assert len(grouped) == len(list(model.parameters())) == len({id(p) for p in grouped})
+
+
+def test_the_risk_head_learns_the_cox_partial_likelihood_of_the_slides_with_survival() -> None:
+    """With a risk head and survival in the batch, the step adds ``risk`` (the Cox partial likelihood of the
+    pooled layer-3 embeddings); its gradient reaches the head and no layer; without survival there is none."""
+    from smt_monai.losses import cox_partial_likelihood
+
+    model = smt_tiny(risk_head=True).train()
+    cascade = CascadeTraining(SMTLoss(), ScoreBank(), num_focus=K)
+    survival = torch.tensor([[2.0, 1.0], [5.0, 0.0]])
+    args = (model, random_images(BATCH), BOXES, torch.tensor([1, 0]), SLIDES, RandomReader(), None, 3)
+    torch.manual_seed(1)
+    step = cascade(*args, LAMBDA_FWD, LAMBDA_BWD, survival=survival)
+    last = step.passes[-1]
+    with torch.no_grad():
+        risk = torch.cat(
+            [
+                model.risk_head(last.run.out.cls_embedding[torch.as_tensor(last.regions.slide == s)])[0]
+                for s in (0, 1)
+            ]
+        )
+    expected = cox_partial_likelihood(risk[:, 0], survival[:, 0], survival[:, 1])
+    assert float(step.losses["risk"]) == pytest.approx(float(expected), rel=1e-5)
+    step.losses["risk"].backward()
+    assert all(p.grad is not None for p in model.risk_head.parameters())
+    assert all(p.grad is None for p in model.layer3.parameters())
+    torch.manual_seed(1)
+    assert "risk" not in cascade(*args, LAMBDA_FWD, LAMBDA_BWD).losses
     grouped = [p for group in smt_param_groups(model) for p in group["params"]]
     assert len(grouped) == len(list(model.parameters())) == len({id(p) for p in grouped})

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from smt_monai.data.datalist import DatalistError, load_datalist, load_slide_list
 
@@ -134,3 +136,13 @@ def test_slide_lists_of_every_kind(tmp_path: Path) -> None:
     bad_csv.write_text("path\nx.svs\n")
     with pytest.raises(DatalistError, match="'image' column"):
         load_slide_list(bad_csv)
+
+
+def test_a_batch_mixing_slides_with_and_without_survival_collates_with_nan() -> None:
+    """collate_views: slides that give no survival get NaN time and event beside those that do."""
+    from smt_monai.data import collate_views
+
+    view = {"image": torch.zeros(1, 3, 4, 4, dtype=torch.uint8), "box": torch.zeros(1, 3), "label": 1}
+    batch = collate_views([{**view, "time": 3.0, "event": 1}, view])
+    assert batch["time"][0] == 3.0 and math.isnan(batch["time"][1]) and math.isnan(batch["event"][1])
+    assert "time" not in collate_views([view, view])

@@ -141,7 +141,7 @@ def test_grading_metrics_recall_confusion_kappa_concordance_and_their_picture(tm
         "layer_probs": probs[:, None],
         "focus": _focus(hit=[np.nan] * 4),
         "seconds": np.ones(4),
-        "survival": np.array([[9.0, 0], [5.0, 1], [4.0, 1], [1.0, 1]]),
+        "survival": np.array([[9.0, 0, np.nan], [5.0, 1, np.nan], [4.0, 1, np.nan], [1.0, 1, np.nan]]),
     }
     engine = Engine(lambda e, b: b)
     QuadraticKappa().attach(engine, "quadratic_kappa")
@@ -160,6 +160,14 @@ def test_grading_metrics_recall_confusion_kappa_concordance_and_their_picture(tm
         quadratic_weighted_kappa(batch["label"], np.array([0, 1, 1, 2]), 3)
     )
     assert metrics["concordance_index"] == 1.0  # expected grade 0.3 < 0.9 < 1.2 < 1.8 as time shortens
+    inverse_risk = np.c_[batch["survival"][:, :2], -np.arange(4)]  # the longest survivor at the highest risk
+    mixed = ConcordanceIndex()
+    mixed.update((batch["label"], batch["layer_probs"], batch["focus"], batch["survival"]))
+    mixed.update((batch["label"], batch["layer_probs"], batch["focus"], inverse_risk))
+    assert mixed.compute() == 1.0  # some slides without a predicted risk: the expected grade for all
+    ranked = ConcordanceIndex()
+    ranked.update((batch["label"], batch["layer_probs"], batch["focus"], inverse_risk))
+    assert ranked.compute() == 0.0  # a risk head's output ranks the slides
     assert Image.open(tmp_path / "confusion_matrix.png").size[0] > 200
     assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1
 

@@ -12,6 +12,7 @@ from smt_monai.losses import (
     FocusLoss,
     RecheckLoss,
     SMTLoss,
+    cox_partial_likelihood,
 )
 from smt_monai.losses.utils import reduce_loss
 
@@ -138,3 +139,22 @@ def test_smt_loss_combination() -> None:
         SMTLoss(focus_weight=(1.0,))
     assert isinstance(SMTLoss().classification[1], ClassificationLoss)
     assert [m.class_balanced for m in SMTLoss().classification] == [False, True, True]
+
+
+def test_cox_partial_likelihood_by_hand() -> None:
+    """Slides 1 and 3 die at t = 1 and 3, slide 2 is censored at 2: slide 1's risk set is all three, slide 3's
+    itself alone; tied times share a risk set (Breslow); no event, no information (0)."""
+    risk = torch.tensor([0.5, -0.2, 1.0], requires_grad=True)
+    time, event = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1, 0, 1])
+    loss = cox_partial_likelihood(risk, time, event)
+    expected = -((0.5 - math.log(math.exp(0.5) + math.exp(-0.2) + math.exp(1.0))) + 0.0) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert risk.grad[0] < 0  # raising the risk of the first death lowers the loss
+    assert risk.grad[1] > 0  # the censored slide only ever sits in risk sets
+    tied = cox_partial_likelihood(torch.tensor([0.0, 1.0]), torch.tensor([2.0, 2.0]), torch.tensor([1, 1]))
+    assert tied.item() == pytest.approx(math.log(1 + math.e) - 0.5, rel=1e-6)
+    none = torch.tensor([0.3, 0.1], requires_grad=True)
+    silent = cox_partial_likelihood(none, torch.tensor([1.0, 2.0]), torch.tensor([0, 0]))
+    silent.backward()
+    assert silent.item() == 0.0 and torch.equal(none.grad, torch.zeros(2))

@@ -16,8 +16,10 @@ import pytest
 from matplotlib.path import Path as MplPath
 from test_synth import leak_accuracy
 
+from smt_monai.data import load_datalist
 from smt_monai.data.annotations import TumourAnnotation
 from smt_monai.data.synth import (
+    FOLLOW_UP_MONTHS,
     MIMIC,
     TUMOUR,
     Appearance,
@@ -30,6 +32,7 @@ from smt_monai.data.synth import (
     make_scene,
     make_slide,
     run_synth,
+    synthetic_survival,
 )
 from smt_monai.data.synth.render import _MIMIC, _TUMOUR, TILE, fit_mimic_separation
 from smt_monai.data.synth.scene import Blob
@@ -97,7 +100,7 @@ def graded_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     parser = add_synth_arguments(argparse.ArgumentParser())
     args = parser.parse_args(
         ["--out", str(out), "--task", "grading", "--num-slides", "9", "--size", "1024", "--mpp", "0.5"]
-        + ["--seed", "2", "--workers", "1", "--quiet", "--positive-fraction", "0.1"]
+        + ["--seed", "2", "--workers", "1", "--quiet", "--positive-fraction", "0.1", "--survival"]
     )
     assert run_synth(args) == 0
     return out
@@ -127,7 +130,12 @@ def test_graded_cohort_labels_names_and_annotation_classes(graded_cohort: Path) 
     }
     assert set(colours) == {MIMIC, "grade 1", "grade 2", "grade 3"} and len(set(colours.values())) == 4
     with open(graded_cohort / "labels.csv", newline="") as f:
-        assert sorted(int(r["label"]) for r in csv.DictReader(f)) == [0, 0, 0, 1, 1, 2, 2, 3, 3]
+        table = list(csv.DictReader(f))
+    assert sorted(int(r["label"]) for r in table) == [0, 0, 0, 1, 1, 2, 2, 3, 3]
+    # --survival: time and event per slide, in the datalist (as load_datalist reads them) and labels.csv
+    assert [float(r["time"]) for r in table] == [e["time"] for e in sorted(entries, key=lambda e: e["image"])]
+    loaded = load_datalist(graded_cohort / "datalist.json", "training", class_names=label_names(4))
+    assert all(e["time"] > 0 and e["event"] in (0, 1) for e in loaded)
     # a grade's polygons are what the annotation reader takes for that class
     grade_3 = next(e for e in entries if e["label"] == 3)
     ann = TumourAnnotation.from_file(graded_cohort / grade_3["annotation"], frozenset({"grade 3"}))
@@ -308,3 +316,15 @@ def test_lowest_and_highest_grade_look_alike_at_low_magnification(grade_tiles: d
 
 def test_lowest_and_highest_grade_differ_at_full_resolution(grade_tiles: dict) -> None:
     assert leak_accuracy(grade_tiles["full"]) >= 0.95
+
+
+def test_synthetic_survival_shortens_with_the_class_and_leaves_the_slides_alone() -> None:
+    """Hazard ratio 2 per class: the median time halves per class (here within 20 % on 4000 patients);
+    censoring at the end of follow-up; the draws are the same for the same seed."""
+    labels = np.repeat(np.arange(4), 1000)
+    time, event = synthetic_survival(labels, seed=3)
+    assert time.min() > 0 and time.max() <= FOLLOW_UP_MONTHS[1] and set(np.unique(event)) == {0, 1}
+    hazard = [event[labels == c].sum() / time[labels == c].sum() for c in range(4)]  # exponential MLE
+    np.testing.assert_allclose(np.diff(np.log2(hazard)), 1.0, atol=0.3)
+    again = synthetic_survival(labels, seed=3)
+    assert np.array_equal(time, again[0]) and np.array_equal(event, again[1])

@@ -6,7 +6,16 @@ from smt_monai.baselines.dense import (
     LoadTileBagd,
     predict_dense,
     read_tiles,
+    tile_side,
     tile_tissue,
 )
 
-__all__ = ["DenseEvaluator", "DenseMIL", "LoadTileBagd", "predict_dense", "read_tiles", "tile_tissue"]
+__all__ = [
+    "DenseEvaluator",
+    "DenseMIL",
+    "LoadTileBagd",
+    "predict_dense",
+    "read_tiles",
+    "tile_side",
+    "tile_tissue",
+]

@@ -1,12 +1,13 @@
-"""The dense baseline SMT is compared against: tile all tissue at level 0, encode every tile, attention-MIL.
+"""The dense baseline SMT is compared against: tile all tissue, encode every tile, attention-MIL.
 
 This is the pipeline most slide classifiers run today (CLAM, MONAI's MIL tutorial, TransMIL): cut the tissue
-into ``tile_size`` tiles at level 0, encode each tile with a CNN, pool the tile features with attention
-(Ilse et al., 2018) into one slide embedding, classify it. The encoder is MONAI's ResNet-18 with the
-standard stride-2 stem (``conv1_t_stride=2``; MONAI's default stride 1 costs four times as much per tile),
-initialised at random since nothing can be downloaded. Tiles are read through the project's own reader
-(:func:`smt_monai.data.iter_boxes`), so both methods pay the same I/O, and the network normalises them with
-SMT's ``normalize_he``.
+into ``tile_size`` px tiles, at level 0 or, with ``tile_mpp``, at a fixed um/px on any scanner (as CLAM tiles
+at 20x; the counterpart of an SMT model's ``layer3_mpp``), encode each tile with a CNN, pool the tile
+features with attention (Ilse et al., 2018) into one slide embedding, classify it. The encoder is MONAI's
+ResNet-18 with the standard stride-2 stem (``conv1_t_stride=2``; MONAI's default stride 1 costs four times
+as much per tile), initialised at random since nothing can be downloaded. Tiles are read through the
+project's own reader (:func:`smt_monai.data.iter_boxes`: the coarsest level fine enough, area-resized), so
+both methods pay the same I/O, and the network normalises them with SMT's ``normalize_he``.
 
 Training runs on MONAI's ``SupervisedTrainer`` as MONAI's MIL tutorial does: each step encodes a random bag
 of ``bag_size`` tissue tiles of a slide end to end (:class:`LoadTileBagd`). With ``guide`` > 0, bags of
@@ -35,6 +36,7 @@ from torch.utils.data import DataLoader
 
 from smt_monai.data.annotations import TumourAnnotation
 from smt_monai.data.errors import SlideReadError
+from smt_monai.data.magnification import scan_mpp
 from smt_monai.data.regions import SlideCache, iter_boxes
 from smt_monai.data.slide import Slide
 from smt_monai.data.tissue import tissue_mask
@@ -82,8 +84,22 @@ class DenseMIL(nn.Module):
         return torch.cat([self.pool(bag)[0] for bag in features])
 
 
-def tile_tissue(slide: Slide, tile_size: int, min_tissue: float = 0.25) -> np.ndarray:
-    """Level-0 boxes ``(N, 3)`` of the grid tiles of ``tile_size`` px with tissue fraction >= ``min_tissue``.
+def tile_side(
+    slide: Slide, tile_size: int, tile_mpp: float | None = None, default_mpp: float | None = None
+) -> float:
+    """Level-0 side of a ``tile_size`` px tile read at ``tile_mpp`` um/px (None: at level 0, ``tile_size``).
+
+    Raises:
+        SlideReadError: ``tile_mpp`` is given and the slide's resolution is unknown (``scan_mpp``).
+    """
+    if tile_mpp is None:
+        return float(tile_size)
+    return tile_size * tile_mpp / scan_mpp(slide, default_mpp)
+
+
+def tile_tissue(slide: Slide, tile_size: float, min_tissue: float = 0.25) -> np.ndarray:
+    """Level-0 boxes ``(N, 3)`` of the grid tiles of side ``tile_size`` (level-0 px, :func:`tile_side`) with
+    tissue fraction >= ``min_tissue``.
 
     The tissue mask is the one that gives SMT its layer-1 box (Otsu on saturation of the smallest level),
     area-averaged onto the tile grid.
@@ -93,7 +109,7 @@ def tile_tissue(slide: Slide, tile_size: int, min_tissue: float = 0.25) -> np.nd
         image = slide.read_level(slide.level_count - 1)
     mask = tissue_mask(image).astype(np.float32)
     width, height = slide.dimensions
-    cols, rows = width // tile_size, height // tile_size
+    cols, rows = int(width // tile_size), int(height // tile_size)
     if cols == 0 or rows == 0:
         return np.zeros((0, 3))
     # the mask covers the whole slide; crop it to the part the full tiles cover, then average per tile
@@ -124,14 +140,18 @@ def predict_dense(
     chunk_size: int = 64,
     device: torch.device | str = "cpu",
     amp: bool = False,
+    tile_mpp: float | None = None,
+    default_mpp: float | None = None,
 ) -> dict[str, Any]:
-    """Encode every tile of ``boxes`` (default: all tissue tiles) and pool them into a slide prediction.
+    """Encode every tile of ``boxes`` (default: all tissue tiles of ``tile_size`` px at ``tile_mpp``, see
+    :func:`tile_side`) and pool them into a slide prediction.
 
     Returns:
         ``probs`` (C,) numpy, ``tiles`` encoded, ``read_s`` (waiting for tiles) and ``compute_s`` seconds.
     """
     device = torch.device(device)
-    boxes = tile_tissue(slide, tile_size) if boxes is None else boxes
+    if boxes is None:
+        boxes = tile_tissue(slide, tile_side(slide, tile_size, tile_mpp, default_mpp))
     features = []
     read_s = compute_s = 0.0
     tiles = read_tiles(slide, boxes, tile_size, num_workers, chunk_size)
@@ -155,7 +175,7 @@ def predict_dense(
 
 
 class LoadTileBagd(MapTransform, Randomizable):
-    """Replace a slide path by a random bag of its tissue tiles at level 0, ``(n, 3, s, s)`` uint8.
+    """Replace a slide path by a random bag of its tissue tiles, ``(n, 3, s, s)`` uint8.
 
     The bag of one training step, as MONAI's MIL tutorial draws it (its ``tile_count``). With ``guide``, the
     bag of an annotated positive slide holds, with that probability, a quarter of its tiles (at least one)
@@ -165,7 +185,9 @@ class LoadTileBagd(MapTransform, Randomizable):
 
     Args:
         keys: the key holding the slide path.
-        tile_size: tile side in level-0 pixels (SMT's ``patch_size``).
+        tile_size: tile side in pixels (SMT's ``patch_size``).
+        tile_mpp: um/px the tiles are read at; None: the slide's level 0.
+        default_mpp: the scanner's level-0 um/px for slides whose file holds none (with ``tile_mpp``).
         bag_size: tiles per bag.
         guide: probability of a guided bag (annotated positive slides only).
         tumour_overlap: tumour-overlap fraction of a tumour tile (SMT's layer-3 ``label_overlap``).
@@ -187,6 +209,8 @@ class LoadTileBagd(MapTransform, Randomizable):
         backend: str = "auto",
         num_workers: int = 2,
         seed: int | None = None,
+        tile_mpp: float | None = None,
+        default_mpp: float | None = None,
     ) -> None:
         if not 0.0 <= guide <= 1.0:
             raise ValueError(f"guide must be in [0, 1], got {guide}")
@@ -197,6 +221,8 @@ class LoadTileBagd(MapTransform, Randomizable):
         self.guide = guide
         self.tumour_overlap = tumour_overlap
         self.num_workers = num_workers
+        self.tile_mpp = tile_mpp
+        self.default_mpp = default_mpp
         self.cache = SlideCache(backend, capacity=4)
         self._tiles: dict[str, np.ndarray] = {}
         self._tumour: dict[str, np.ndarray] = {}
@@ -204,8 +230,10 @@ class LoadTileBagd(MapTransform, Randomizable):
     def tiles(self, path: str) -> np.ndarray:
         """The slide's tissue tiles (at least one tile, the top-left one, on a slide without tissue)."""
         if path not in self._tiles:
-            boxes = tile_tissue(self.cache.get(path), self.tile_size)
-            self._tiles[path] = boxes if len(boxes) else np.array([[0.0, 0.0, float(self.tile_size)]])
+            slide = self.cache.get(path)
+            side = tile_side(slide, self.tile_size, self.tile_mpp, self.default_mpp)
+            boxes = tile_tissue(slide, side)
+            self._tiles[path] = boxes if len(boxes) else np.array([[0.0, 0.0, side]])
         return self._tiles[path]
 
     def tumour_tiles(self, entry: Mapping[Hashable, Any], path: str) -> np.ndarray:
@@ -254,9 +282,10 @@ class DenseEvaluator(SlideEvaluator):
         device: where the network runs.
         val_data_loader: loader of ``{"image": path, "label": int}`` entries.
         network: the :class:`DenseMIL`.
-        tile_size: tile side in level-0 pixels.
+        tile_size: tile side in pixels.
         backend: slide backend.
         num_workers: reading threads.
+        tile_mpp, default_mpp: as :class:`LoadTileBagd`.
         key_val_metric, additional_metrics, val_handlers, amp: as ``SlideEvaluator``.
     """
 
@@ -272,10 +301,14 @@ class DenseEvaluator(SlideEvaluator):
         additional_metrics: dict[str, Metric] | None = None,
         val_handlers: Sequence | None = None,
         amp: bool = False,
+        tile_mpp: float | None = None,
+        default_mpp: float | None = None,
     ) -> None:
         super().__init__(device, val_data_loader, key_val_metric, additional_metrics, val_handlers, amp)
         self.network = network
         self.tile_size = tile_size
+        self.tile_mpp = tile_mpp
+        self.default_mpp = default_mpp
         self.num_workers = num_workers
         self.cache = SlideCache(backend, capacity=2)
 
@@ -285,7 +318,7 @@ class DenseEvaluator(SlideEvaluator):
             slide = self.cache.get(str(item["image"]))
             result = predict_dense(
                 self.network, slide, self.tile_size, num_workers=self.num_workers, device=self.state.device,
-                amp=self.amp,
+                amp=self.amp, tile_mpp=self.tile_mpp, default_mpp=self.default_mpp,
             )  # fmt: skip
         except SlideReadError as exc:
             logger.warning("evaluation: skipping slide %s", exc)

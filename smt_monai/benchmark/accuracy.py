@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from smt_monai.benchmark.bundle_runs import evaluate, run_dir, train
+from smt_monai.benchmark.bundle_runs import config_value, evaluate, run_dir, train
 from smt_monai.benchmark.fixtures import environment, synthetic_cohort
 from smt_monai.data import load_datalist
 from smt_monai.utils import atomic_path
@@ -113,18 +113,24 @@ def benchmark_accuracy(
         focus: the K values SMT is evaluated at.
         smt_overrides: ``train.yaml`` / ``evaluate.yaml`` overrides (e.g. ``preset``, ``max_epochs``).
         dense_overrides: ``train_dense.yaml`` / ``evaluate_dense.yaml`` overrides; ``patch_size``
-            defaults to SMT's.
+            defaults to SMT's, and ``tile_mpp`` to SMT's ``layer3_mpp`` where SMT's geometry is physical:
+            dense tiles then see the tissue at the resolution of SMT's finest layer, on any scanner.
         extra_test_slides: slides of a second cohort added to the testing split (``held_out_datalist``).
         smt_overlays: configs merged over ``train.yaml`` for SMT (e.g. ``cpu.yaml``).
         contrast: the cohort's ``low_mag_tumour_contrast``.
     """
     work_dir = Path(work_dir)
     smt_overrides = dict(smt_overrides or {})
-    dense_overrides = {"patch_size": smt_overrides.get("patch_size", 256), **(dense_overrides or {})}
+    configs = ["train.yaml", *smt_overlays]
+    smt = {
+        key: smt_overrides.get(key, config_value(configs, key))
+        for key in ("patch_size", "geometry", "layer3_mpp")
+    }
+    physical = {"tile_mpp": smt["layer3_mpp"]} if smt["geometry"] == "physical" else {}
+    dense_overrides = {"patch_size": smt["patch_size"], **physical, **(dense_overrides or {})}
     datalist, test_datalist, suffix, record = held_out_cohort(
         work_dir, num_slides, size, seed, extra_test_slides, contrast
     )
-    configs = ["train.yaml", *smt_overlays]
     smt_dir = run_dir(work_dir, datalist, "smt", smt_overrides, smt_overlays)
     model = train(configs, datalist, smt_dir / "train", smt_overrides)
     out: dict[str, Any] = {

@@ -79,7 +79,8 @@ class SlidePrediction:
     one per field of view) describe the slide; ``read_mpp`` is the resolution of layer 3's reads (the
     model's ``layer3_mpp``, or the scan's where it is coarser; the region's um/px in the tissue geometry).
     ``focus_map`` is ``(F, grid, grid)``, the layer-1 rank values of each field. ``prediction`` is the
-    class: for two classes P(positive) against ``threshold``, else the most probable.
+    class: for two classes P(positive) against ``threshold``, else the most probable. ``risk`` is the risk
+    head's log hazard ratio (``SMTConfig.risk_head``; None without one).
     """
 
     path: str = ""
@@ -101,6 +102,7 @@ class SlidePrediction:
     seconds: float = 0.0
     threshold: float = 0.5
     class_names: list[str] = field(default_factory=list)
+    risk: float | None = None
     error: str = ""
 
     @property
@@ -201,10 +203,14 @@ def predict_slide(
         device,
     )
     result = _slide_prediction(passes, aggregation, int(model.grid))
-    if aggregation == "learned" and len(passes) == 3:
+    if len(passes) == 3:
+        embeddings = passes[-1].run.out.cls_embedding.to(device)
         with torch.inference_mode():
-            logits, _ = model.slide_head(passes[-1].run.out.cls_embedding.to(device))
-        result.probs = result.layer_probs[-1] = torch.softmax(logits.float(), dim=-1)[0].cpu().numpy()
+            if aggregation == "learned":
+                logits, _ = model.slide_head(embeddings)
+                result.probs = result.layer_probs[-1] = torch.softmax(logits.float(), dim=-1)[0].cpu().numpy()
+            if getattr(model, "risk_head", None) is not None:
+                result.risk = float(model.risk_head(embeddings)[0].float().item())
     mpp = float(view.get("mpp", float("nan")))
     width, height = (int(v) for v in view.get("dimensions", (0, 0)))
     result.path, result.backend, result.dimensions = path, str(view.get("backend", "")), (width, height)

@@ -31,6 +31,7 @@ from smt_monai.focus.dihedral import random_transforms, restore_patch_order, tra
 from smt_monai.focus.score import check_focus_source, minmax_normalize, positive_mass
 from smt_monai.focus.selection import Selection, next_labels, reaches_overlap, select_regions
 from smt_monai.losses.combined import SMTLoss
+from smt_monai.losses.survival import cox_partial_likelihood
 from smt_monai.networks.layer import LayerOutput
 
 RegionOverlap = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -253,6 +254,7 @@ class CascadeTraining:
         lambda_fwd: Sequence[float] = (1.0, 1.0, 1.0),
         lambda_bwd: Sequence[float] = (0.1, 0.1),
         field_slide: np.ndarray | None = None,
+        survival: torch.Tensor | None = None,
     ) -> CascadeStep:
         """Walk the cascade in training mode on one batch of slides and compute the Eq. 7 losses.
 
@@ -268,6 +270,8 @@ class CascadeTraining:
             lambda_fwd: ``lambda_fwd`` of layers 1-3 for this step.
             lambda_bwd: ``lambda_bwd`` of layers 1-2 for this step.
             field_slide: ``(F,)`` the slide of each layer-1 field (default: one field per slide).
+            survival: ``(B, 2)`` each slide's survival time and event, NaN where unknown (the risk head's
+                Cox partial likelihood, over the slides that have them).
 
         Raises:
             ValueError: if the batch sizes disagree or ``num_layers`` is not 1-3.
@@ -319,20 +323,28 @@ class CascadeTraining:
         for parent, child in zip(passes, passes[1:]):
             self._backward_terms(terms, parent, child.run.out)
         if getattr(model, "slide_head", None) is not None and len(passes) == 3:
-            terms["slide"] = self._slide_term(model.slide_head, passes[2], labels)
+            slides, logits = self._pool(model.slide_head, passes[2])
+            target = labels.to(logits.device, torch.long)[torch.as_tensor(slides)]
+            terms["slide"] = F.cross_entropy(logits.float(), target)
+        if getattr(model, "risk_head", None) is not None and len(passes) == 3 and survival is not None:
+            slides, risk = self._pool(model.risk_head, passes[2])
+            time, event = survival.to(risk.device, torch.float32)[torch.as_tensor(slides)].unbind(1)
+            known = ~(time.isnan() | event.isnan())
+            terms["risk"] = cox_partial_likelihood(risk[known, 0], time[known], event[known])
         losses = self.loss_fn(terms, lambda_fwd, lambda_bwd)
         return CascadeStep(losses, passes, focus.labels[: len(passes)])
 
     @staticmethod
-    def _slide_term(head: torch.nn.Module, last: LayerPass, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the slide head (the learned aggregation) on each slide's layer-3 class-token
-        embeddings, detached: the head learns to pool what layer 3 learned from its region labels."""
+    def _pool(head: torch.nn.Module, last: LayerPass) -> tuple[np.ndarray, torch.Tensor]:
+        """The slides of the batch that reached layer 3 and a slide-level head's output for each ``(S, out)``,
+        pooled from their layer-3 class-token embeddings, detached: the slide and risk heads learn to pool
+        what layer 3 learned from its region labels."""
         embeddings = last.run.out.cls_embedding.detach()
         slides = np.unique(last.regions.slide)
-        logits = torch.cat(
-            [head(embeddings[torch.as_tensor(np.flatnonzero(last.regions.slide == s))])[0] for s in slides]
-        )
-        return F.cross_entropy(logits.float(), labels.to(logits.device, torch.long)[torch.as_tensor(slides)])
+        pooled = [
+            head(embeddings[torch.as_tensor(np.flatnonzero(last.regions.slide == s))])[0] for s in slides
+        ]
+        return slides, torch.cat(pooled)
 
     def _backward_terms(self, terms: dict[str, torch.Tensor], parent: LayerPass, child: LayerOutput) -> None:
         """Add ``L_ret`` (Eq. 4) and ``L_emb`` (Eq. 5-6) of ``parent``'s layer, taught by its K focused

@@ -11,6 +11,7 @@ puts the fields of a batch's slides side by side.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -101,8 +102,12 @@ class LoadLayer1d(MapTransform):
 
 def collate_views(items: Sequence[Mapping[Hashable, Any]]) -> dict[Hashable, Any]:
     """A batch of layer-1 views: the fields of all slides side by side (``image`` ``(F, 3, s, s)``, ``box``
-    ``(F, 3)``), ``field_slide`` ``(F,)`` the slide of each field, everything else collated per slide."""
-    batch = list_data_collate([{k: v for k, v in item.items() if k not in VIEW_KEYS} for item in items])
+    ``(F, 3)``), ``field_slide`` ``(F,)`` the slide of each field, everything else collated per slide.
+    Where some slides give a survival ``time`` and ``event`` and others not, the others get NaN."""
+    survival = {} if not any("time" in item for item in items) else {"time": math.nan, "event": math.nan}
+    batch = list_data_collate(
+        [{**survival, **{k: v for k, v in item.items() if k not in VIEW_KEYS}} for item in items]
+    )
     for key in VIEW_KEYS:
         batch[key] = torch.cat([torch.as_tensor(item[key]) for item in items])
     batch["field_slide"] = torch.cat([torch.full((len(item["box"]),), i) for i, item in enumerate(items)])

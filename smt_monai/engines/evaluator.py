@@ -100,13 +100,20 @@ class SlideEvaluator(Evaluator):
             labels.append(int(item["label"]))
             outcomes.append(outcome)
             focus.append(self.focus_measures(item, outcome))
-            survival.append([float(item.get("time", math.nan)), float(item.get("event", math.nan))])
+            risk = outcome.prediction.risk if outcome.prediction is not None else None
+            survival.append(
+                [
+                    float(item.get("time", math.nan)),
+                    float(item.get("event", math.nan)),
+                    math.nan if risk is None else risk,
+                ]
+            )
         return {
             "label": np.array(labels, dtype=int),
             "layer_probs": np.stack([o.layer_probs for o in outcomes]) if outcomes else np.zeros((0, 3, 2)),
             "focus": {name: np.array([f[i] for f in focus]) for i, name in enumerate(FocusOutcome._fields)},
             "seconds": np.array(seconds),
-            "survival": np.array(survival, dtype=np.float64).reshape(-1, 2),
+            "survival": np.array(survival, dtype=np.float64).reshape(-1, 3),
         }
 
 

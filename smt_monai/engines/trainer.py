@@ -35,13 +35,14 @@ class TrainingDivergedError(RuntimeError):
 
 def smt_param_groups(network: torch.nn.Module, lrs: Sequence[float] = (0.002, 0.002, 0.01)) -> list[dict]:
     """Optimiser parameter groups with the paper's per-layer learning rates (layers 1-2: 0.002, 3: 0.01);
-    the slide head, when the network has one, learns with layer 3 (it pools layer 3's embeddings)."""
+    the slide and risk heads, where the network has them, learn with layer 3 (they pool its embeddings)."""
     if len(lrs) != 3:
         raise ValueError(f"lrs needs one learning rate per layer (3), got {len(lrs)}")
     layers = (network.layer1, network.layer2, network.layer3)
     groups = [{"params": list(layer.parameters()), "lr": float(lr)} for layer, lr in zip(layers, lrs)]
-    if getattr(network, "slide_head", None) is not None:
-        groups[2]["params"] += list(network.slide_head.parameters())
+    for head in ("slide_head", "risk_head"):
+        if getattr(network, head, None) is not None:
+            groups[2]["params"] += list(getattr(network, head).parameters())
     return groups
 
 
@@ -139,6 +140,10 @@ class SMTTrainer(Trainer):
         field_slide = torch.as_tensor(batchdata["field_slide"])
         fields = torch.isin(field_slide, torch.as_tensor(keep)).nonzero().squeeze(1)
         renumbered = torch.searchsorted(torch.as_tensor(keep), field_slide[fields]).numpy()
+        survival = None
+        if "time" in batchdata:  # collate_views gives both keys, NaN for slides without survival
+            times, events = (torch.as_tensor(batchdata[k], dtype=torch.float32) for k in ("time", "event"))
+            survival = torch.stack([times, events], dim=1)[torch.as_tensor(keep)]
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.state.device.type, dtype=torch.bfloat16, enabled=self.amp):
             return self.cascade(
@@ -153,6 +158,7 @@ class SMTTrainer(Trainer):
                 self.state.lambda_fwd,
                 self.state.lambda_bwd,
                 renumbered,
+                survival,
             )
 
     def _backward(self, step: CascadeStep, paths: list[str]) -> dict[str, float]:

@@ -4,7 +4,8 @@ Each metric reads the evaluator's per-batch output: ``label`` ``(B,)`` (-1 when 
 ``(B, layers, C)`` (each layer's own aggregated slide prediction; the last layer's is SMT's), and ``focus``,
 the focus measures and their chance levels by name (``smt_monai.engines.focus_outcome.FocusOutcome``'s
 fields), each ``(B,)``, NaN where they do not apply (negative or unannotated slides), and ``survival``
-``(B, 2)``, each slide's survival time and event (NaN where the datalist gives none).
+``(B, 3)``, each slide's survival time and event (NaN where the datalist gives none) and the risk head's
+predicted risk (NaN without one).
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class _SlideMetric(Metric):
         self._probs.append(layer_probs[known][:, self.layer] if len(layer_probs) else np.zeros((0, 2)))
         self._focus.append(focus)
         if len(output) > 3:
-            self._survival.append(np.asarray(output[3], dtype=np.float64).reshape(-1, 2)[known])
+            self._survival.append(np.asarray(output[3], dtype=np.float64).reshape(-1, 3)[known])
 
     def _collected(self) -> tuple[np.ndarray, np.ndarray]:
         labels = np.concatenate(self._labels) if self._labels else np.zeros(0, dtype=int)
@@ -204,19 +205,21 @@ class ConfusionMatrix(_SlideMetric):
 
 
 class ConcordanceIndex(_SlideMetric):
-    """Harrell's concordance index of the predicted class against survival (prognosis): the risk of a slide
-    is its expected class ``sum_c c p_c`` (higher classes: worse prognosis), over the slides whose datalist
-    entry gives ``time`` and ``event``; NaN without them."""
+    """Harrell's concordance index of the predicted risk against survival (prognosis), over the slides whose
+    datalist entry gives ``time`` and ``event`` (NaN without them): the risk head's output where the model
+    has one (``SMTConfig.risk_head``, trained by the Cox partial likelihood), else the expected class
+    ``sum_c c p_c`` (prognosis as classes, the paper's setting: higher classes, worse prognosis)."""
 
     required_output_keys = ("label", "layer_probs", "focus", "survival")
 
     def compute(self) -> float:
         labels, probs = self._collected()
-        survival = np.concatenate(self._survival) if self._survival else np.zeros((0, 2))
-        known = ~np.isnan(survival).any(axis=1)
+        survival = np.concatenate(self._survival) if self._survival else np.zeros((0, 3))
+        known = ~np.isnan(survival[:, :2]).any(axis=1)
         if known.sum() < 2:
             return float("nan")
-        risk = probs[known] @ np.arange(probs.shape[1])
+        predicted = survival[known, 2]
+        risk = predicted if not np.isnan(predicted).any() else probs[known] @ np.arange(probs.shape[1])
         return concordance_index(survival[known, 0], survival[known, 1], risk)
 
 

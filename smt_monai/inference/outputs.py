@@ -241,11 +241,12 @@ class OutputFolder:
         skip: Collection[int] = (),
         run: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Write ``predictions.csv`` (every slide, input order) and ``summary.json`` (with ``run``'s figures);
-        returns the summary."""
+        """Write ``predictions.csv`` (every slide, input order; a ``risk`` column where the model has a risk
+        head) and ``summary.json`` (with ``run``'s figures); returns the summary."""
         rows = self.rows(wait, skip)
         prob_columns = [f"prob_{name}" for name in class_names]
-        columns = [*FIXED_COLUMNS, *prob_columns, *TIMING_COLUMNS]
+        risk = ["risk"] if any(row.get("risk", "") != "" for row in rows) else []
+        columns = [*FIXED_COLUMNS, *prob_columns, *risk, *TIMING_COLUMNS]
         with atomic_path(self.path / "predictions.csv") as tmp, open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()

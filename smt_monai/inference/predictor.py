@@ -214,6 +214,8 @@ class SlideListPredictor:
             return row
         row.update(status="ok", prediction=prediction.prediction, **{"class": prediction.label})
         row.update(self._prob_columns(prediction))
+        if prediction.risk is not None:
+            row["risk"] = round(prediction.risk, 6)
         row.update(
             scan_mpp="" if prediction.mpp is None else round(prediction.mpp, 4),
             read_mpp="" if prediction.read_mpp is None else round(prediction.read_mpp, 4),

@@ -13,11 +13,12 @@ from smt_monai.losses.focus import FocusLoss
 from smt_monai.losses.recheck import RecheckLoss
 
 TERMS: tuple[str, ...] = (
-    "cls1", "cls2", "cls3", "emb1", "emb2", "focus1", "focus2", "ret1", "ret2", "slide"
+    "cls1", "cls2", "cls3", "emb1", "emb2", "focus1", "focus2", "ret1", "ret2", "slide", "risk"
 )  # fmt: skip
 """Names of the terms: per layer ``cls{l}`` (Eq. 1), ``emb{l}`` (Eq. 6), ``focus{l}`` (Eq. 3), ``ret{l}``
 (Eq. 4); ``slide``, the cross-entropy of the learned aggregation (``SMTConfig.slide_head``) against the slide
-labels, weighted as layer 3's ``L_cls``."""
+labels, and ``risk``, the Cox partial likelihood of the risk head (``SMTConfig.risk_head``) against the
+slides' survival, each weighted as layer 3's ``L_cls``."""
 
 
 class SMTLoss(nn.Module):
@@ -91,8 +92,9 @@ class SMTLoss(nn.Module):
         for layer in (1, 2, 3):
             if f"cls{layer}" in terms:
                 loss_v = loss_v + lambda_fwd[layer - 1] * terms[f"cls{layer}"]
-        if "slide" in terms:
-            loss_v = loss_v + lambda_fwd[2] * terms["slide"]
+        for head in ("slide", "risk"):
+            if head in terms:
+                loss_v = loss_v + lambda_fwd[2] * terms[head]
         for layer in (1, 2):
             if f"emb{layer}" in terms:
                 loss_v = loss_v + self.distillation_weight * lambda_bwd[layer - 1] * terms[f"emb{layer}"]

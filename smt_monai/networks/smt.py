@@ -60,6 +60,10 @@ class SMTConfig:
             embeddings of a slide's layer-3 regions into the slide's class logits, trained on the slide labels
             beside the layers (``aggregation: learned``); off by default, where the slide prediction is the
             ``max`` or ``mean`` of the regions' probabilities.
+        risk_head: a prognosis head: the same pooling into one number per slide, its risk (log hazard
+            ratio), trained by the Cox partial likelihood on the datalist's survival ``time`` and ``event``
+            (``smt_monai.losses.survival``); the slide's ``risk`` in the outputs, the concordance index's
+            ranking. Off by default (prognosis as classes, the paper's setting).
     """
 
     grid: int = 8
@@ -78,6 +82,7 @@ class SMTConfig:
     geometry: str = "physical"
     layer3_mpp: float = 1.0
     slide_head: bool = False
+    risk_head: bool = False
 
     def __post_init__(self) -> None:
         # Configs arrive from YAML/JSON with lists; keep the frozen config hashable and comparable.
@@ -90,7 +95,7 @@ CARD_KEY = "smt_monai"
 
 SCALE_FIELDS = ("geometry", "layer3_mpp")
 """``SMTConfig`` fields that say how the model sees a slide rather than how a layer is built."""
-SLIDE_FIELDS = ("slide_head",)
+SLIDE_FIELDS = ("slide_head", "risk_head")
 """``SMTConfig`` fields of what comes after the layers."""
 
 PRESETS: dict[str, SMTConfig] = {
@@ -159,6 +164,11 @@ class SMT(nn.Module):
         self.slide_head = (
             GatedAttentionPool(config.embed_dim, config.num_classes, max(config.embed_dim // 2, 16))
             if config.slide_head
+            else None
+        )
+        self.risk_head = (
+            GatedAttentionPool(config.embed_dim, 1, max(config.embed_dim // 2, 16))
+            if config.risk_head
             else None
         )
         if pretrained is not None:

@@ -14,6 +14,7 @@ file format and :mod:`.cohort` for the files written.
 """
 
 from smt_monai.data.synth.cohort import (
+    FOLLOW_UP_MONTHS,
     SYNTH_HELP,
     SlideOptions,
     add_synth_arguments,
@@ -24,11 +25,13 @@ from smt_monai.data.synth.cohort import (
     run_synth,
     slide_seed,
     stratified_split,
+    synthetic_survival,
 )
 from smt_monai.data.synth.render import Appearance, TileRenderer
 from smt_monai.data.synth.scene import MIMIC, TUMOUR, LayoutOptions, PenStroke, Scene, Speck, make_scene
 
 __all__ = [
+    "FOLLOW_UP_MONTHS",
     "MIMIC",
     "SYNTH_HELP",
     "TUMOUR",
@@ -48,4 +51,5 @@ __all__ = [
     "run_synth",
     "slide_seed",
     "stratified_split",
+    "synthetic_survival",
 ]

@@ -10,8 +10,9 @@ A cohort directory holds::
     datalist.json                  MONAI decathlon datalist: training / validation / testing lists of
                                    {"image", "label", "annotation"}, paths relative to the directory, and
                                    the class names ("labels": {"0": "negative", "1": "tumour"}, or
-                                   {"0": "benign", "1": "grade 1", ...})
-    labels.csv                     image,label,split
+                                   {"0": "benign", "1": "grade 1", ...}); with ``--survival`` also each
+                                   slide's survival "time" (months) and "event"
+    labels.csv                     image,label,split (and time,event)
     cohort.json                    generation options (lengths in um) and per-slide metadata: size in px,
                                    mpp, tissue extent in mm, section boxes, regions (class, grade, radius in
                                    um), seeds
@@ -224,6 +225,25 @@ def slide_seed(cohort_seed: int, index: int) -> int:
     return int(np.random.SeedSequence([cohort_seed, index]).generate_state(1, dtype=np.uint32)[0])
 
 
+SURVIVAL_MEDIAN_MONTHS = 120.0
+"""Median survival of a class-0 slide's patient in a ``survival`` cohort; each class up halves it."""
+FOLLOW_UP_MONTHS = (12.0, 120.0)
+"""Censoring: each patient's follow-up ends at a uniform time in this range (months)."""
+
+
+def synthetic_survival(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Survival ``time`` (months, 0.1 precision, at least 0.1) and ``event`` (1 observed, 0 censored) of
+    slides of classes ``labels``: exponential times with a hazard ratio of 2 per class (proportional
+    hazards: a Cox model of the class is the true one), censored at the end of a uniform follow-up. Drawn
+    from their own random stream, so the slides are the same with and without survival."""
+    rng = np.random.default_rng([seed, 0, 1])  # three words: not the labels', splits' or a slide's stream
+    hazard = np.log(2) / SURVIVAL_MEDIAN_MONTHS * 2.0 ** np.asarray(labels, dtype=np.float64)
+    death = rng.exponential(1.0 / hazard)
+    follow_up = rng.uniform(*FOLLOW_UP_MONTHS, size=len(hazard))
+    time = np.maximum(np.round(np.minimum(death, follow_up), 1), 0.1)
+    return time, (death <= follow_up).astype(np.int64)
+
+
 def stratified_split(labels: np.ndarray, fractions: tuple[float, float, float], seed: int) -> np.ndarray:
     """Split index (0 training, 1 validation, 2 testing) of each slide, stratified by label.
 
@@ -257,6 +277,7 @@ def make_cohort(
     options: SlideOptions | None = None,
     workers: int | None = None,
     progress: bool = True,
+    survival: bool = False,
 ) -> Path:
     """Write a cohort of synthetic slides (see the module docstring for the files).
 
@@ -274,6 +295,8 @@ def make_cohort(
             of ``SPREAD_SIZE`` px or more a side is rendered by CPU count // workers processes, so one big
             slide uses every core too.
         progress: show a progress bar.
+        survival: give each slide a survival ``time`` and ``event`` that depend on its class
+            (:func:`synthetic_survival`), in the datalist and ``labels.csv``, for prognosis.
 
     Returns:
         Path of ``datalist.json``.
@@ -348,12 +371,18 @@ def make_cohort(
 
     entries: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLITS}
     rows = []
+    times, events = synthetic_survival(labels, seed)
     for i, meta in enumerate(metadata):
         image = Path(meta["image"]).relative_to(out).as_posix()
         annotation = Path(meta["annotation"]).relative_to(out).as_posix()
         meta.update(image=image, annotation=annotation, split=SPLITS[splits[i]])
-        entries[SPLITS[splits[i]]].append({"image": image, "label": int(labels[i]), "annotation": annotation})
-        rows.append((image, int(labels[i]), SPLITS[splits[i]]))
+        entry = {"image": image, "label": int(labels[i]), "annotation": annotation}
+        row = [image, int(labels[i]), SPLITS[splits[i]]]
+        if survival:
+            entry.update(time=float(times[i]), event=int(events[i]))
+            row += [float(times[i]), int(events[i])]
+        entries[SPLITS[splits[i]]].append(entry)
+        rows.append(row)
     description = (
         "Synthetic H&E-like slides: tumour and benign mimic regions look alike at low magnification and "
         "differ in nuclear detail at level 0."
@@ -376,7 +405,7 @@ def make_cohort(
     path.write_text(json.dumps(datalist, indent=2) + "\n")
     with open(out / "labels.csv", "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["image", "label", "split"])
+        writer.writerow(["image", "label", "split"] + (["time", "event"] if survival else []))
         writer.writerows(rows)
     cohort = {
         "seed": seed,
@@ -384,6 +413,7 @@ def make_cohort(
         "mpp": options.mpp,
         "positive_fraction": positive_fraction if num_classes == 2 else None,
         "split": list(split),
+        "survival": survival,
         "options": asdict(options),
         "slides": metadata,
     }
@@ -501,6 +531,12 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "them alike at 4 um/px and coarser, so a first layer cannot tell them apart; 1 makes tumour clearly "
         "darker at 8-16 um/px",
     )
+    parser.add_argument(
+        "--survival",
+        action="store_true",
+        help="give each slide a survival time (months) and event that depend on its class (hazard ratio 2 "
+        "per class, censored follow-up), for prognosis: the datalist's time and event keys",
+    )
     parser.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality (default: 90)")
     parser.add_argument("--border", type=int, default=0, help="black scanner border width in px (default: 0)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
@@ -551,6 +587,7 @@ def run_synth(args: argparse.Namespace) -> int:
             options=options,
             workers=args.workers,
             progress=not args.quiet,
+            survival=args.survival,
         )
     except ValueError as err:
         print(f"smt-monai synth: error: {err}", file=sys.stderr)
