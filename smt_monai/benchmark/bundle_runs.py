@@ -9,6 +9,8 @@ ablations share the default model with the accuracy benchmark.
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -49,9 +51,16 @@ def config_files(config: Configs) -> list[str]:
 def config_value(config: Configs, key: str) -> Any:
     """The raw value of ``key`` (``#`` for nesting) in the merged ``config``: references and expressions
     unresolved, as an override takes them."""
+    return copy.deepcopy(_merged(tuple(config_names(config))).get(key))
+
+
+@functools.lru_cache(maxsize=16)
+def _merged(names: tuple[str, ...]) -> Any:
+    """The ``ConfigParser`` of the merged configs ``names``, parsed once per process (the files are the
+    package's own)."""
     from monai.bundle import ConfigParser
 
-    return ConfigParser(ConfigParser.load_config_files(config_files(config))).get(key)
+    return ConfigParser(ConfigParser.load_config_files(config_files(list(names))))
 
 
 def bundle_workflow(config: Configs, run_id: str, overrides: Mapping[str, Any]) -> Any:

@@ -161,16 +161,12 @@ class SMT(nn.Module):
         self.layer1 = SMTLayer(**layer_kwargs, focus=True)
         self.layer2 = SMTLayer(**layer_kwargs, focus=True)
         self.layer3 = SMTLayer(**layer_kwargs, focus=False)
+        # slide-level heads over the K^2 layer-3 class-token embeddings: class logits, and a risk
+        width = max(config.embed_dim // 2, 16)
         self.slide_head = (
-            GatedAttentionPool(config.embed_dim, config.num_classes, max(config.embed_dim // 2, 16))
-            if config.slide_head
-            else None
+            GatedAttentionPool(config.embed_dim, config.num_classes, width) if config.slide_head else None
         )
-        self.risk_head = (
-            GatedAttentionPool(config.embed_dim, 1, max(config.embed_dim // 2, 16))
-            if config.risk_head
-            else None
-        )
+        self.risk_head = GatedAttentionPool(config.embed_dim, 1, width) if config.risk_head else None
         if pretrained is not None:
             load_pretrained(self, pretrained, pretrained_layers)
 

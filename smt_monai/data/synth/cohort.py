@@ -371,14 +371,14 @@ def make_cohort(
 
     entries: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLITS}
     rows = []
-    times, events = synthetic_survival(labels, seed)
+    times, events = synthetic_survival(labels, seed) if survival else (None, None)
     for i, meta in enumerate(metadata):
         image = Path(meta["image"]).relative_to(out).as_posix()
         annotation = Path(meta["annotation"]).relative_to(out).as_posix()
         meta.update(image=image, annotation=annotation, split=SPLITS[splits[i]])
         entry = {"image": image, "label": int(labels[i]), "annotation": annotation}
         row = [image, int(labels[i]), SPLITS[splits[i]]]
-        if survival:
+        if times is not None and events is not None:
             entry.update(time=float(times[i]), event=int(events[i]))
             row += [float(times[i]), int(events[i])]
         entries[SPLITS[splits[i]]].append(entry)
