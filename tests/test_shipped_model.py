@@ -97,3 +97,15 @@ def test_the_shipped_model_classifies_fresh_synthetic_slides(tmp_path: Path) -> 
     assert sum(p == y for p, y in zip(predicted, labels)) >= 5, (labels, positive)
     mean = {y: sum(p for p, t in zip(positive, labels) if t == y) / labels.count(y) for y in (0, 1)}
     assert mean[1] > mean[0], (labels, positive)
+
+
+def test_a_model_file_names_its_heads_and_the_cli_stops_quietly_on_a_closed_pipe(tmp_path: Path) -> None:
+    """``smt-monai model``: a model with a slide or risk head says so; piped into ``head``, no traceback."""
+    from smt_monai.networks import smt_tiny
+
+    card = ModelCard.for_training(smt_tiny(num_classes=3, risk_head=True), "tiny")
+    assert "slide-level heads: risk head" in card.describe()
+    assert "heads" not in ModelCard.of(load_model(MODEL)).describe()
+    shell = f"{sys.executable} -m smt_monai model {MODEL} | head -1"
+    done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=120)
+    assert done.stdout.startswith("SMT, preset") and "Traceback" not in done.stderr

@@ -151,10 +151,17 @@ class ModelCard:
             f"K = {self.num_focus}, aggregation {self.aggregation}, threshold {self.threshold:g}",
             f"trained with smt-monai {self.version}",
         ]
+        heads = [name for key, name in HEADS.items() if net.get(key)]
+        if heads:
+            lines.insert(3, f"slide-level heads: {', '.join(heads)}")
         if self.validation:
             best = self.validation.get("best_metric")
             lines.append(f"best validation score {best} at epoch {self.validation.get('best_epoch')}")
         return "\n".join(lines)
+
+
+HEADS = {"slide_head": "slide head (aggregation learned)", "risk_head": "risk head (Cox; a risk column)"}
+"""The optional heads after layer 3 (``SMTConfig``'s fields), as :meth:`ModelCard.describe` names them."""
 
 
 def _plain(value: Any) -> Any:
