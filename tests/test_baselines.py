@@ -10,7 +10,16 @@ import pytest
 import torch
 from conftest import scene, write_cohort, write_tiff
 
-from smt_monai.baselines import DenseMIL, LoadTileBagd, predict_dense, tile_side, tile_tissue
+from smt_monai.baselines import (
+    DenseMIL,
+    DenseMILLoss,
+    LoadTileBagd,
+    predict_dense,
+    prepare_bag_batch,
+    read_tiles,
+    tile_side,
+    tile_tissue,
+)
 from smt_monai.benchmark.bundle_runs import bundle_workflow
 from smt_monai.data import load_datalist, open_slide
 from smt_monai.data.errors import SlideReadError
@@ -75,9 +84,10 @@ def test_tiles_at_a_fixed_mpp_cover_the_same_tissue_on_any_scanner(tmp_path: Pat
 
 @pytest.mark.slow
 def test_train_and_evaluate_through_the_bundle(tmp_path: Path) -> None:
-    """MONAI's SupervisedTrainer trains on random bags; the evaluator writes SMT's metrics.json."""
+    """MONAI's SupervisedTrainer trains on random bags, the tile head on annotated tile classes; the
+    evaluator writes SMT's metrics.json, by attention pooling or by the tile head's max."""
     datalist = write_cohort(tmp_path / "data", count=4, side=1024, splits=(2, 1, 1))
-    settings = {"patch_size": 32, "max_epochs": 2, "bag_size": 4}
+    settings = {"patch_size": 32, "max_epochs": 2, "bag_size": 4, "guide": 1.0, "tile_weight": 1.0}
     run = tmp_path / "run"
     flow = bundle_workflow(
         "train_dense.yaml",
@@ -85,18 +95,23 @@ def test_train_and_evaluate_through_the_bundle(tmp_path: Path) -> None:
         {"dataset_dir": str(datalist.parent), "output_dir": str(run), **settings},
     )
     network = flow.parser.get_parsed_content("network")
-    before = [p.detach().clone() for p in network.parameters()]
+    before = {name: p.detach().clone() for name, p in network.named_parameters()}
     flow.run()
-    assert any(not torch.equal(a, b) for a, b in zip(before, network.parameters()))
+    changed = {name for name, p in network.named_parameters() if not torch.equal(before[name], p)}
+    assert {"tile_head.weight", "pooling.classifier.weight"} <= changed
+    assert any(name.startswith("encoder.") for name in changed)
     assert (run / "model.pt").exists() and list(run.glob("events.out.tfevents.*"))
     overrides = {
         "datalist": str(datalist),
         "ckpt_path": str(run / "model.pt"),
         "output_dir": str(tmp_path / "eval"),
     }
-    bundle_workflow("evaluate_dense.yaml", "evaluating", {**overrides, **settings, "tile_mpp": 1.0}).run()
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert metrics["num_slides"] == 1 and metrics["seconds_per_slide"] > 0 and "balanced_accuracy" in metrics
+    for aggregation in ("attention", "max"):
+        evaluation = {**overrides, **settings, "tile_mpp": 1.0, "aggregation": aggregation}
+        bundle_workflow("evaluate_dense.yaml", "evaluating", evaluation).run()
+        metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+        assert metrics["num_slides"] == 1 and metrics["seconds_per_slide"] > 0
+        assert "balanced_accuracy" in metrics
 
 
 def test_guided_bags_hold_tumour_tiles_of_annotated_positive_slides(tmp_path: Path) -> None:
@@ -121,3 +136,79 @@ def test_guided_bags_hold_tumour_tiles_of_annotated_positive_slides(tmp_path: Pa
     assert np.mean(hits) < 16 * 15 / tiles + 1.5  # random bags: about 16 * 15 / tiles tumour tiles each
     with pytest.raises(ValueError, match="guide"):
         LoadTileBagd(guide=1.5)
+
+
+def test_tile_labels_follow_graded_annotations_and_guide_to_the_slide_grade(tmp_path: Path) -> None:
+    """A graded slide's tiles take the highest class they overlap, never above the slide's; guided bags hold
+    tiles of the slide's own grade (the tiles that make its label)."""
+    slide = write_tiff(tmp_path / "graded.tif", scene(1024, 1024))
+
+    def square(x0: int, side: int, name: str) -> dict:
+        ring = [[x0, x0], [x0 + side, x0], [x0 + side, x0 + side], [x0, x0 + side], [x0, x0]]
+        kind = {"objectType": "annotation", "classification": {"name": name}}
+        return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": kind}
+
+    annotation = tmp_path / "graded.geojson"
+    features = [square(256, 256, "grade 1"), square(384, 64, "grade 2")]  # a grade-2 focus inside grade 1
+    annotation.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    names = ["benign", "grade 1", "grade 2"]
+    bags = LoadTileBagd(tile_size=64, bag_size=16, guide=1.0, class_names=names, seed=0)
+    entry = {"image": str(slide), "label": 2, "annotation": str(annotation)}
+    tiles = bags.tiles(str(slide))
+    labels = bags.tile_labels(entry, str(slide))
+    centres = tiles[:, :2] + 32
+    inside = lambda x0, side: np.all((centres >= x0) & (centres < x0 + side), axis=1)  # noqa: E731
+    assert np.all(labels[inside(384, 64)] == 2) and inside(384, 64).sum() == 1
+    assert np.all(labels[inside(256, 256) & ~inside(384, 64)] == 1)
+    assert np.all(labels[~inside(256, 256)] == 0)
+    np.testing.assert_array_equal(bags.tumour_tiles(entry, str(slide)), np.flatnonzero(labels == 2))
+    bag = bags(entry)
+    assert bag["image"].shape == (16, 3, 64, 64) and (bag["tile_label"] == 2).sum() == 1
+    # the same annotation on a grade-1 slide labels no tile above 1; a slide's class caps its tiles
+    capped = LoadTileBagd(tile_size=64, class_names=names).tile_labels({**entry, "label": 1}, str(slide))
+    np.testing.assert_array_equal(capped, np.minimum(labels, 1))
+    # the tumour names alone do not read graded polygons: no guided tile, no tile class
+    assert len(LoadTileBagd(tile_size=64, guide=1.0).tumour_tiles(entry, str(slide))) == 0
+    # without annotation a positive slide's tiles are unknown (-1), a negative slide's are benign
+    unannotated = LoadTileBagd(tile_size=64, class_names=names)
+    assert np.all(unannotated.tile_labels({"image": str(slide), "label": 2}, str(slide)) == -1)
+    negative = LoadTileBagd(tile_size=64, class_names=names)
+    assert np.all(negative.tile_labels({**entry, "label": 0}, str(slide)) == 0)
+
+
+def test_tile_loss_trains_the_tile_head_on_known_tiles_only() -> None:
+    torch.manual_seed(0)
+    net = DenseMIL(num_classes=3).train()
+    bags = torch.randint(0, 256, (1, 6, 3, 32, 32), dtype=torch.uint8)
+    slides, tiles = net(bags, with_tiles=True)
+    assert slides.shape == (1, 3) and tiles.shape == (1, 6, 3)
+    labels, tile_labels = torch.tensor([2]), torch.tensor([[2, 0, 0, -1, -1, 1]])
+    slide_only = torch.nn.functional.cross_entropy(slides, labels)
+    torch.testing.assert_close(DenseMILLoss(0.0)((slides, tiles), (labels, tile_labels)), slide_only)
+    known = tile_labels[0] >= 0
+    expected = slide_only + 0.5 * torch.nn.functional.cross_entropy(tiles[0][known], tile_labels[0][known])
+    loss = DenseMILLoss(0.5)((slides, tiles), (labels, tile_labels))
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert net.tile_head.weight.grad is not None and net.tile_head.weight.grad.abs().sum() > 0
+    unknown = torch.full_like(tile_labels, -1)  # an unannotated positive slide: the slide term alone
+    torch.testing.assert_close(DenseMILLoss(0.5)((slides, tiles), (labels, unknown)), slide_only)
+    batch = {"image": bags, "label": labels, "tile_label": tile_labels}
+    inputs, target, args, kwargs = prepare_bag_batch(batch, "cpu")
+    assert inputs is not None and target[1] is not None and args == () and kwargs == {"with_tiles": True}
+
+
+def test_predict_dense_max_grades_by_the_furthest_tile(tiny_slide: Path) -> None:
+    """``aggregation: max`` is SMT's rule over the tile head: P(slide >= c) = max_t P(tile t >= c)."""
+    torch.manual_seed(0)
+    net = DenseMIL(num_classes=3).eval()
+    with open_slide(tiny_slide) as slide:
+        boxes = tile_tissue(slide, 64)
+        result = predict_dense(net, slide, 64, aggregation="max")
+        tiles = torch.cat(list(read_tiles(slide, boxes, 64)))
+    with torch.no_grad():
+        probs = torch.softmax(net.tile_head(net.encode(tiles)), dim=1).numpy()
+    at_least = probs[:, ::-1].cumsum(axis=1)[:, ::-1].max(axis=0)
+    np.testing.assert_allclose(result["probs"], at_least - np.append(at_least[1:], 0.0), atol=1e-5)
+    with pytest.raises(ValueError, match="aggregation"):
+        predict_dense(net, slide, 64, aggregation="mean")

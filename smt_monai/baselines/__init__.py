@@ -3,8 +3,10 @@
 from smt_monai.baselines.dense import (
     DenseEvaluator,
     DenseMIL,
+    DenseMILLoss,
     LoadTileBagd,
     predict_dense,
+    prepare_bag_batch,
     read_tiles,
     tile_side,
     tile_tissue,
@@ -13,8 +15,10 @@ from smt_monai.baselines.dense import (
 __all__ = [
     "DenseEvaluator",
     "DenseMIL",
+    "DenseMILLoss",
     "LoadTileBagd",
     "predict_dense",
+    "prepare_bag_batch",
     "read_tiles",
     "tile_side",
     "tile_tissue",

@@ -10,12 +10,17 @@ project's own reader (:func:`smt_monai.data.iter_boxes`: the coarsest level fine
 both methods pay the same I/O, and the network normalises them with SMT's ``normalize_he``.
 
 Training runs on MONAI's ``SupervisedTrainer`` as MONAI's MIL tutorial does: each step encodes a random bag
-of ``bag_size`` tissue tiles of a slide end to end (:class:`LoadTileBagd`). With ``guide`` > 0, bags of
-annotated positive slides are given tumour tiles, the dense counterpart of SMT's annotation-guided focus,
-so that the two methods can be compared with the same supervision. Evaluation (:class:`DenseEvaluator`, a
-MONAI ``Evaluator``) encodes all tissue tiles of a slide, ``chunk_size`` at a time (reading the next chunk
-while the current one is encoded), pools once over all features, and reports through the same slide
-metrics and ``metrics.json`` as SMT's evaluator (``bundle/configs/train_dense.yaml``).
+of ``bag_size`` tissue tiles of a slide end to end (:class:`LoadTileBagd`). Annotations give the dense model
+the supervision they give SMT: with ``guide`` > 0, bags of annotated positive slides are given tiles of the
+slide's own class (its tumour, or its worst grade), the counterpart of SMT's annotation-guided focus; with
+``tile_weight`` > 0, a tile head is trained on each tile's class (the highest class it overlaps by
+``tumour_overlap``, as SMT labels its regions; :class:`DenseMILLoss`), the counterpart of SMT's region labels.
+The slide prediction is the attention pooling's, or with ``aggregation: max`` SMT's rule over the tile head
+(:func:`~smt_monai.cascade.prediction.aggregate`: the slide is as far up the classes as its furthest tile).
+Evaluation (:class:`DenseEvaluator`, a MONAI ``Evaluator``) encodes all tissue tiles of a slide,
+``chunk_size`` at a time (reading the next chunk while the current one is encoded), pools once over all
+features, and reports through the same slide metrics and ``metrics.json`` as SMT's evaluator
+(``bundle/configs/train_dense.yaml``).
 """
 
 from __future__ import annotations
@@ -34,26 +39,34 @@ from monai.transforms import MapTransform, Randomizable
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from smt_monai.data.annotations import TumourAnnotation
+from smt_monai.cascade.prediction import aggregate
+from smt_monai.data.annotations import TUMOUR_NAMES, TumourAnnotation, annotation_classes
 from smt_monai.data.errors import SlideReadError
 from smt_monai.data.magnification import scan_mpp
 from smt_monai.data.regions import SlideCache, iter_boxes
 from smt_monai.data.slide import Slide
 from smt_monai.data.tissue import tissue_mask
 from smt_monai.engines.evaluator import SlideEvaluator, SlideOutcome
+from smt_monai.focus.selection import region_class
 from smt_monai.networks.normalization import normalize_he
 from smt_monai.networks.pooling import GatedAttentionPool
 from smt_monai.utils import prefetch
 
 logger = logging.getLogger(__name__)
 
+DENSE_AGGREGATIONS = ("attention", "max")
+"""How a dense slide prediction comes from its tiles: the attention pooling, or SMT's ``max`` over the tile
+head's class probabilities."""
+
 
 class DenseMIL(nn.Module):
-    """ResNet-18 tile encoder and gated-attention MIL pooling (Ilse et al., 2018, Eq. 9).
+    """ResNet-18 tile encoder, gated-attention MIL pooling (Ilse et al., 2018, Eq. 9) and a tile head.
 
     Equivalent to ``monai.networks.nets.MILModel(mil_mode="att")`` with this backbone, but split into
     :meth:`encode` and :meth:`pool` so that a slide's tens of thousands of tiles can be encoded in chunks and
-    pooled once, which ``MILModel.forward`` (all tiles in one ``(B, N, C, H, W)`` tensor) cannot do.
+    pooled once, which ``MILModel.forward`` (all tiles in one ``(B, N, C, H, W)`` tensor) cannot do. The tile
+    head (one linear layer on a tile's features) classifies each tile; it is trained only with
+    ``tile_weight`` > 0 and used only by ``aggregation: max``.
 
     Args:
         num_classes: slide classes (class 0 negative).
@@ -66,6 +79,7 @@ class DenseMIL(nn.Module):
         super().__init__()
         self.encoder = resnet18(spatial_dims=2, n_input_channels=3, conv1_t_stride=2, feed_forward=False)
         self.pooling = GatedAttentionPool(self.feature_dim, num_classes, attention_dim)
+        self.tile_head = nn.Linear(self.feature_dim, num_classes)
 
     def encode(self, tiles: torch.Tensor) -> torch.Tensor:
         """``(n, 512)`` features of tiles ``(n, 3, s, s)`` of 8-bit intensities (``normalize_he`` is applied
@@ -76,12 +90,55 @@ class DenseMIL(nn.Module):
         """Slide logits ``(1, C)`` and tile attention ``(n,)`` from the features of all its tiles."""
         return self.pooling(features)
 
-    def forward(self, bags: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, bags: torch.Tensor, with_tiles: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits ``(B, C)`` of bags of tiles ``(B, n, 3, s, s)`` (``MILModel``'s input), or ``(1, C)`` of one
-        bag ``(n, 3, s, s)``."""
+        bag ``(n, 3, s, s)``; with ``with_tiles`` also the tile head's logits ``(B, n, C)``."""
         bags = bags[None] if bags.dim() == 4 else bags
         features = self.encode(bags.flatten(0, 1)).reshape(*bags.shape[:2], self.feature_dim)
-        return torch.cat([self.pool(bag)[0] for bag in features])
+        slides = torch.cat([self.pool(bag)[0] for bag in features])
+        return (slides, self.tile_head(features)) if with_tiles else slides
+
+
+class DenseMILLoss(nn.Module):
+    """Cross-entropy of the slide logits, plus ``tile_weight`` x the cross-entropy of the tile head over the
+    tiles whose class is known (label -1: unknown, a tile of a positive slide without annotation).
+
+    Takes what :func:`prepare_bag_batch` and ``DenseMIL(..., with_tiles=True)`` give: ``(slide logits, tile
+    logits)`` and ``(slide labels, tile labels)``.
+    """
+
+    def __init__(self, tile_weight: float = 0.0) -> None:
+        super().__init__()
+        self.tile_weight = tile_weight
+
+    def forward(
+        self, pred: tuple[torch.Tensor, torch.Tensor], target: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        (slide_logits, tile_logits), (labels, tile_labels) = pred, target
+        loss = nn.functional.cross_entropy(slide_logits.float(), labels.long().reshape(-1))
+        known = tile_labels >= 0
+        if self.tile_weight > 0 and bool(known.any()):
+            tiles = nn.functional.cross_entropy(tile_logits[known].float(), tile_labels[known].long())
+            loss = loss + self.tile_weight * tiles
+        return loss
+
+
+def prepare_bag_batch(
+    batchdata: Mapping[str, torch.Tensor],
+    device: torch.device | str | None = None,
+    non_blocking: bool = False,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], tuple, dict[str, bool]]:
+    """``SupervisedTrainer``'s ``prepare_batch`` for :class:`LoadTileBagd` batches: the bags, the slide and
+    tile labels as :class:`DenseMILLoss`'s target, and ``with_tiles=True`` for :class:`DenseMIL`."""
+
+    def to(x: torch.Tensor) -> torch.Tensor:
+        return x.to(device=device, non_blocking=non_blocking, **kwargs)
+
+    target = (to(batchdata["label"]), to(batchdata["tile_label"]))
+    return to(batchdata["image"]), target, (), {"with_tiles": True}
 
 
 def tile_side(
@@ -142,13 +199,17 @@ def predict_dense(
     amp: bool = False,
     tile_mpp: float | None = None,
     default_mpp: float | None = None,
+    aggregation: str = "attention",
 ) -> dict[str, Any]:
     """Encode every tile of ``boxes`` (default: all tissue tiles of ``tile_size`` px at ``tile_mpp``, see
-    :func:`tile_side`) and pool them into a slide prediction.
+    :func:`tile_side`) and pool them into a slide prediction (``aggregation``: the attention pooling, or
+    ``max``, SMT's rule over the tile head's probabilities).
 
     Returns:
         ``probs`` (C,) numpy, ``tiles`` encoded, ``read_s`` (waiting for tiles) and ``compute_s`` seconds.
     """
+    if aggregation not in DENSE_AGGREGATIONS:
+        raise ValueError(f"dense aggregation must be one of {DENSE_AGGREGATIONS}, got {aggregation!r}")
     device = torch.device(device)
     if boxes is None:
         boxes = tile_tissue(slide, tile_side(slide, tile_size, tile_mpp, default_mpp))
@@ -169,19 +230,27 @@ def predict_dense(
         compute_s += time.perf_counter() - start
     if not features:
         features.append(torch.zeros(1, network.feature_dim, device=device))
-    logits, _ = network.pool(torch.cat(features))
-    probs = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
+    features = torch.cat(features)
+    if aggregation == "max":
+        probs = aggregate(torch.softmax(network.tile_head(features).float(), dim=1).cpu().numpy(), "max")
+    else:
+        probs = torch.softmax(network.pool(features)[0].float(), dim=1)[0].cpu().numpy()
     return {"probs": probs, "tiles": len(boxes), "read_s": read_s, "compute_s": compute_s}
 
 
 class LoadTileBagd(MapTransform, Randomizable):
-    """Replace a slide path by a random bag of its tissue tiles, ``(n, 3, s, s)`` uint8.
+    """Replace a slide path by a random bag of its tissue tiles, ``(n, 3, s, s)`` uint8, and add the bag's
+    tile labels, ``tile_label`` ``(n,)``.
 
-    The bag of one training step, as MONAI's MIL tutorial draws it (its ``tile_count``). With ``guide``, the
-    bag of an annotated positive slide holds, with that probability, a quarter of its tiles (at least one)
-    from the tiles whose tumour overlap reaches ``tumour_overlap`` (SMT's ``guide``; 0, the default, is the
-    standard pipeline: a tumour fraction of a few percent leaves many random bags of a positive slide without
-    tumour). A slide's tissue tiles and tumour tiles are found once and kept.
+    The bag of one training step, as MONAI's MIL tutorial draws it (its ``tile_count``). A tile's label is the
+    class its slide's annotation gives it, as SMT labels a region (:func:`~smt_monai.focus.selection.
+    region_class`: the highest class it overlaps by ``tumour_overlap``, never above the slide's label); every
+    tile of a negative slide is 0, and a tile of a positive slide without annotation is unknown (-1). With
+    ``guide``, the bag of an annotated positive slide holds, with that probability, a quarter of its tiles (at
+    least one) from the tiles of the slide's own class: its tumour, or for grading its worst grade, the tiles
+    that make its label (SMT's ``guide``; 0, the default, is the standard pipeline: a tumour fraction of a few
+    percent leaves many random bags of a positive slide without tumour). A slide's tissue tiles and their
+    labels are found once and kept.
 
     Args:
         keys: the key holding the slide path.
@@ -190,7 +259,9 @@ class LoadTileBagd(MapTransform, Randomizable):
         default_mpp: the scanner's level-0 um/px for slides whose file holds none (with ``tile_mpp``).
         bag_size: tiles per bag.
         guide: probability of a guided bag (annotated positive slides only).
-        tumour_overlap: tumour-overlap fraction of a tumour tile (SMT's layer-3 ``label_overlap``).
+        tumour_overlap: overlap fraction that gives a tile a class (SMT's layer-3 ``label_overlap``).
+        class_names: the slide classes (the datalist's "labels"), whose names the annotation classes carry
+            (:func:`~smt_monai.data.annotations.annotation_classes`); None: tumour / not tumour.
         backend: slide backend.
         num_workers: reading threads.
         seed: seed of the bag draws.
@@ -211,6 +282,7 @@ class LoadTileBagd(MapTransform, Randomizable):
         seed: int | None = None,
         tile_mpp: float | None = None,
         default_mpp: float | None = None,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         if not 0.0 <= guide <= 1.0:
             raise ValueError(f"guide must be in [0, 1], got {guide}")
@@ -223,9 +295,10 @@ class LoadTileBagd(MapTransform, Randomizable):
         self.num_workers = num_workers
         self.tile_mpp = tile_mpp
         self.default_mpp = default_mpp
+        self.annotation_names = annotation_classes(class_names) if class_names else TUMOUR_NAMES
         self.cache = SlideCache(backend, capacity=4)
         self._tiles: dict[str, np.ndarray] = {}
-        self._tumour: dict[str, np.ndarray] = {}
+        self._labels: dict[str, np.ndarray] = {}
 
     def tiles(self, path: str) -> np.ndarray:
         """The slide's tissue tiles (at least one tile, the top-left one, on a slide without tissue)."""
@@ -236,19 +309,31 @@ class LoadTileBagd(MapTransform, Randomizable):
             self._tiles[path] = boxes if len(boxes) else np.array([[0.0, 0.0, side]])
         return self._tiles[path]
 
+    def tile_labels(self, entry: Mapping[Hashable, Any], path: str) -> np.ndarray:
+        """The class of each of the slide's tiles: 0 on a negative slide, -1 (unknown) on a positive one
+        without annotation, else the class its annotation gives it, at most the slide's label."""
+        if path not in self._labels:
+            label = int(entry.get("label", 0))
+            count = len(self.tiles(path))
+            if label == 0:
+                labels = np.zeros(count, dtype=np.int64)
+            elif not entry.get("annotation"):
+                labels = np.full(count, -1, dtype=np.int64)
+            else:
+                annotation = TumourAnnotation.from_file(str(entry["annotation"]), self.annotation_names)
+                overlap = annotation.class_overlap(self.tiles(path), max(label, 1), samples=8)
+                labels = region_class(torch.from_numpy(overlap), self.tumour_overlap).numpy()
+                labels = np.minimum(labels, label).astype(np.int64)
+            self._labels[path] = labels
+        return self._labels[path]
+
     def tumour_tiles(self, entry: Mapping[Hashable, Any], path: str) -> np.ndarray:
-        """Indices of the tiles of an annotated positive slide whose tumour overlap reaches the threshold."""
-        if path not in self._tumour:
-            found = np.zeros(0, dtype=np.int64)
-            if int(entry.get("label", 0)) > 0 and entry.get("annotation"):
-                annotation = TumourAnnotation.from_file(str(entry["annotation"]))
-                overlap = annotation.overlap_fraction(self.tiles(path), samples=8)
-                found = np.flatnonzero(overlap >= self.tumour_overlap)
-            self._tumour[path] = found
-        return self._tumour[path]
+        """Indices of the tiles of an annotated positive slide whose class is the slide's own."""
+        label = int(entry.get("label", 0))
+        return np.flatnonzero(self.tile_labels(entry, path) == label) if label > 0 else np.zeros(0, np.int64)
 
     def pick(self, entry: Mapping[Hashable, Any], path: str) -> np.ndarray:
-        """Tile indices of one bag: random, or with ``guide`` a quarter of them tumour tiles."""
+        """Tile indices of one bag: random, or with ``guide`` a quarter of them of the slide's class."""
         count = len(self.tiles(path))
         size = min(self.bag_size, count)
         tumour = self.tumour_tiles(entry, path) if self.guide > 0 else np.zeros(0, dtype=np.int64)
@@ -265,12 +350,14 @@ class LoadTileBagd(MapTransform, Randomizable):
         d = dict(data)
         for key in self.key_iterator(d):
             path = str(d[key])
-            boxes = self.tiles(path)[np.sort(self.pick(d, path))]
+            picked = np.sort(self.pick(d, path))
             slide = self.cache.get(path)
+            boxes = self.tiles(path)[picked]
             images = np.concatenate(
                 [im for _, im in iter_boxes(slide, boxes, self.tile_size, self.num_workers, 64)]
             )
             d[key] = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+            d["tile_label"] = torch.from_numpy(self.tile_labels(d, path)[picked])
         return d
 
 
@@ -286,6 +373,7 @@ class DenseEvaluator(SlideEvaluator):
         backend: slide backend.
         num_workers: reading threads.
         tile_mpp, default_mpp: as :class:`LoadTileBagd`.
+        aggregation: ``attention`` or ``max`` (:func:`predict_dense`).
         key_val_metric, additional_metrics, val_handlers, amp: as ``SlideEvaluator``.
     """
 
@@ -303,8 +391,12 @@ class DenseEvaluator(SlideEvaluator):
         amp: bool = False,
         tile_mpp: float | None = None,
         default_mpp: float | None = None,
+        aggregation: str = "attention",
     ) -> None:
+        if aggregation not in DENSE_AGGREGATIONS:
+            raise ValueError(f"dense aggregation must be one of {DENSE_AGGREGATIONS}, got {aggregation!r}")
         super().__init__(device, val_data_loader, key_val_metric, additional_metrics, val_handlers, amp)
+        self.aggregation = aggregation
         self.network = network
         self.tile_size = tile_size
         self.tile_mpp = tile_mpp
@@ -319,6 +411,7 @@ class DenseEvaluator(SlideEvaluator):
             result = predict_dense(
                 self.network, slide, self.tile_size, num_workers=self.num_workers, device=self.state.device,
                 amp=self.amp, tile_mpp=self.tile_mpp, default_mpp=self.default_mpp,
+                aggregation=self.aggregation,
             )  # fmt: skip
         except SlideReadError as exc:
             logger.warning("evaluation: skipping slide %s", exc)
