@@ -214,9 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (
-        BrokenPipeError
-    ):  # the reader went away (smt-monai model M | head): stop quietly, as shell tools do
+    except BrokenPipeError:
+        # the reader went away (smt-monai model M | head): stop quietly, as shell tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 

@@ -59,6 +59,13 @@ DENSE_AGGREGATIONS = ("attention", "max")
 head's class probabilities."""
 
 
+def check_dense_aggregation(aggregation: str) -> str:
+    """``aggregation`` if it is one of :data:`DENSE_AGGREGATIONS`, else a ValueError naming them."""
+    if aggregation not in DENSE_AGGREGATIONS:
+        raise ValueError(f"dense aggregation must be one of {DENSE_AGGREGATIONS}, got {aggregation!r}")
+    return aggregation
+
+
 class DenseMIL(nn.Module):
     """ResNet-18 tile encoder, gated-attention MIL pooling (Ilse et al., 2018, Eq. 9) and a tile head.
 
@@ -208,12 +215,11 @@ def predict_dense(
     Returns:
         ``probs`` (C,) numpy, ``tiles`` encoded, ``read_s`` (waiting for tiles) and ``compute_s`` seconds.
     """
-    if aggregation not in DENSE_AGGREGATIONS:
-        raise ValueError(f"dense aggregation must be one of {DENSE_AGGREGATIONS}, got {aggregation!r}")
+    check_dense_aggregation(aggregation)
     device = torch.device(device)
     if boxes is None:
         boxes = tile_tissue(slide, tile_side(slide, tile_size, tile_mpp, default_mpp))
-    features = []
+    chunks = []
     read_s = compute_s = 0.0
     tiles = read_tiles(slide, boxes, tile_size, num_workers, chunk_size)
     while True:
@@ -224,13 +230,13 @@ def predict_dense(
             break
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            features.append(network.encode(chunk.to(device, non_blocking=True)).float())
+            chunks.append(network.encode(chunk.to(device, non_blocking=True)).float())
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         compute_s += time.perf_counter() - start
-    if not features:
-        features.append(torch.zeros(1, network.feature_dim, device=device))
-    features = torch.cat(features)
+    if not chunks:
+        chunks.append(torch.zeros(1, network.feature_dim, device=device))
+    features = torch.cat(chunks)
     if aggregation == "max":
         probs = aggregate(torch.softmax(network.tile_head(features).float(), dim=1).cpu().numpy(), "max")
     else:
@@ -321,9 +327,8 @@ class LoadTileBagd(MapTransform, Randomizable):
                 labels = np.full(count, -1, dtype=np.int64)
             else:
                 annotation = TumourAnnotation.from_file(str(entry["annotation"]), self.annotation_names)
-                overlap = annotation.class_overlap(self.tiles(path), max(label, 1), samples=8)
+                overlap = annotation.class_overlap(self.tiles(path), label, samples=8)
                 labels = region_class(torch.from_numpy(overlap), self.tumour_overlap).numpy()
-                labels = np.minimum(labels, label).astype(np.int64)
             self._labels[path] = labels
         return self._labels[path]
 
@@ -393,10 +398,8 @@ class DenseEvaluator(SlideEvaluator):
         default_mpp: float | None = None,
         aggregation: str = "attention",
     ) -> None:
-        if aggregation not in DENSE_AGGREGATIONS:
-            raise ValueError(f"dense aggregation must be one of {DENSE_AGGREGATIONS}, got {aggregation!r}")
         super().__init__(device, val_data_loader, key_val_metric, additional_metrics, val_handlers, amp)
-        self.aggregation = aggregation
+        self.aggregation = check_dense_aggregation(aggregation)
         self.network = network
         self.tile_size = tile_size
         self.tile_mpp = tile_mpp
