@@ -308,3 +308,16 @@ def test_torchrun_two_processes_on_cpu(tmp_path: Path) -> None:
     assert len(writers) == 1, "only rank 0 writes TensorBoard events"
     assert "[1/1]" in log  # 4 training slides, 2 processes, batch 2: one iteration per process and epoch
     assert log.count("Epoch[2] Metrics") == 1  # validation on rank 0 only
+
+
+def test_an_unknown_aggregation_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """A bad ``--aggregation`` ends the bundle run with the option's one line, not a library traceback."""
+    datalist = write_cohort(tmp_path / "data", count=2, splits=(1, 0, 1))
+    configs = f"['{CONFIGS / 'train_dense.yaml'}','{CONFIGS / 'evaluate_dense.yaml'}']"
+    result = bundle_cli(
+        "run", "evaluating", "--config_file", configs, "--datalist", str(datalist),
+        "--output_dir", str(tmp_path / "eval"), "--aggregation", "mean",
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "error: dense aggregation must be one of ('attention', 'max'), got 'mean'" in result.stderr
+    assert "Traceback" not in result.stderr

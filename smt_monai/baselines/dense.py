@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 
 from smt_monai.cascade.prediction import aggregate
 from smt_monai.data.annotations import TUMOUR_NAMES, TumourAnnotation, annotation_classes
-from smt_monai.data.errors import SlideReadError
+from smt_monai.data.errors import OptionError, SlideReadError
 from smt_monai.data.magnification import scan_mpp
 from smt_monai.data.regions import SlideCache, iter_boxes
 from smt_monai.data.slide import Slide
@@ -60,9 +60,10 @@ head's class probabilities."""
 
 
 def check_dense_aggregation(aggregation: str) -> str:
-    """``aggregation`` if it is one of :data:`DENSE_AGGREGATIONS`, else a ValueError naming them."""
+    """``aggregation`` if it is one of :data:`DENSE_AGGREGATIONS`, else an OptionError (a ValueError) naming
+    them."""
     if aggregation not in DENSE_AGGREGATIONS:
-        raise ValueError(f"dense aggregation must be one of {DENSE_AGGREGATIONS}, got {aggregation!r}")
+        raise OptionError(f"dense aggregation must be one of {DENSE_AGGREGATIONS}, got {aggregation!r}")
     return aggregation
 
 

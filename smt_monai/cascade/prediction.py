@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from smt_monai.cascade.walk import ChunkedRunner, LayerPass, Regions, TopK, timed, walk
+from smt_monai.data.errors import OptionError
 from smt_monai.data.regions import RegionReader
 from smt_monai.utils import prefetch
 
@@ -48,11 +49,12 @@ def aggregate(probs: np.ndarray, mode: str) -> np.ndarray:
 
 
 def check_aggregation(model: torch.nn.Module, aggregation: str) -> str:
-    """``aggregation`` if ``model`` can aggregate that way; a ValueError naming the problem otherwise."""
+    """``aggregation`` if ``model`` can aggregate that way; an OptionError (a ValueError) naming the problem
+    otherwise."""
     if aggregation not in AGGREGATIONS:
-        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        raise OptionError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
     if aggregation == "learned" and getattr(model, "slide_head", None) is None:
-        raise ValueError("aggregation 'learned' needs a model trained with a slide head (slide_head: true)")
+        raise OptionError("aggregation 'learned' needs a model trained with a slide head (slide_head: true)")
     return aggregation
 
 

@@ -10,6 +10,10 @@ class UserError(Exception):
     line that names it: the command line prints that line and exits with status 2, without a traceback."""
 
 
+class OptionError(UserError, ValueError):
+    """An option's value is not one the method accepts (e.g. an unknown ``aggregation``)."""
+
+
 class SlideReadError(UserError):
     """A slide could not be opened or read, or is not an 8-bit RGB image.
 
