@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import scene, write_cohort, write_tiff
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from smt_monai.baselines import (
     DenseMIL,
@@ -84,15 +85,22 @@ def test_tiles_at_a_fixed_mpp_cover_the_same_tissue_on_any_scanner(tmp_path: Pat
 
 @pytest.mark.slow
 def test_train_and_evaluate_through_the_bundle(tmp_path: Path) -> None:
-    """MONAI's SupervisedTrainer trains on random bags, the tile head on annotated tile classes; the
-    evaluator writes SMT's metrics.json, by attention pooling or by the tile head's max."""
+    """MONAI's SupervisedTrainer trains on random bags, the tile head on annotated tile classes; with
+    val_interval, model.pt is the epoch of the best validation metric and the last epoch is model_last.pt;
+    the evaluator writes SMT's metrics.json, by attention pooling or by the tile head's max."""
     datalist = write_cohort(tmp_path / "data", count=4, side=1024, splits=(2, 1, 1))
     settings = {"patch_size": 32, "max_epochs": 2, "bag_size": 4, "guide": 1.0, "tile_weight": 1.0}
     run = tmp_path / "run"
     flow = bundle_workflow(
         "train_dense.yaml",
         "training",
-        {"dataset_dir": str(datalist.parent), "output_dir": str(run), **settings},
+        {
+            "dataset_dir": str(datalist.parent),
+            "output_dir": str(run),
+            "val_interval": 1,
+            "best_metric": "quadratic_kappa",
+            **settings,
+        },
     )
     network = flow.parser.get_parsed_content("network")
     before = {name: p.detach().clone() for name, p in network.named_parameters()}
@@ -100,7 +108,14 @@ def test_train_and_evaluate_through_the_bundle(tmp_path: Path) -> None:
     changed = {name for name, p in network.named_parameters() if not torch.equal(before[name], p)}
     assert {"tile_head.weight", "pooling.classifier.weight"} <= changed
     assert any(name.startswith("encoder.") for name in changed)
-    assert (run / "model.pt").exists() and list(run.glob("events.out.tfevents.*"))
+    best = torch.load(run / "model.pt", weights_only=True)
+    assert best["best_epoch"] in (1, 2)
+    assert best["best_metric"] == best["metrics"]["quadratic_kappa"]
+    assert "balanced_accuracy" in best["metrics"]
+    last = torch.load(run / "model_last.pt", weights_only=True)  # MONAI's CheckpointSaver: the state dict
+    assert all(torch.equal(last[k], v) for k, v in network.state_dict().items())
+    tags = EventAccumulator(str(run)).Reload().Tags()["scalars"]
+    assert "train_loss" in tags and "quadratic_kappa" in tags
     overrides = {
         "datalist": str(datalist),
         "ckpt_path": str(run / "model.pt"),
@@ -112,6 +127,26 @@ def test_train_and_evaluate_through_the_bundle(tmp_path: Path) -> None:
         metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
         assert metrics["num_slides"] == 1 and metrics["seconds_per_slide"] > 0
         assert "balanced_accuracy" in metrics
+
+
+def test_training_without_validation_keeps_the_last_epoch(tmp_path: Path) -> None:
+    """val_interval 0 (the default) trains on a datalist without a validation split; model.pt is the last
+    epoch's network."""
+    datalist = write_cohort(tmp_path / "data", count=2, side=1024, splits=(2, 0, 0))
+    content = json.loads(datalist.read_text())
+    datalist.write_text(json.dumps({"training": content["training"]}))
+    run = tmp_path / "run"
+    settings = {"patch_size": 32, "max_epochs": 1, "bag_size": 4}
+    flow = bundle_workflow(
+        "train_dense.yaml",
+        "training",
+        {"dataset_dir": str(datalist.parent), "output_dir": str(run), **settings},
+    )
+    flow.run()
+    network = flow.parser.get_parsed_content("network")
+    saved = torch.load(run / "model.pt", weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in network.state_dict().items())
+    assert not (run / "model_last.pt").exists()
 
 
 def test_guided_bags_hold_tumour_tiles_of_annotated_positive_slides(tmp_path: Path) -> None:
