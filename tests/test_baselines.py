@@ -61,6 +61,21 @@ def test_predict_dense_encodes_every_tissue_tile(tiny_slide: Path) -> None:
     assert result["probs"].shape == (2,) and np.isclose(result["probs"].sum(), 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("mpp", [0.5, None], ids=["mpp", "no-mpp"])
+def test_pen_marks_and_debris_are_not_tiled(tmp_path: Path, mpp: float | None) -> None:
+    """The dense baseline tiles the tissue SMT's fields cover: a marker stroke and a debris speck on the
+    glass add no tile, so they never enter a bag or a slide's prediction."""
+    image = scene(2048, 2048)  # tissue in rows 512-1535, columns 409-1638
+    clean = write_tiff(tmp_path / "clean.tif", image, downsamples=(1, 4), mpp=mpp)
+    image[100:300, 800:900] = (60, 100, 200)  # blue ink
+    image[1800:1860, 1850:1910] = (150, 105, 80)  # brown debris
+    marked = write_tiff(tmp_path / "marked.tif", image, downsamples=(1, 4), mpp=mpp)
+    with open_slide(clean) as a, open_slide(marked) as b:
+        expected = tile_tissue(a, 64, mpp)
+        assert len(expected) > 0 and expected[:, 1].min() >= 448 and expected[:, 1].max() < 1536
+        np.testing.assert_array_equal(tile_tissue(b, 64, mpp), expected)
+
+
 def test_tiles_at_a_fixed_mpp_cover_the_same_tissue_on_any_scanner(tmp_path: Path) -> None:
     """With ``tile_mpp``, a 40x scan and a 20x scan of one scene give tiles of the same micrometres."""
     image = scene(768, 1024)

@@ -42,10 +42,10 @@ from torch.utils.data import DataLoader
 from smt_monai.cascade.prediction import aggregate
 from smt_monai.data.annotations import TUMOUR_NAMES, TumourAnnotation, annotation_classes
 from smt_monai.data.errors import OptionError, SlideReadError
-from smt_monai.data.magnification import scan_mpp
+from smt_monai.data.magnification import known_mpp, scan_mpp
 from smt_monai.data.regions import SlideCache, iter_boxes
 from smt_monai.data.slide import Slide
-from smt_monai.data.tissue import tissue_mask
+from smt_monai.data.tissue import tissue_map
 from smt_monai.engines.evaluator import SlideEvaluator, SlideOutcome
 from smt_monai.focus.selection import region_class
 from smt_monai.networks.normalization import normalize_he
@@ -162,25 +162,29 @@ def tile_side(
     return tile_size * tile_mpp / scan_mpp(slide, default_mpp)
 
 
-def tile_tissue(slide: Slide, tile_size: float, min_tissue: float = 0.25) -> np.ndarray:
+def tile_tissue(
+    slide: Slide, tile_size: float, mpp: float | None = None, min_tissue: float = 0.25
+) -> np.ndarray:
     """Level-0 boxes ``(N, 3)`` of the grid tiles of side ``tile_size`` (level-0 px, :func:`tile_side`) with
     tissue fraction >= ``min_tissue``.
 
-    The tissue mask is the one that gives SMT its layer-1 box (Otsu on saturation of the smallest level),
-    area-averaged onto the tile grid.
+    The tissue is the one SMT's layer-1 fields cover (:func:`~smt_monai.data.tissue.tissue_map`, ``mpp`` as
+    there): marker ink, debris and dust are not tiled, so they never enter a bag or a slide's prediction.
+    The mask is area-averaged onto the tile grid.
+
+    Raises:
+        SlideReadError: the slide is not brightfield.
     """
-    image = slide.smallest_level_image
-    if image is None:
-        image = slide.read_level(slide.level_count - 1)
-    mask = tissue_mask(image).astype(np.float32)
+    tissue, _, (sx, sy), _ = tissue_map(slide, mpp)
     width, height = slide.dimensions
     cols, rows = int(width // tile_size), int(height // tile_size)
     if cols == 0 or rows == 0:
         return np.zeros((0, 3))
-    # the mask covers the whole slide; crop it to the part the full tiles cover, then average per tile
-    crop_w = max(1, round(mask.shape[1] * cols * tile_size / width))
-    crop_h = max(1, round(mask.shape[0] * rows * tile_size / height))
-    cropped = Image.fromarray(mask[:crop_h, :crop_w])
+    # the mask's part the full tiles cover (padded where the working image's whole-factor averaging cut
+    # the slide's last pixels), averaged per tile
+    crop_w, crop_h = max(1, round(cols * tile_size / sx)), max(1, round(rows * tile_size / sy))
+    mask = np.pad(tissue, ((0, max(0, crop_h - tissue.shape[0])), (0, max(0, crop_w - tissue.shape[1]))))
+    cropped = Image.fromarray(mask[:crop_h, :crop_w].astype(np.float32))
     fraction = np.asarray(cropped.resize((cols, rows), Image.Resampling.BOX))
     ys, xs = np.nonzero(fraction >= min_tissue)
     return np.stack([xs * tile_size, ys * tile_size, np.full(len(xs), tile_size)], axis=1).astype(np.float64)
@@ -219,7 +223,8 @@ def predict_dense(
     check_dense_aggregation(aggregation)
     device = torch.device(device)
     if boxes is None:
-        boxes = tile_tissue(slide, tile_side(slide, tile_size, tile_mpp, default_mpp))
+        side = tile_side(slide, tile_size, tile_mpp, default_mpp)
+        boxes = tile_tissue(slide, side, known_mpp(slide, default_mpp))
     chunks = []
     read_s = compute_s = 0.0
     tiles = read_tiles(slide, boxes, tile_size, num_workers, chunk_size)
@@ -312,7 +317,7 @@ class LoadTileBagd(MapTransform, Randomizable):
         if path not in self._tiles:
             slide = self.cache.get(path)
             side = tile_side(slide, self.tile_size, self.tile_mpp, self.default_mpp)
-            boxes = tile_tissue(slide, side)
+            boxes = tile_tissue(slide, side, known_mpp(slide, self.default_mpp))
             self._tiles[path] = boxes if len(boxes) else np.array([[0.0, 0.0, side]])
         return self._tiles[path]
 

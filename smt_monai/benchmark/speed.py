@@ -104,7 +104,7 @@ def run_dense(
     """
     start = time.perf_counter()
     with open_slide(path, backend) as slide:
-        boxes = tile_tissue(slide, tile_size)
+        boxes = tile_tissue(slide, tile_size, known_mpp(slide))
         setup = time.perf_counter() - start
         timed = boxes
         if len(boxes) > max_tiles:
@@ -254,7 +254,7 @@ def _size_point(
         run_smt(smt, str(path), k, backend, num_workers, device, amp)
         smt_seconds = run_smt(smt, str(path), k, backend, num_workers, device, amp)["seconds"]
     with open_slide(str(path), backend) as slide:
-        tiles = len(tile_tissue(slide, patch_size))
+        tiles = len(tile_tissue(slide, patch_size, known_mpp(slide)))
     memory = measure_memory(str(path), k, preset, backend, torch.get_num_threads())
     return {
         "size": size,

@@ -42,6 +42,7 @@ _MODULE_OF = {
     "patch_tissue": "tissue",
     "tissue_bbox": "tissue",
     "tissue_components": "tissue",
+    "tissue_map": "tissue",
 }
 
 __all__ = sorted(_MODULE_OF)

@@ -14,7 +14,7 @@ Slides whose background is dark (fluorescence, e.g. a DAPI scan) are refused: SM
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from scipy import ndimage
@@ -204,19 +204,23 @@ def detect_tissue(rgb: np.ndarray, um_per_px: float | None = None) -> tuple[np.n
     return tissue, ink
 
 
-def tissue_components(slide: Slide, mpp: float | None) -> list[Box]:
-    """Level-0 boxes ``(x0, y0, x1, y1)`` of the tissue sections, row-major by position.
+class TissueMap(NamedTuple):
+    """A slide's tissue at working resolution (:func:`tissue_map`)."""
+
+    tissue: np.ndarray  # bool mask, ink and debris removed
+    ink: np.ndarray  # bool mask of marker ink
+    scale: tuple[float, float]  # level-0 px per mask px, (x, y)
+    um_per_px: float | None  # the mask's resolution, when the slide's mpp is known
+
+
+def tissue_map(slide: Slide, mpp: float | None) -> TissueMap:
+    """The slide's tissue without ink and debris (:func:`detect_tissue`) on the :func:`working_image` of its
+    thumbnail: what both SMT's layer-1 fields (:func:`tissue_components`) and the dense baseline's tiles
+    are drawn from.
 
     ``mpp`` is the slide's level-0 um/px as the caller resolved it (``magnification.scan_mpp``: the file's
     value when plausible, else the user's ``--default_mpp``), or None when unknown: the file's own value is
-    not trusted here, since a 72-dpi tag or a unit slip would size the debris filter and the section gap by
-    it.
-
-    Ink, debris and holes are handled by :func:`detect_tissue` on the :func:`working_image` of the
-    thumbnail; the remaining components that touch the same ink stroke, or lie within ``SECTION_GAP_UM``
-    (``SECTION_GAP_FRACTION`` of the image side when the mpp is unknown) of each other, are one section.
-    When no tissue is found (a blank slide) the whole slide is the one section, so that layer 1 still sees
-    it all.
+    not trusted here, since a 72-dpi tag or a unit slip would size the debris filter by it.
 
     Raises:
         SlideReadError: the slide is not brightfield (:func:`check_brightfield`).
@@ -229,11 +233,27 @@ def tissue_components(slide: Slide, mpp: float | None) -> list[Box]:
     sx, sy = sx * factor, sy * factor
     um_per_px = mpp * (sx + sy) / 2 if mpp else None
     tissue, ink = detect_tissue(image, um_per_px)
+    return TissueMap(tissue, ink, (sx, sy), um_per_px)
+
+
+def tissue_components(slide: Slide, mpp: float | None) -> list[Box]:
+    """Level-0 boxes ``(x0, y0, x1, y1)`` of the tissue sections, row-major by position.
+
+    The tissue is :func:`tissue_map`'s (``mpp`` as there); its components that touch the same ink stroke,
+    or lie within ``SECTION_GAP_UM`` (``SECTION_GAP_FRACTION`` of the image side when the mpp is unknown)
+    of each other, are one section. When no tissue is found (a blank slide) the whole slide is the one
+    section, so that layer 1 still sees it all.
+
+    Raises:
+        SlideReadError: the slide is not brightfield (:func:`check_brightfield`).
+    """
+    tissue, ink, (sx, sy), um_per_px = tissue_map(slide, mpp)
+    width, height = slide.dimensions
     if tissue.sum() < max(4, 1e-4 * tissue.size):
         return [(0.0, 0.0, float(width), float(height))]
     # components joined through ink or closer than the gap are one: label the tissue grown by half the gap,
     # and the ink, together; keep the tissue pixels
-    gap = SECTION_GAP_UM / um_per_px if um_per_px else SECTION_GAP_FRACTION * max(image.shape)
+    gap = SECTION_GAP_UM / um_per_px if um_per_px else SECTION_GAP_FRACTION * max(tissue.shape)
     near = ndimage.distance_transform_edt(~tissue) <= gap / 2
     labels, _ = ndimage.label(near | ink, structure=np.ones((3, 3), bool))
     labels[~tissue] = 0
