@@ -8,6 +8,7 @@ from smt_monai.baselines.dense import (
     predict_dense,
     prepare_bag_batch,
     read_tiles,
+    slide_tiles,
     tile_side,
     tile_tissue,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "predict_dense",
     "prepare_bag_batch",
     "read_tiles",
+    "slide_tiles",
     "tile_side",
     "tile_tissue",
 ]

@@ -190,6 +190,15 @@ def tile_tissue(
     return np.stack([xs * tile_size, ys * tile_size, np.full(len(xs), tile_size)], axis=1).astype(np.float64)
 
 
+def slide_tiles(
+    slide: Slide, tile_size: int, tile_mpp: float | None = None, default_mpp: float | None = None
+) -> tuple[np.ndarray, float]:
+    """The slide's tissue tiles (:func:`tile_tissue`) of ``tile_size`` px read at ``tile_mpp`` um/px, and
+    their level-0 side (:func:`tile_side`); the slide's mpp sizes the debris filter where it is known."""
+    side = tile_side(slide, tile_size, tile_mpp, default_mpp)
+    return tile_tissue(slide, side, known_mpp(slide, default_mpp)), side
+
+
 def read_tiles(
     slide: Slide, boxes: np.ndarray, tile_size: int, num_workers: int = 2, chunk_size: int = 64
 ) -> Iterator[torch.Tensor]:
@@ -223,8 +232,7 @@ def predict_dense(
     check_dense_aggregation(aggregation)
     device = torch.device(device)
     if boxes is None:
-        side = tile_side(slide, tile_size, tile_mpp, default_mpp)
-        boxes = tile_tissue(slide, side, known_mpp(slide, default_mpp))
+        boxes, _ = slide_tiles(slide, tile_size, tile_mpp, default_mpp)
     chunks = []
     read_s = compute_s = 0.0
     tiles = read_tiles(slide, boxes, tile_size, num_workers, chunk_size)
@@ -316,8 +324,7 @@ class LoadTileBagd(MapTransform, Randomizable):
         """The slide's tissue tiles (at least one tile, the top-left one, on a slide without tissue)."""
         if path not in self._tiles:
             slide = self.cache.get(path)
-            side = tile_side(slide, self.tile_size, self.tile_mpp, self.default_mpp)
-            boxes = tile_tissue(slide, side, known_mpp(slide, self.default_mpp))
+            boxes, side = slide_tiles(slide, self.tile_size, self.tile_mpp, self.default_mpp)
             self._tiles[path] = boxes if len(boxes) else np.array([[0.0, 0.0, side]])
         return self._tiles[path]
 
