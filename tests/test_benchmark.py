@@ -169,6 +169,8 @@ def _signature(overlays: tuple[str, ...], overrides: dict, tmp_path: Path) -> di
         ),
         "L_F trains the encoders": get("network").layer1.focus_grad_to_encoder,
         "annotation guidance": cascade.guide,
+        "L_ann (q taught every annotated patch)": loss.annotation_weight,
+        "layer-1 picks spread apart": get("network").spread_focus,
         "exploration": cascade.explore,
         "flips / quarter turns": cascade.augment,
         "class-balanced L_cls": [c.class_balanced for c in loss.classification],

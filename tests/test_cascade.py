@@ -127,7 +127,8 @@ def test_full_cascade_training_step() -> None:
     assert region_key("slide_a", sel1.boxes[0, K].numpy()) not in bank
 
     losses = step.losses
-    assert set(TERMS) - {"slide", "risk"} | {"L_V", "L_F", "total"} == set(losses)  # no slide or risk head
+    # no slide or risk head, no annotation
+    assert set(TERMS) - {"slide", "risk", "ann1", "ann2"} | {"L_V", "L_F", "total"} == set(losses)
     assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
 
     groups = _groups(model)
@@ -245,6 +246,48 @@ def test_guide_shows_the_next_layers_the_annotated_tumour() -> None:
         assert step.labels[1][(K + 1) :].eq(0).all()  # slide 1: negative slide, no annotation
 
 
+def test_l_ann_teaches_q_every_annotated_tissue_patch() -> None:
+    """``L_ann``: on an annotated slide every tissue patch of a selecting row is taught whether the region it
+    would become is positive (Eq. 4's divergence, a binary cross-entropy for 0/1 answers); unannotated slides
+    add nothing; it trains the focusing predictors only (as ``L_ret``), and a few steps of it alone rank the
+    annotated tumour patch first."""
+
+    def overlap(slide_index: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        # slide 0 annotated: tumour fills layer 1's patch 15 (x, y >= 4800 of 6400); slide 1 unannotated
+        inside = (boxes[:, 0] >= 4800.0) & (boxes[:, 1] >= 4800.0) & (boxes[:, 0] + boxes[:, 2] <= 6400.0)
+        return np.where(slide_index == 0, inside.astype(np.float64), np.nan)[:, None]
+
+    torch.manual_seed(0)
+    model = smt_tiny().train()
+    images = random_images(BATCH)
+    # patch 15 of slide 0: stained tissue of one colour, unlike the noise around it
+    images[0, :, 24:, 24:] = torch.tensor([150, 50, 120], dtype=torch.uint8)[:, None, None]
+
+    def step() -> object:
+        cascade = CascadeTraining(SMTLoss(annotation_weight=1.0), ScoreBank(), num_focus=K)
+        return cascade(model, images, BOXES, torch.tensor([1, 0]), SLIDES, RandomReader(), overlap)
+
+    first = step()
+    assert {"ann1", "ann2"} <= set(first.losses)
+    q, tissue = outputs(first)[0].q[0], first.passes[0].run.tissue[0]
+    assert tissue[15] and tissue.sum() > 8
+    target = torch.zeros(GRID**2)
+    target[15] = 1.0
+    expected = torch.nn.functional.binary_cross_entropy(q[tissue], target[tissue])
+    assert first.losses["ann1"].item() == pytest.approx(expected.item(), rel=1e-5)  # slide 0's row only
+    assert _trained_groups(first.losses["ann1"], _groups(model)) == {"focus1"}
+    assert _trained_groups(first.losses["ann2"], _groups(model)) == {"focus2"}
+    no_weight = SMTLoss()({"ann1": first.losses["ann1"]}, LAMBDA_FWD, LAMBDA_BWD)
+    assert no_weight["L_F"].item() == 0.0  # annotation_weight 0: the paper's objective
+
+    optimiser = torch.optim.Adam(model.layer1.focus_head.parameters(), lr=1e-2)
+    for _ in range(30):
+        optimiser.zero_grad()
+        step().losses["ann1"].backward()
+        optimiser.step()
+    assert int(step().passes[0].run.out.q[0].argmax()) == 15
+
+
 class PatchLocalLayer(torch.nn.Module):
     """An SMT layer whose outputs depend on patch contents only, not on where the patches are: what it
     computes is the same for any flip or quarter turn of its input once patch outputs are put back."""
@@ -335,12 +378,13 @@ class BoxRegions:
         yield from _box_reader(slide_index, boxes)
 
 
-def test_training_and_inference_walks_choose_the_same_regions() -> None:
+@pytest.mark.parametrize("spread", [False, True])
+def test_training_and_inference_walks_choose_the_same_regions(spread: bool) -> None:
     """The one cascade: the training walk (no flips, no exploration, no guidance) and the inference walk, on
     the same model and slide, read the same boxes at every layer (the training walk adds the extra benign
-    region, which is never focused further)."""
+    region, which is never focused further); with ``spread_focus`` both keep layer 1's picks apart."""
     torch.manual_seed(3)
-    model = smt_tiny()
+    model = smt_tiny(spread_focus=spread)
     box = BOXES[0].numpy()
     image = box_images(box[None])
     step = CascadeTraining(SMTLoss(), ScoreBank(), num_focus=K)(
@@ -350,6 +394,10 @@ def test_training_and_inference_walks_choose_the_same_regions() -> None:
     for layer, done in enumerate(step.passes):
         focused = done.regions.boxes[done.regions.rank < K]
         np.testing.assert_allclose(focused, prediction.boxes[layer])
+    first, second = prediction.boxes[1][:2]
+    touching = bool((np.abs(first[:2] - second[:2]) < 1.5 * first[2]).all())
+    if spread:
+        assert not touching
     torch.testing.assert_close(
         torch.as_tensor(prediction.focus_map.ravel()),
         model.layer1(normalize_he(image)).q[0].detach(),
@@ -458,7 +506,7 @@ def test_the_risk_head_learns_the_cox_partial_likelihood_of_the_slides_with_surv
             ]
         )
     expected = cox_partial_likelihood(risk[:, 0], survival[:, 0], survival[:, 1])
-    assert float(step.losses["risk"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(step.losses["risk"].detach()) == pytest.approx(float(expected), rel=1e-5)
     step.losses["risk"].backward()
     assert all(p.grad is not None for p in model.risk_head.parameters())
     assert all(p.grad is None for p in model.layer3.parameters())

@@ -176,6 +176,25 @@ def test_select_regions_per_group_and_valid_patches() -> None:
     assert explored.index[:, 1].tolist() == [1, 1, 1]  # no valid patch to explore to: greedy
 
 
+def test_select_regions_spread_keeps_picks_apart() -> None:
+    """``spread``: the top K skips patches touching an earlier pick (also across the fields of a group), and
+    takes the skipped ones in order only when no patch apart from the picks is left."""
+    q = torch.zeros(1, 16)
+    q[0, [0, 1, 5, 10, 4, 15]] = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])  # a blob at 0, 1, 4, 5
+    box = torch.tensor([[0.0, 0.0, 400.0]], dtype=torch.float64)
+    assert select_regions(box, q, 3, 4).index.tolist() == [[0, 1, 5]]
+    assert select_regions(box, q, 3, 4, spread=True).index.tolist() == [[0, 10, 2]]  # 2 is the first apart
+    valid = torch.zeros(1, 16, dtype=torch.bool)
+    valid[0, [0, 1, 5]] = True  # nothing apart from patch 0: the touching ones follow in order
+    assert select_regions(box, q, 3, 4, valid=valid, spread=True).index.tolist() == [[0, 1, 5]]
+    # two fields side by side, one group: field 0's patch 3 (right edge) touches field 1's patch 0
+    fields = torch.tensor([[0.0, 0.0, 400.0], [400.0, 0.0, 400.0]], dtype=torch.float64)
+    two = torch.zeros(2, 16)
+    two[0, 3], two[1, 0], two[1, 10] = 0.9, 0.8, 0.7
+    sel = select_regions(fields, two, 2, 4, group=np.array([0, 0]), spread=True)
+    assert sel.parent.tolist() == [[0, 1]] and sel.index.tolist() == [[3, 10]]
+
+
 def test_select_regions_explores_outside_the_top_k() -> None:
     """explore=1: the K-th pick of every region is a random patch outside the top K - 1, each reachable;
     the first K - 1 stay the top by q; the benign patch is still outside all picks."""

@@ -129,6 +129,11 @@ def test_smt_loss_combination() -> None:
     no_emb = SMTLoss(distillation_weight=0.0)(terms, lam_fwd, lam_bwd)
     assert no_emb["L_V"].item() == pytest.approx(l_v - 0.1 * 4 - 0.2 * 5)
     assert no_emb["L_F"].item() == pytest.approx(l_f)
+    annotated = {**terms, "ann1": torch.tensor(10.0), "ann2": torch.tensor(11.0)}
+    assert SMTLoss()(annotated, lam_fwd, lam_bwd)["L_F"].item() == pytest.approx(l_f)  # w_ann 0: the paper's
+    with_ann = SMTLoss(annotation_weight=2.0)(annotated, lam_fwd, lam_bwd)
+    assert with_ann["L_F"].item() == pytest.approx(l_f + 2.0 * (0.1 * 10 + 0.2 * 11))
+    assert with_ann["L_V"].item() == pytest.approx(l_v)
     partial = SMTLoss()({"cls1": terms["cls1"], "focus1": terms["focus1"]}, lam_fwd, lam_bwd)
     assert partial["L_V"].item() == pytest.approx(1.0) and partial["L_F"].item() == 0.0
     with pytest.raises(ValueError, match="subset"):

@@ -54,6 +54,8 @@ DEPARTURES: dict[str, tuple[str, ...]] = {
     "AdamW and cosine decay": ("optimizer", "learning_rates", "lr_scheduler"),
     "L_F trains the encoders": ("focus_grad_to_encoder",),
     "annotation guidance": ("guide",),
+    "L_ann (q taught every annotated patch)": ("annotation_weight",),
+    "layer-1 picks spread apart": ("spread_focus",),
     "exploration": ("explore",),
     "flips / quarter turns": ("augment",),
     "class-balanced L_cls": ("loss#class_balanced",),

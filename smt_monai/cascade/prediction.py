@@ -200,7 +200,7 @@ def predict_slide(
         iter([(np.arange(len(images)), images)]),
         lambda index, boxes: timed(prefetch(reader.chunks([path], index, boxes)), timings),
         ChunkedRunner(device, amp, timings),
-        TopK(num_focus, int(model.grid), focus_source),
+        TopK(num_focus, int(model.grid), focus_source, bool(getattr(model, "spread_focus", False))),
         num_layers,
         device,
     )

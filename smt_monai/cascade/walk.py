@@ -233,11 +233,13 @@ class TopK:
         grid: patches per side of a layer input.
         source: ``"q"`` (SMT), ``"score"`` (Eq. 2's ``g``; there is no score bank at inference) or
             ``"attention"`` (class attention), the last two for the paper's Table 2 ablations.
+        spread: layer 1's picks never touch each other (``SMTConfig.spread_focus``).
     """
 
-    def __init__(self, num_focus: int, grid: int, source: str = "q") -> None:
+    def __init__(self, num_focus: int, grid: int, source: str = "q", spread: bool = False) -> None:
         self.num_focus = num_focus
         self.grid = grid
+        self.spread = spread
         self.source = check_focus_source(source)
         self.signals = () if source == "q" else (source,)
 
@@ -257,6 +259,7 @@ class TopK:
             self.grid,
             group=regions.groups(rows, level),
             valid=run.tissue[torch.as_tensor(rows)],
+            spread=self.spread and level == 1,
         )
         return rows, ranking, selection
 

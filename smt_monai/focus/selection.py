@@ -41,6 +41,7 @@ def select_regions(
     target: torch.Tensor | None = None,
     group: np.ndarray | torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
+    spread: bool = False,
 ) -> Selection:
     """Top-K patches by the focusing prediction ``q`` (at training and inference), as next-layer regions.
 
@@ -48,7 +49,9 @@ def select_regions(
     picks its own K, so layer 3 reads K^2); regions sharing a ``group`` value pick K together over all their
     patches (the several layer-1 fields of one slide, so a slide still costs K + K^2 reads after layer 1).
     Patches marked invalid (``valid`` False: glass, padding beyond the slide) are picked only when a group
-    has fewer than K' valid ones, after all valid patches.
+    has fewer than K' valid ones, after all valid patches. With ``spread`` the top K skips a valid patch that
+    touches an earlier pick (its 8 neighbours, also across the regions of a group), while valid patches
+    apart from every pick remain; after them come the skipped ones in order. K picks then cover K places.
 
     ``L_ret`` (Eq. 4) teaches ``q`` only on the patches the next layer reads, so in training a greedy top-K
     never corrects a patch whose ``q`` is too low, and once the suspicious patches' ``q`` falls below that
@@ -81,6 +84,7 @@ def select_regions(
         target: optional ``(R, grid**2)`` bool, the patches guidance draws from.
         group: optional ``(R,)`` selection group of each region (groups in order of first appearance).
         valid: optional ``(R, grid**2)`` bool, the patches that may be focused.
+        spread: take the top K among patches that do not touch each other.
 
     Returns:
         ``Selection`` with ``K' = K`` (or ``K + 1`` with ``benign_score``) regions per group, on the CPU.
@@ -108,6 +112,10 @@ def select_regions(
     # valid patches by decreasing q, then the other real ones, padding last (stable sorts)
     order = torch.argsort(score, dim=1, descending=True, stable=True)
     order = order.gather(1, torch.argsort((~usable.gather(1, order)).to(torch.int8), dim=1, stable=True))
+    if spread:
+        boxes = torch.as_tensor(parent_boxes, dtype=torch.float64).cpu()[flat.rows]
+        patches = child_boxes(boxes, torch.arange(num_patches).expand(*flat.rows.shape, num_patches), grid)
+        order = _spread(order, patches.reshape(len(rows), -1, 3), usable, num_focus)
     index = order[:, :num_focus].clone()
     rest = order[:, num_focus - 1 :]  # candidates for the K-th pick
     weights = torch.zeros(rest.shape, dtype=torch.float64)
@@ -145,6 +153,25 @@ def _group_rows(count: int, group: np.ndarray | torch.Tensor | None) -> list[np.
         raise ValueError(f"expected group of length {count}, got {len(group)}")
     first = {g: None for g in group.tolist()}
     return [np.flatnonzero(group == g) for g in first]
+
+
+def _spread(order: torch.Tensor, boxes: torch.Tensor, usable: torch.Tensor, num_focus: int) -> torch.Tensor:
+    """``order`` (``(G, N)`` patch indices by rank) with, per group, the first ``num_focus`` usable patches
+    that touch no earlier one first (``boxes`` ``(G, N, 3)``: two patches touch when their centres are
+    within 1.5 sides on both axes), then the rest in order."""
+    centres = boxes[..., :2] + boxes[..., 2:] / 2
+    out = order.clone()
+    for g in range(len(order)):
+        picked: list[int] = []
+        for patch in order[g].tolist():
+            if len(picked) == num_focus or not usable[g, patch]:
+                break
+            near = (centres[g, picked] - centres[g, patch]).abs() < 1.5 * boxes[g, patch, 2]
+            if not near.all(dim=1).any():
+                picked.append(patch)
+        chosen = torch.as_tensor(picked, dtype=order.dtype)
+        out[g] = torch.cat([chosen, order[g][~torch.isin(order[g], chosen)]])
+    return out
 
 
 class _Flat:
@@ -186,6 +213,25 @@ def region_class(overlap: torch.Tensor, label_overlap: float) -> torch.Tensor:
     """
     at_least = overlap.flip(-1).cumsum(-1).flip(-1)
     return reaches_overlap(at_least, label_overlap).sum(-1)
+
+
+def patch_targets(
+    slide_labels: torch.Tensor, overlap: torch.Tensor, label_overlap: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What an annotation says of every patch of some regions, as the next layer's label of the region the
+    patch would become (:func:`next_labels`): whether it is positive, and whether the annotation knows.
+
+    Args:
+        slide_labels: ``(R,)`` long labels of the regions' slides.
+        overlap: ``(R, P, C)`` fractions of each patch covered by each positive class, NaN where unknown.
+        label_overlap: overlap threshold of a positive region.
+
+    Returns:
+        ``(R, P)`` bool positive and ``(R, P)`` bool known.
+    """
+    known = ~torch.isnan(overlap.cpu()[..., 0])
+    labels = next_labels(slide_labels, torch.ones(known.shape, dtype=torch.bool), overlap, label_overlap)
+    return (labels > 0) & known, known
 
 
 def next_labels(

@@ -148,7 +148,9 @@ class ModelCard:
             f"{net['num_classes']} classes ({', '.join(self.class_names)})",
             f"geometry {net['geometry']}"
             + (f", layer 3 reads at {net['layer3_mpp']:g} um/px" if net["geometry"] == "physical" else ""),
-            f"K = {self.num_focus}, aggregation {self.aggregation}, threshold {self.threshold:g}",
+            f"K = {self.num_focus}"
+            + (" (layer 1's picks apart)" if net.get("spread_focus") else "")
+            + f", aggregation {self.aggregation}, threshold {self.threshold:g}",
             f"trained with smt-monai {self.version}",
         ]
         heads = [name for key, name in HEADS.items() if net.get(key)]

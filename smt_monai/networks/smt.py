@@ -64,6 +64,10 @@ class SMTConfig:
             ratio), trained by the Cox partial likelihood on the datalist's survival ``time`` and ``event``
             (``smt_monai.losses.survival``); the slide's ``risk`` in the outputs, the concordance index's
             ranking. Off by default (prognosis as classes, the paper's setting).
+        spread_focus: layer 1's K picks are never neighbours (``smt_monai.focus.selection.select_regions``),
+            in training and at inference: a suspicious region spans several layer-1 patches and tumour looks
+            like its mimics there, so one large mimic could otherwise take every pick. Off by default (the
+            paper's top-K); layer 2 always takes its plain top-K, whose picks should lie on the tumour.
     """
 
     grid: int = 8
@@ -83,6 +87,7 @@ class SMTConfig:
     layer3_mpp: float = 1.0
     slide_head: bool = False
     risk_head: bool = False
+    spread_focus: bool = False
 
     def __post_init__(self) -> None:
         # Configs arrive from YAML/JSON with lists; keep the frozen config hashable and comparable.
@@ -97,6 +102,8 @@ SCALE_FIELDS = ("geometry", "layer3_mpp")
 """``SMTConfig`` fields that say how the model sees a slide rather than how a layer is built."""
 SLIDE_FIELDS = ("slide_head", "risk_head")
 """``SMTConfig`` fields of what comes after the layers."""
+FOCUS_FIELDS = ("spread_focus",)
+"""``SMTConfig`` fields of how the cascade reads the focusing predictions."""
 
 PRESETS: dict[str, SMTConfig] = {
     "paper": SMTConfig(),
@@ -152,11 +159,12 @@ class SMT(nn.Module):
         self.read_size = self.input_size // config.stem_pool
         self.geometry = config.geometry
         self.layer3_mpp = float(config.layer3_mpp)
+        self.spread_focus = bool(config.spread_focus)
         self.card = ""  # the model card as JSON once trained weights are loaded (smt_monai.inference.model)
         layer_kwargs = {
             f.name: getattr(config, f.name)
             for f in dataclasses.fields(config)
-            if f.name not in SCALE_FIELDS + SLIDE_FIELDS
+            if f.name not in SCALE_FIELDS + SLIDE_FIELDS + FOCUS_FIELDS
         }
         self.layer1 = SMTLayer(**layer_kwargs, focus=True)
         self.layer2 = SMTLayer(**layer_kwargs, focus=True)
