@@ -213,11 +213,9 @@ class CascadeTraining:
     ``L_ret[l]`` (Eq. 4) and ``L_emb[l]`` (Eq. 5-6) over the K focused regions (the extra benign region only
     enters ``L_cls[l + 1]``); with annotations, ``L_ann[l]``: Eq. 4's divergence of ``q`` from the label the
     annotation gives the region each tissue patch would become, on every tissue patch of the rows that
-    selected. ``L_ret`` teaches ``q`` on the K patches read, about 5 per region, so on a cohort's large
-    specimens the few normal-tissue patches it ever sees left ``q`` nearly flat (on 20x slides of 3 to 10 mm
-    the shipped model's layer-1 ``q`` was 0.44 +- 0.02 on normal tissue and 0.46 +- 0.02 on suspicious
-    patches, where layer 2 answered 0.12 and 0.58) and normal tissue outranked the tumour on every slide the
-    focus missed. Where the annotation is known, every patch of the region has its answer without a read.
+    selected. ``L_ret`` teaches ``q`` on the K patches read, about 5 per region, so ``q`` learns little of
+    the normal tissue that fills a large specimen and can rank it above the tumour (bundle/docs/README.md
+    gives the measurement); where the annotation is known, every patch has its answer without a read.
 
     Args:
         loss_fn: the ``SMTLoss`` whose term modules and Eq. 7 combination are used.
