@@ -13,7 +13,7 @@ import torch
 from conftest import TINY_OVERRIDES
 
 from smt_monai.benchmark.ablation import DEPARTURES, TABLE2, merge_ablation, select_variants, variants
-from smt_monai.benchmark.accuracy import held_out_datalist
+from smt_monai.benchmark.accuracy import held_out_cohort, held_out_datalist
 from smt_monai.benchmark.bundle_runs import (
     bundle_workflow,
     config_names,
@@ -22,7 +22,7 @@ from smt_monai.benchmark.bundle_runs import (
     run_dir,
 )
 from smt_monai.benchmark.focus_diagnostic import CATEGORIES
-from smt_monai.benchmark.report import write_report
+from smt_monai.benchmark.report import accuracy_section, write_report
 from smt_monai.cli import main
 from smt_monai.data import load_datalist, open_slide, tissue_bbox
 from smt_monai.data.slide import cucim_available
@@ -214,6 +214,38 @@ def test_held_out_datalist_adds_a_second_cohort_to_the_testing_split(tmp_path: P
     assert all(Path(e["image"]).is_file() and Path(e["annotation"]).is_file() for e in testing)
     assert all(Path(e["image"]).parent.parent == combined.parent for e in testing[2:])
     assert held_out_datalist(tmp_path, datalist, 2, 1024, 3) == combined  # written once, then reused
+
+
+def test_own_cohort_holds_out_its_testing_split_and_other_datalists(tmp_path: Path) -> None:
+    own = make_cohort(tmp_path / "mine", 5, 1024, 3, split=(0.6, 0.0, 0.4), workers=1, progress=False)
+    other = make_cohort(tmp_path / "scanner2", 2, 1024, 4, split=(0.0, 0.0, 1.0), workers=1, progress=False)
+    datalist, test_datalist, suffix, record = held_out_cohort(
+        tmp_path / "work", 0, 0, 0, 30, dataset_dir=own.parent, test_datalists=[other]
+    )
+    assert datalist == own and test_datalist.parent == tmp_path / "work" / "held_out"
+    testing = load_datalist(test_datalist, "testing", str(test_datalist.parent))
+    mine = load_datalist(own, "testing", str(own.parent))
+    assert len(testing) == 4 and [e["image"] for e in testing[:2]] == [e["image"] for e in mine]
+    assert all(Path(e["image"]).parent.parent == other.parent for e in testing[2:])
+    assert record["num_slides"] == 5 and record["test_datalists"] == [str(other.resolve())]
+    assert suffix and held_out_cohort(tmp_path / "work", 0, 0, 0, 0, None, own.parent, [other])[2] == suffix
+    assert held_out_cohort(tmp_path / "work", 0, 0, 0, 0, None, own.parent)[1:3] == (own, "")
+    section = "\n".join(
+        accuracy_section(
+            {
+                **record,
+                "smt_model": "m.pt",
+                "smt_overrides": {},
+                "dense_overrides": {},
+                "auc_dense": 1.0,
+                "balanced_accuracy_dense": 1.0,
+            }
+        )
+    )
+    assert f"`{own.parent}` (5 slides); SMT the model `m.pt`" in section
+    assert f"plus the testing splits of `{other.resolve()}`" in section
+    with pytest.raises(FileNotFoundError, match="no datalist.json"):
+        held_out_cohort(tmp_path / "work", 0, 0, 0, 0, dataset_dir=tmp_path)
 
 
 def _ablation_result(chosen: dict[str, list[int]], ks: list[int], **same: object) -> dict:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import TINY_OVERRIDES, write_cohort
 
-from smt_monai.benchmark.focus_diagnostic import CATEGORIES, focus_landing
+from smt_monai.benchmark.focus_diagnostic import CATEGORIES, focus_landing, hit_probability
 from smt_monai.cli import main
 from smt_monai.data import load_datalist
 from smt_monai.data.annotations import polygon_feature
@@ -74,6 +74,16 @@ def test_a_rule_that_focuses_on_dark_patches_lands_on_tumour_more_than_chance(da
     for layer in ("layer1", "layer2"):
         assert positive[layer]["model"]["tumour"] >= 0.5 > positive[layer]["random"]["tumour"] > 0
     assert result["summary"]["negative"]["layer1"]["random"]["mimic"] > 0
+    hit = positive["layer1_hit"]
+    assert hit["model"] == 1.0 and 0 < hit["random"] < hit["mimic_blind"] <= 1.0
+    assert result["summary"]["negative"]["layer1_hit"] == {"model": 0.0, "random": 0.0, "mimic_blind": 0.0}
+
+
+def test_hit_probability_counts_draws_without_repetition() -> None:
+    assert hit_probability(1, 3, 2) == pytest.approx(0.5)  # 1 - C(3, 2) / C(4, 2)
+    assert hit_probability(1, 11, 4) == pytest.approx(1 / 3)  # one tumour patch among 11 mimic patches
+    assert hit_probability(2, 2, 4) == hit_probability(1, 0, 4) == 1.0  # every suspicious patch is read
+    assert hit_probability(0, 5, 2) == 0.0
 
 
 def test_the_command_prints_and_writes_the_landing_of_a_saved_model(
@@ -89,6 +99,7 @@ def test_the_command_prints_and_writes_the_landing_of_a_saved_model(
     assert main([*args, "--num-focus", "2", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "positive slides (2), K = 2" in printed and "| 1 | random |" in printed
+    assert "layer 1 picked a tumour patch on " in printed and "cannot tell tumour from mimic" in printed
     result = json.loads(out.read_text())
     assert result["model"] == str(model) and result["split"] == "testing"
     assert result["summary"]["all"]["slides"] == 4 and result["label_overlap"] == [0.01, 0.1]

@@ -18,6 +18,7 @@ picks landed.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -148,6 +149,8 @@ def benchmark_ablation(
     extra_test_slides: int = 0,
     smt_overlays: Sequence[str] = (),
     contrast: float = 0.0,
+    dataset_dir: str | os.PathLike | None = None,
+    test_datalists: Sequence[str | os.PathLike] = (),
 ) -> dict[str, Any]:
     """Train every variant with every seed (runs are reused), evaluate, diagnose its focus, and sweep K on
     the default model.
@@ -155,13 +158,14 @@ def benchmark_ablation(
     Evaluation is on the cohort's testing split plus ``extra_test_slides`` slides of a second cohort, as in
     the accuracy benchmark (``held_out_datalist``). ``selection`` (default: every variant) is a subset of
     ``variants(smt_overlays)``; ``smt_overlays`` (e.g. ``cpu.yaml``) and ``smt_overrides`` apply to every
-    variant, whose own overrides win; ``contrast`` is the cohort's ``low_mag_tumour_contrast``.
+    variant, whose own overrides win; ``contrast`` is the cohort's ``low_mag_tumour_contrast``;
+    ``dataset_dir`` and ``test_datalists`` a cohort of one's own instead (``own_cohort``).
     """
     work_dir = Path(work_dir)
     base = dict(smt_overrides or {})
     chosen = selection if selection is not None else select_variants(None, smt_overlays)
     datalist, test_datalist, suffix, record = held_out_cohort(
-        work_dir, num_slides, size, seed, extra_test_slides, contrast
+        work_dir, num_slides, size, seed, extra_test_slides, contrast, dataset_dir, test_datalists
     )
     out: dict[str, Any] = {
         **record,

@@ -10,7 +10,9 @@ given, so that better defaults in the configs flow into the benchmark.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from typing import Any
 from smt_monai.benchmark.bundle_runs import config_value, evaluate, run_dir, train
 from smt_monai.benchmark.fixtures import environment, synthetic_cohort
 from smt_monai.data import load_datalist
+from smt_monai.inference.model import load_model
 from smt_monai.utils import atomic_path
 
 TEST_COHORT_SEED_OFFSET = 1000
@@ -42,6 +45,22 @@ def smt_figures(metrics: Mapping[str, Any], k: int) -> dict[str, Any]:
     return out
 
 
+def combined_testing(path: Path, sources: Sequence[Path]) -> Path:
+    """``path``, written once: a datalist whose ``testing`` split is those of ``sources`` in order (images and
+    annotations as absolute paths), with the first source's ``labels``."""
+    if not path.exists():
+        testing = [
+            {key: str(value) if key in ("image", "annotation") else value for key, value in entry.items()}
+            for source in sources
+            for entry in load_datalist(source, "testing", str(source.parent))
+        ]
+        labels = json.loads(sources[0].read_text()).get("labels", {})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps({"labels": labels, "testing": testing}, indent=1) + "\n")
+    return path
+
+
 def held_out_datalist(
     work_dir: Path, datalist: Path, extra_slides: int, size: int, seed: int, contrast: float = 0.0
 ) -> Path:
@@ -55,16 +74,7 @@ def held_out_datalist(
         work_dir, extra_slides, size, extra_seed, contrast=contrast, split=(0.0, 0.0, 1.0), name="_test"
     ).parent
     combined = folder / f"testing_with_{datalist.parent.name}.json"
-    if not combined.exists():
-        testing = [
-            {key: str(value) if key in ("image", "annotation") else value for key, value in entry.items()}
-            for source in (datalist, folder / "datalist.json")
-            for entry in load_datalist(source, "testing", str(source.parent))
-        ]
-        labels = json.loads(datalist.read_text()).get("labels", {})
-        with atomic_path(combined) as tmp:
-            tmp.write_text(json.dumps({"labels": labels, "testing": testing}, indent=1) + "\n")
-    return combined
+    return combined_testing(combined, [datalist, folder / "datalist.json"])
 
 
 def held_out_suffix(extra_slides: int) -> str:
@@ -73,12 +83,50 @@ def held_out_suffix(extra_slides: int) -> str:
     return f"_plus{extra_slides}" if extra_slides > 0 else ""
 
 
+def own_cohort(
+    work_dir: Path, dataset_dir: str | os.PathLike, test_datalists: Sequence[str | os.PathLike] = ()
+) -> tuple[Path, Path, str, dict[str, Any]]:
+    """:func:`held_out_cohort` of a cohort of one's own: ``dataset_dir/datalist.json`` trains and validates;
+    its testing split plus those of ``test_datalists`` (e.g. another scanner's slides) are the held-out
+    slides, combined once into ``work_dir/held_out``."""
+    datalist = Path(dataset_dir) / "datalist.json"
+    if not datalist.is_file():
+        raise FileNotFoundError(f"{datalist}: no datalist.json in the cohort folder {dataset_dir}")
+    sources = [Path(p).resolve() for p in test_datalists]
+    test_datalist, suffix = datalist, ""
+    if sources:
+        key = hashlib.sha1("\n".join(map(str, sources)).encode()).hexdigest()[:8]
+        name = f"testing_{datalist.parent.name}_with_{key}.json"
+        test_datalist = combined_testing(work_dir / "held_out" / name, [datalist, *sources])
+        suffix = f"_with{key}"
+    splits = json.loads(datalist.read_text())
+    record = {
+        "environment": environment(),
+        "cohort": str(datalist.parent),
+        "num_slides": sum(len(v) for v in splits.values() if isinstance(v, list)),
+        "slide_size": None,
+        "test_datalists": [str(p) for p in sources],
+        "test_datalist": str(test_datalist),
+    }
+    return datalist, test_datalist, suffix, record
+
+
 def held_out_cohort(
-    work_dir: Path, num_slides: int, size: int, seed: int, extra_test_slides: int, contrast: float = 0.0
+    work_dir: Path,
+    num_slides: int,
+    size: int,
+    seed: int,
+    extra_test_slides: int,
+    contrast: float = 0.0,
+    dataset_dir: str | os.PathLike | None = None,
+    test_datalists: Sequence[str | os.PathLike] = (),
 ) -> tuple[Path, Path, str, dict[str, Any]]:
     """The benchmark cohort's datalist (``contrast``: ``smt-monai synth --low-mag-tumour-contrast``), its
     held-out datalist (``held_out_datalist``), the suffix of the evaluation folders, and the figures that
-    describe them (the head of a benchmark's JSON)."""
+    describe them (the head of a benchmark's JSON). With ``dataset_dir`` the cohort is that folder's instead
+    of a drawn one (:func:`own_cohort`, with ``test_datalists``)."""
+    if dataset_dir is not None:
+        return own_cohort(work_dir, dataset_dir, test_datalists)
     datalist = synthetic_cohort(work_dir, num_slides, size, seed, contrast=contrast)
     test_datalist = held_out_datalist(work_dir, datalist, extra_test_slides, size, seed, contrast)
     record = {
@@ -104,6 +152,9 @@ def benchmark_accuracy(
     extra_test_slides: int = 0,
     smt_overlays: Sequence[str] = (),
     contrast: float = 0.0,
+    dataset_dir: str | os.PathLike | None = None,
+    test_datalists: Sequence[str | os.PathLike] = (),
+    smt_model: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Train both models once (runs are reused), evaluate them on the held-out slides, return the figures.
 
@@ -118,23 +169,34 @@ def benchmark_accuracy(
         extra_test_slides: slides of a second cohort added to the testing split (``held_out_datalist``).
         smt_overlays: configs merged over ``train.yaml`` for SMT (e.g. ``cpu.yaml``).
         contrast: the cohort's ``low_mag_tumour_contrast``.
+        dataset_dir, test_datalists: a cohort of one's own instead of a drawn one (:func:`own_cohort`).
+        smt_model: a trained SMT model to evaluate instead of training one; its card gives the geometry
+            the dense tiles follow.
     """
     work_dir = Path(work_dir)
     smt_overrides = dict(smt_overrides or {})
     configs = ["train.yaml", *smt_overlays]
-    smt = {
-        key: smt_overrides.get(key, config_value(configs, key))
-        for key in ("patch_size", "geometry", "layer3_mpp")
-    }
+    geometry = ("patch_size", "geometry", "layer3_mpp")
+    if smt_model is not None:
+        card = json.loads(load_model(smt_model).card)["network"]
+        smt = {key: card[key] for key in geometry}
+    else:
+        smt = {key: smt_overrides.get(key, config_value(configs, key)) for key in geometry}
     physical = {"tile_mpp": smt["layer3_mpp"]} if smt["geometry"] == "physical" else {}
     dense_overrides = {"patch_size": smt["patch_size"], **physical, **(dense_overrides or {})}
     datalist, test_datalist, suffix, record = held_out_cohort(
-        work_dir, num_slides, size, seed, extra_test_slides, contrast
+        work_dir, num_slides, size, seed, extra_test_slides, contrast, dataset_dir, test_datalists
     )
-    smt_dir = run_dir(work_dir, datalist, "smt", smt_overrides, smt_overlays)
-    model = train(configs, datalist, smt_dir / "train", smt_overrides)
+    if smt_model is not None:
+        model = Path(smt_model).resolve()
+        settings = {"model": str(model), **smt_overrides}
+        smt_dir = run_dir(work_dir, datalist, "smt_model", settings, smt_overlays)
+    else:
+        smt_dir = run_dir(work_dir, datalist, "smt", smt_overrides, smt_overlays)
+        model = train(configs, datalist, smt_dir / "train", smt_overrides)
     out: dict[str, Any] = {
         **record,
+        "smt_model": str(model) if smt_model is not None else None,
         "smt_overlays": list(smt_overlays),
         "smt_overrides": smt_overrides,
         "dense_overrides": dense_overrides,

@@ -89,6 +89,24 @@ def _training(parser: argparse.ArgumentParser) -> None:
         help="the cohort's smt-monai synth --low-mag-tumour-contrast (default 0: tumour and mimics alike at "
         "low magnification)",
     )
+    parser.add_argument(
+        "--dataset-dir",
+        type=Path,
+        default=None,
+        metavar="COHORT",
+        help="a cohort of your own (a folder with datalist.json and its slides) instead of a drawn one; "
+        "--num-slides, --slide-size, --cohort-seed, --low-mag-tumour-contrast and --extra-test-slides "
+        "then do not apply",
+    )
+    parser.add_argument(
+        "--test-datalist",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="JSON",
+        help="with --dataset-dir: another datalist whose testing split is held out too, e.g. another "
+        "scanner's slides (repeatable)",
+    )
     parser.add_argument("--dense", action="append", metavar="KEY=VALUE", help="train_dense.yaml override")
     parser.add_argument(
         "--extra-test-slides",
@@ -164,6 +182,15 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
         command = sub.add_parser(name, help=help_text, description=help_text)
         for add in parts:
             add(command)
+        if name == "accuracy":
+            command.add_argument(
+                "--smt-model",
+                type=Path,
+                default=None,
+                metavar="MODEL",
+                help="evaluate this trained SMT (model.pt) instead of training one; dense tiles follow its "
+                "geometry",
+            )
         if name in ("speed", "throughput", "accuracy", "ablation"):
             command.add_argument("--json", type=Path, default=None, help=f"output (default WORK/{name}.json)")
         if name == "focus-diagnostic":
@@ -238,6 +265,8 @@ def _training_settings(args: argparse.Namespace) -> dict[str, Any]:
         "smt_overrides": {**(QUICK_SMT if q else {}), **parse_overrides(args.smt)},
         "smt_overlays": list(args.smt_config),
         "contrast": args.low_mag_tumour_contrast,
+        "dataset_dir": args.dataset_dir,
+        "test_datalists": list(args.test_datalist),
     }
 
 
@@ -246,7 +275,10 @@ def _run_accuracy(args: argparse.Namespace, path: Path) -> None:
 
     dense = {**(QUICK_DENSE if args.quick else {}), **parse_overrides(args.dense)}
     settings = _training_settings(args)
-    data = benchmark_accuracy(args.work_dir, focus=args.focus, dense_overrides=dense, **settings)
+    model = getattr(args, "smt_model", None)  # `benchmark all` trains its own
+    data = benchmark_accuracy(
+        args.work_dir, focus=args.focus, dense_overrides=dense, smt_model=model, **settings
+    )
     _save(data, path, args)
 
 
@@ -283,6 +315,13 @@ def _run_diagnostic(args: argparse.Namespace) -> int:
         print("| layer | picks | " + " | ".join(CATEGORIES) + " |")
         print("|---|---|" + "---:|" * len(CATEGORIES))
         print("\n".join(landing_table(result, group)))
+        if group == "positive" and count:
+            hit = result["summary"][group]["layer1_hit"]
+            print(
+                f"layer 1 picked a tumour patch on {hit['model']:.2f} of them; random tissue patches would "
+                f"on {hit['random']:.2f}, a focus that cannot tell tumour from mimic at best on "
+                f"{hit['mimic_blind']:.2f}"
+            )
     failed = [s for s in result["slides"] if "error" in s]
     for slide in failed:
         print(f"skipped {slide['image']}: {slide['error']}")

@@ -12,6 +12,7 @@ learnt nothing, one that lands there less often is steered away from it.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -43,11 +44,24 @@ def _fractions(weights: np.ndarray, codes: np.ndarray) -> dict[str, float]:
     return {name: float(v) for name, v in zip(CATEGORIES, shares / weights.sum())}
 
 
+def hit_probability(targets: int, others: int, k: int) -> float:
+    """Probability that ``k`` picks drawn at random without repetition from ``targets + others`` patches
+    include a target (all of them are picked when there are at most ``k``)."""
+    if targets + others <= k:
+        return float(targets > 0)
+    return 1.0 - math.comb(others, k) / math.comb(targets + others, k)
+
+
 def slide_landing(
     prediction: SlidePrediction, patches: SlidePatches, num_focus: int, label_overlap: Sequence[float]
 ) -> dict[str, dict[str, dict[str, float]]]:
     """``{"layer1" | "layer2": {"model" | "random": {category: fraction}}}`` for one slide's ``prediction``
-    (at ``num_focus``), with ``label_overlap`` the thresholds of layer-2 and layer-3 regions."""
+    (at ``num_focus``), with ``label_overlap`` the thresholds of layer-2 and layer-3 regions, and
+    ``"layer1_hit"``: whether layer 1 picked a tumour patch (``model``), the probability that random tissue
+    patches do (``random``), and that a focus does which tells suspicious tissue (tumour or mimic) from
+    normal tissue perfectly and tumour from mimic not at all (``mimic_blind``: its picks drawn among the
+    suspicious patches): the best a layer 1 can do where tumour and mimics look alike at its
+    magnification."""
     second, third = patches.locate(prediction)
     first_codes = patch_categories(patches, 0, label_overlap[0])
     layer2_codes = patch_categories(patches, 1, label_overlap[1])
@@ -55,7 +69,15 @@ def slide_landing(
     random_first = pick_probability(patches.tissue[0][None], num_focus)[0]
     random_second = pick_probability(patches.tissue[1][second], num_focus)
     picked = layer2_codes[third[:, 0], third[:, 1]]
+    tissue = patches.tissue[0]
+    tumour, mimic = int((tissue & (first_codes == 3)).sum()), int((tissue & (first_codes == 2)).sum())
+    others = int(tissue.sum()) - tumour
     return {
+        "layer1_hit": {
+            "model": float((first_codes[second] == 3).any()),
+            "random": hit_probability(tumour, others, num_focus),
+            "mimic_blind": hit_probability(tumour, mimic, num_focus),
+        },
         "layer1": {
             "model": _fractions(np.ones(len(second)), first_codes[second]),
             "random": _fractions(random_first, first_codes),
@@ -77,6 +99,10 @@ def _mean(slides: list[dict[str, Any]]) -> dict[str, Any]:
             }
             for who in ("model", "random")
         }
+    out["layer1_hit"] = {
+        who: float(np.mean([s["layer1_hit"][who] for s in slides])) if slides else None
+        for who in ("model", "random", "mimic_blind")
+    }
     return out
 
 

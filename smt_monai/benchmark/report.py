@@ -56,13 +56,17 @@ def _with_chance(values: dict[str, Any], name: str) -> str:
 
 def _cohort(data: dict[str, Any]) -> str:
     """The benchmark cohort and how it was drawn."""
+    if data.get("slide_size") is None:  # a cohort of one's own (--dataset-dir)
+        return f"`{data['cohort']}` ({data['num_slides']} slides)"
     contrast = data.get("low_mag_tumour_contrast") or 0
     drawn = f", `--low-mag-tumour-contrast {contrast:g}`" if contrast else ""
-    return f"`{data['cohort']}` ({data['num_slides']} slides of {data['slide_size']} px{drawn})"
+    return f"synthetic `{data['cohort']}` ({data['num_slides']} slides of {data['slide_size']} px{drawn})"
 
 
 def _extra_test_slides(data: dict[str, Any]) -> str:
-    """How a benchmark's testing split was extended (``held_out_datalist``), or nothing."""
+    """How a benchmark's testing split was extended (``held_out_datalist``, ``own_cohort``), or nothing."""
+    if data.get("test_datalists"):
+        return " plus the testing splits of " + ", ".join(f"`{p}`" for p in data["test_datalists"])
     if not data.get("extra_test_slides"):
         return ""
     return (
@@ -227,11 +231,15 @@ def accuracy_section(acc: dict[str, Any]) -> list[str]:
     """SMT against dense on the held-out split."""
     prefix = "balanced_accuracy_smt_k"
     focus = sorted(int(k[len(prefix) :]) for k in acc if k.startswith(prefix))
+    trained = (
+        f"SMT the model `{acc['smt_model']}`, dense trained on its training split; both evaluated"
+        if acc.get("smt_model")
+        else "both models trained on its training split and evaluated"
+    )
     lines = [
         "## Accuracy",
         "",
-        f"Synthetic cohort {_cohort(acc)}; both models trained on its training split and evaluated on its "
-        "testing split"
+        f"Cohort {_cohort(acc)}; {trained} on its testing split"
         + _extra_test_slides(acc)
         + f" ({acc.get('num_test_slides', '?')} slides), which neither saw. SMT configs: "
         f"`{' + '.join(['train.yaml', *acc.get('smt_overlays', [])])}`, overrides "
