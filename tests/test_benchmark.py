@@ -25,6 +25,7 @@ from smt_monai.benchmark.focus_diagnostic import CATEGORIES
 from smt_monai.benchmark.report import accuracy_section, write_report
 from smt_monai.cli import main
 from smt_monai.data import load_datalist, open_slide, tissue_bbox
+from smt_monai.data.errors import OptionError
 from smt_monai.data.slide import cucim_available
 from smt_monai.data.synth import make_cohort
 
@@ -216,7 +217,9 @@ def test_held_out_datalist_adds_a_second_cohort_to_the_testing_split(tmp_path: P
     assert held_out_datalist(tmp_path, datalist, 2, 1024, 3) == combined  # written once, then reused
 
 
-def test_own_cohort_holds_out_its_testing_split_and_other_datalists(tmp_path: Path) -> None:
+def test_own_cohort_holds_out_its_testing_split_and_other_datalists(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     own = make_cohort(tmp_path / "mine", 5, 1024, 3, split=(0.6, 0.0, 0.4), workers=1, progress=False)
     other = make_cohort(tmp_path / "scanner2", 2, 1024, 4, split=(0.0, 0.0, 1.0), workers=1, progress=False)
     datalist, test_datalist, suffix, record = held_out_cohort(
@@ -244,8 +247,15 @@ def test_own_cohort_holds_out_its_testing_split_and_other_datalists(tmp_path: Pa
     )
     assert f"`{own.parent}` (5 slides); SMT the model `m.pt`" in section
     assert f"plus the testing splits of `{other.resolve()}`" in section
-    with pytest.raises(FileNotFoundError, match="no datalist.json"):
+    with pytest.raises(OptionError, match="no such datalist"):
         held_out_cohort(tmp_path / "work", 0, 0, 0, 0, dataset_dir=tmp_path)
+    missing = tmp_path / "elsewhere" / "datalist.json"
+    args = ["benchmark", "accuracy", "--dataset-dir", str(own.parent), "--test-datalist", str(missing)]
+    assert main([*args, "--work-dir", str(tmp_path / "work")]) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == f"error: {missing}: no such datalist (a cohort folder holds datalist.json)"
+    )
 
 
 def _ablation_result(chosen: dict[str, list[int]], ks: list[int], **same: object) -> dict:

@@ -20,6 +20,7 @@ from typing import Any
 from smt_monai.benchmark.bundle_runs import config_value, evaluate, run_dir, train
 from smt_monai.benchmark.fixtures import environment, synthetic_cohort
 from smt_monai.data import load_datalist
+from smt_monai.data.errors import OptionError
 from smt_monai.inference.model import load_model
 from smt_monai.utils import atomic_path
 
@@ -90,9 +91,10 @@ def own_cohort(
     its testing split plus those of ``test_datalists`` (e.g. another scanner's slides) are the held-out
     slides, combined once into ``work_dir/held_out``."""
     datalist = Path(dataset_dir) / "datalist.json"
-    if not datalist.is_file():
-        raise FileNotFoundError(f"{datalist}: no datalist.json in the cohort folder {dataset_dir}")
     sources = [Path(p).resolve() for p in test_datalists]
+    for path in (datalist, *sources):
+        if not path.is_file():
+            raise OptionError(f"{path}: no such datalist (a cohort folder holds datalist.json)")
     test_datalist, suffix = datalist, ""
     if sources:
         key = hashlib.sha1("\n".join(map(str, sources)).encode()).hexdigest()[:8]
