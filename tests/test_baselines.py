@@ -20,10 +20,12 @@ from smt_monai.baselines import (
     read_tiles,
     tile_side,
     tile_tissue,
+    validated_decision,
 )
 from smt_monai.benchmark.bundle_runs import bundle_workflow
 from smt_monai.data import load_datalist, open_slide
-from smt_monai.data.errors import SlideReadError
+from smt_monai.data.errors import OptionError, SlideReadError
+from smt_monai.handlers.checkpoint import CheckpointError
 
 
 def test_tile_tissue_keeps_tiles_on_tissue_only(tiny_slide: Path) -> None:
@@ -127,6 +129,7 @@ def test_train_and_evaluate_through_the_bundle(tmp_path: Path) -> None:
     assert best["best_epoch"] in (1, 2)
     assert best["best_metric"] == best["metrics"]["quadratic_kappa"]
     assert "balanced_accuracy" in best["metrics"]
+    assert best["aggregation"] == "attention" and 0 <= best["metrics"]["decision_threshold"] <= 1
     last = torch.load(run / "model_last.pt", weights_only=True)  # MONAI's CheckpointSaver: the state dict
     assert all(torch.equal(last[k], v) for k, v in network.state_dict().items())
     tags = EventAccumulator(str(run)).Reload().Tags()["scalars"]
@@ -138,10 +141,37 @@ def test_train_and_evaluate_through_the_bundle(tmp_path: Path) -> None:
     }
     for aggregation in ("attention", "max"):
         evaluation = {**overrides, **settings, "tile_mpp": 1.0, "aggregation": aggregation}
-        bundle_workflow("evaluate_dense.yaml", "evaluating", evaluation).run()
+        flow = bundle_workflow("evaluate_dense.yaml", "evaluating", evaluation)
+        # the validated threshold holds for the aggregation it was chosen with only
+        kept = best["metrics"]["decision_threshold"] if aggregation == "attention" else 0.5
+        assert flow.parser.get_parsed_content("threshold") == pytest.approx(kept)
+        flow.run()
         metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
         assert metrics["num_slides"] == 1 and metrics["seconds_per_slide"] > 0
-        assert "balanced_accuracy" in metrics
+        assert "balanced_accuracy" in metrics and "decision_threshold" in metrics
+    default = bundle_workflow("evaluate_dense.yaml", "evaluating", {**overrides, **settings})
+    assert default.parser.get_parsed_content("aggregation") == "attention"  # the model's own
+
+
+def test_validated_decision_is_the_models_own_for_its_aggregation(tmp_path: Path, caplog) -> None:
+    """A dense model file gives the aggregation and threshold it was validated with; another aggregation is
+    decided at 0.5 with a warning, a file without validation is attention at 0.5, and a bad aggregation is
+    refused before the file is read."""
+    model = tmp_path / "model.pt"
+    torch.save({"model": {}, "best_metric": 1.0, "best_epoch": 3, "metrics": {"decision_threshold": 0.8},
+                "aggregation": "max"}, model)  # fmt: skip
+    assert validated_decision(str(model)) == ("max", 0.8)
+    assert validated_decision(str(model), "max") == ("max", 0.8)
+    with caplog.at_level("WARNING"):
+        assert validated_decision(str(model), "attention") == ("attention", 0.5)
+    assert "validated with max aggregation; evaluating by attention at 0.5" in caplog.text
+    bare = tmp_path / "last.pt"
+    torch.save(DenseMIL().state_dict(), bare)
+    assert validated_decision(str(bare)) == ("attention", 0.5)
+    with pytest.raises(OptionError, match="dense aggregation must be one of"):
+        validated_decision(str(tmp_path / "missing.pt"), "mean")
+    with pytest.raises(CheckpointError, match="missing.pt"):
+        validated_decision(str(tmp_path / "missing.pt"))
 
 
 def test_training_without_validation_keeps_the_last_epoch(tmp_path: Path) -> None:

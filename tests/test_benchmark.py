@@ -246,6 +246,14 @@ def test_own_cohort_holds_out_its_testing_split_and_other_datalists(
         )
     )
     assert f"`{own.parent}` (5 slides); SMT the model `m.pt`" in section
+    judged = {**record, "smt_model": None, "smt_overrides": {}, "dense_overrides": {}, "num_test_slides": 90}
+    judged |= {"auc_dense": 1.0, "balanced_accuracy_dense": 0.95}
+    judged |= {"auc_smt_k4": 0.9, "balanced_accuracy_smt_k4": 0.9}
+    judged |= {"dense_minus_smt_points_k4": 5.0, "dense_minus_smt_auc_points_k4": 10.0}
+    assert (
+        "balanced accuracy at each model's validated threshold: dense - SMT = 5.0 points (AUC: 10.0 points), "
+        "**missed**" in "\n".join(accuracy_section(judged))
+    )
     assert f"plus the testing splits of `{other.resolve()}`" in section
     with pytest.raises(OptionError, match="no such datalist"):
         held_out_cohort(tmp_path / "work", 0, 0, 0, 0, dataset_dir=tmp_path)
@@ -323,6 +331,11 @@ def test_quick_run_writes_every_figure_and_the_report(tmp_path: Path) -> None:
     assert all(speed[k] is not None for k in SPEED_KEYS)
     assert all(k in accuracy for k in ACCURACY_KEYS)
     assert accuracy["dense_overrides"]["tile_mpp"] == 1.0  # dense tiles at SMT's layer3_mpp (train.yaml's)
+    # dense keeps its best validated epoch and threshold as SMT does (train.yaml validates every epoch)
+    assert accuracy["dense_overrides"]["val_interval"] == 1
+    assert accuracy["dense_minus_smt_auc_points_k4"] == pytest.approx(
+        100 * (accuracy["auc_dense"] - accuracy["auc_smt_k4"])
+    )
     assert [p["k"] for p in ablation["k_sweep"]] == [1, 4]
     # the quick cohort's 8 slides leave 2 for testing; 2 more come from the second cohort
     assert accuracy["num_test_slides"] == 4 and ablation["extra_test_slides"] == 2

@@ -248,3 +248,27 @@ def test_the_decision_threshold_is_tuned_on_validation_and_kept() -> None:
     assert results["threshold"] == pytest.approx(0.81)
     with pytest.raises(ValueError, match="threshold"):
         BalancedAccuracy(threshold=1.5)
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.8, "tuned"])
+def test_recall_and_confusion_matrix_decide_at_the_threshold_balanced_accuracy_uses(threshold) -> None:
+    """The confusion matrix and the recalls in metrics.json count the decisions balanced accuracy scores: at
+    the model's threshold, not at 0.5 beside it."""
+    from smt_monai.handlers import BalancedAccuracy, ClassRecall, ConfusionMatrix
+
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    positive = np.array([0.6, 0.7, 0.72, 0.9, 0.95, 0.97])
+    update = (labels, np.stack([1 - positive, positive], axis=1)[:, None], _focus())
+    results = {}
+    for name, metric in (
+        ("accuracy", BalancedAccuracy(threshold=threshold)),
+        ("recall", ClassRecall(["normal", "tumour"], threshold=threshold)),
+        ("matrix", ConfusionMatrix(threshold=threshold)),
+    ):
+        metric.reset()
+        metric.update(update)
+        results[name] = metric.compute()
+    benign_called_tumour = 3 if threshold == 0.5 else 0
+    assert results["matrix"] == [[3 - benign_called_tumour, benign_called_tumour], [0, 3]]
+    assert results["recall"] == {"recall_normal": 1 - benign_called_tumour / 3, "recall_tumour": 1.0}
+    assert results["accuracy"] == (results["recall"]["recall_normal"] + 1.0) / 2

@@ -11,6 +11,7 @@ from smt_monai.baselines.dense import (
     slide_tiles,
     tile_side,
     tile_tissue,
+    validated_decision,
 )
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "slide_tiles",
     "tile_side",
     "tile_tissue",
+    "validated_decision",
 ]

@@ -20,7 +20,9 @@ The slide prediction is the attention pooling's, or with ``aggregation: max`` SM
 Evaluation (:class:`DenseEvaluator`, a MONAI ``Evaluator``) encodes all tissue tiles of a slide,
 ``chunk_size`` at a time (reading the next chunk while the current one is encoded), pools once over all
 features, and reports through the same slide metrics and ``metrics.json`` as SMT's evaluator
-(``bundle/configs/train_dense.yaml``).
+(``bundle/configs/train_dense.yaml``). As SMT's model does, the best validation epoch keeps the decision
+threshold its validation split gives and the aggregation it was validated with (:func:`validated_decision`),
+so that balanced accuracy on a test split is measured at a threshold chosen without it.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from smt_monai.data.slide import Slide
 from smt_monai.data.tissue import tissue_map
 from smt_monai.engines.evaluator import SlideEvaluator, SlideOutcome
 from smt_monai.focus.selection import region_class
+from smt_monai.handlers.checkpoint import load_trusted
 from smt_monai.networks.normalization import normalize_he
 from smt_monai.networks.pooling import GatedAttentionPool
 from smt_monai.utils import prefetch
@@ -65,6 +68,41 @@ def check_dense_aggregation(aggregation: str) -> str:
     if aggregation not in DENSE_AGGREGATIONS:
         raise OptionError(f"dense aggregation must be one of {DENSE_AGGREGATIONS}, got {aggregation!r}")
     return aggregation
+
+
+def validated_decision(path: str, aggregation: str | None = None) -> tuple[str, float]:
+    """The aggregation and the decision threshold on P(positive) a dense model file was validated with.
+
+    Training's best epoch saves ``aggregation`` and the ``decision_threshold`` its validation split gave
+    (``train_dense.yaml``); a file without them (trained without validation) gives ``attention`` and 0.5. A
+    threshold holds only for the aggregation it was chosen with: evaluating by another one gives 0.5, with a
+    warning.
+
+    Args:
+        path: the model file (loaded with ``weights_only=True``).
+        aggregation: the aggregation evaluated with; None: the model's own.
+
+    Raises:
+        OptionError: ``aggregation`` is not one of :data:`DENSE_AGGREGATIONS` (checked before the file is
+            read).
+        CheckpointError: the file is not a trusted model file.
+    """
+    if aggregation is not None:
+        check_dense_aggregation(aggregation)
+    saved = load_trusted(path)
+    validated = str(saved.get("aggregation", "attention"))
+    metrics = saved.get("metrics")
+    threshold = metrics.get("decision_threshold") if isinstance(metrics, dict) else None
+    aggregation = aggregation or validated
+    if threshold is None or not 0.0 <= float(threshold) <= 1.0:
+        return aggregation, 0.5
+    if aggregation != validated:
+        logger.warning(
+            "%s: its decision threshold %.3g was validated with %s aggregation; evaluating by %s at 0.5",
+            path, float(threshold), validated, aggregation,
+        )  # fmt: skip
+        return aggregation, 0.5
+    return aggregation, float(threshold)
 
 
 class DenseMIL(nn.Module):

@@ -1,7 +1,8 @@
 """Accuracy: SMT (K = 4, 8) against the dense baseline on a held-out synthetic split.
 
-Both are trained through the bundle on the cohort's training split (SMT picks its checkpoint on the
-validation split, as ``train.yaml`` does; the dense baseline keeps its last epoch) and evaluated on the
+Both are trained through the bundle on the cohort's training split, each keeping the epoch and the decision
+threshold its validation split gives (``train.yaml``, ``train_dense.yaml`` at SMT's ``val_interval``), so that
+balanced accuracy compares two validated operating points, and evaluated on the
 testing split, which neither saw, plus ``extra_test_slides`` slides of a second cohort drawn the same way
 (a cohort sets aside only a fifth of its slides for testing, too few to resolve a 2-point difference). SMT's
 hyper-parameters are the bundle's (``train.yaml`` and any overlays, e.g. ``cpu.yaml``) plus the overrides
@@ -165,9 +166,10 @@ def benchmark_accuracy(
         num_slides, size, seed: the synthetic cohort.
         focus: the K values SMT is evaluated at.
         smt_overrides: ``train.yaml`` / ``evaluate.yaml`` overrides (e.g. ``preset``, ``max_epochs``).
-        dense_overrides: ``train_dense.yaml`` / ``evaluate_dense.yaml`` overrides; ``patch_size``
-            defaults to SMT's, and ``tile_mpp`` to SMT's ``layer3_mpp`` where SMT's geometry is physical:
-            dense tiles then see the tissue at the resolution of SMT's finest layer, on any scanner.
+        dense_overrides: ``train_dense.yaml`` / ``evaluate_dense.yaml`` overrides; ``patch_size`` and
+            ``val_interval`` default to SMT's, and ``tile_mpp`` to SMT's ``layer3_mpp`` where SMT's geometry
+            is physical: dense tiles then see the tissue at the resolution of SMT's finest layer, on any
+            scanner.
         extra_test_slides: slides of a second cohort added to the testing split (``held_out_datalist``).
         smt_overlays: configs merged over ``train.yaml`` for SMT (e.g. ``cpu.yaml``).
         contrast: the cohort's ``low_mag_tumour_contrast``.
@@ -185,7 +187,11 @@ def benchmark_accuracy(
     else:
         smt = {key: smt_overrides.get(key, config_value(configs, key)) for key in geometry}
     physical = {"tile_mpp": smt["layer3_mpp"]} if smt["geometry"] == "physical" else {}
-    dense_overrides = {"patch_size": smt["patch_size"], **physical, **(dense_overrides or {})}
+    dense_overrides = dict(dense_overrides or {})
+    dense_epochs = dense_overrides.get("max_epochs", config_value(["train_dense.yaml"], "max_epochs"))
+    smt_interval = smt_overrides.get("val_interval", config_value(configs, "val_interval"))
+    validation = {"val_interval": min(int(smt_interval), int(dense_epochs))}  # at least one validation
+    dense_overrides = {"patch_size": smt["patch_size"], **validation, **physical, **dense_overrides}
     datalist, test_datalist, suffix, record = held_out_cohort(
         work_dir, num_slides, size, seed, extra_test_slides, contrast, dataset_dir, test_datalists
     )
@@ -219,7 +225,8 @@ def benchmark_accuracy(
         auc_dense=dense["auc"],
         seconds_per_slide_dense=dense["seconds_per_slide"],
     )
-    if out.get(f"balanced_accuracy_smt_k{focus[0]}") is not None:
-        gap = 100 * (out["balanced_accuracy_dense"] - out[f"balanced_accuracy_smt_k{focus[0]}"])
-        out[f"dense_minus_smt_points_k{focus[0]}"] = gap
+    for metric, name in (("balanced_accuracy", "points"), ("auc", "auc_points")):
+        smt_value, dense_value = out.get(f"{metric}_smt_k{focus[0]}"), out[f"{metric}_dense"]
+        if smt_value is not None and dense_value is not None:
+            out[f"dense_minus_smt_{name}_k{focus[0]}"] = 100 * (dense_value - smt_value)
     return out

@@ -68,14 +68,28 @@ def roc_auc(labels: np.ndarray, probs: np.ndarray) -> float:
 
 
 class _SlideMetric(Metric):
-    """Accumulates the evaluator's per-slide outputs over an epoch; subclasses reduce them."""
+    """Accumulates the evaluator's per-slide outputs over an epoch; subclasses reduce them.
+
+    Args:
+        layer: which layer's slide prediction (-1: the last, SMT's).
+        threshold: decision threshold on P(positive) of a binary model for the metrics of predicted classes,
+            or ``"tuned"``: the threshold the split itself gives (:func:`tuned_threshold`; what training
+            saves with the model).
+    """
 
     required_output_keys: tuple[str, ...] = ("label", "layer_probs", "focus")
 
     def __init__(
-        self, layer: int = -1, output_transform=lambda x: x, device: str | torch.device = "cpu"
+        self,
+        layer: int = -1,
+        output_transform=lambda x: x,
+        device: str | torch.device = "cpu",
+        threshold: float | str = 0.5,
     ) -> None:
+        if threshold != "tuned" and not 0.0 <= float(threshold) <= 1.0:
+            raise ValueError(f"threshold must be a probability or 'tuned', got {threshold!r}")
         self.layer = layer
+        self.threshold = threshold
         super().__init__(output_transform=output_transform, device=device)
 
     def reset(self) -> None:
@@ -101,9 +115,11 @@ class _SlideMetric(Metric):
         return labels.astype(int), probs
 
     def _predicted(self) -> tuple[np.ndarray, np.ndarray, int]:
-        """Labels, predicted classes (``predicted_classes`` at 0.5 / argmax) and the number of classes."""
+        """Labels, predicted classes (``predicted_classes`` at ``threshold`` / argmax) and the number of
+        classes."""
         labels, probs = self._collected()
-        return labels, predicted_classes(probs, 0.5), probs.shape[1]
+        threshold = split_threshold(labels, probs) if self.threshold == "tuned" else float(self.threshold)
+        return labels, predicted_classes(probs, threshold), probs.shape[1]
 
 
 def tuned_threshold(labels: np.ndarray, positive: np.ndarray) -> float:
@@ -127,26 +143,12 @@ def split_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
 
 
 class BalancedAccuracy(_SlideMetric):
-    """Slide-level balanced accuracy of one layer's own prediction (default: the last layer, i.e. SMT's).
-
-    Args:
-        layer: which layer's slide prediction (-1: the last, SMT's).
-        threshold: decision threshold on P(positive) of a binary model, or ``"tuned"``: the threshold the
-            validation split itself gives (:func:`tuned_threshold`; what training saves with the model).
-    """
-
-    def __init__(self, layer: int = -1, threshold: float | str = 0.5, output_transform=lambda x: x) -> None:
-        if threshold != "tuned" and not 0.0 <= float(threshold) <= 1.0:
-            raise ValueError(f"threshold must be a probability or 'tuned', got {threshold!r}")
-        self.threshold = threshold
-        super().__init__(layer=layer, output_transform=output_transform)
+    """Slide-level balanced accuracy of one layer's own prediction (default: the last layer, i.e. SMT's), at
+    ``threshold`` (as :class:`_SlideMetric`)."""
 
     def compute(self) -> float:
-        labels, probs = self._collected()
-        if not len(labels):
-            return float("nan")
-        threshold = split_threshold(labels, probs) if self.threshold == "tuned" else self.threshold
-        return balanced_accuracy(labels, predicted_classes(probs, float(threshold)))
+        labels, predictions, _ = self._predicted()
+        return balanced_accuracy(labels, predictions) if len(labels) else float("nan")
 
 
 class DecisionThreshold(_SlideMetric):
@@ -166,7 +168,8 @@ class SlideAUC(_SlideMetric):
 
 
 class QuadraticKappa(_SlideMetric):
-    """Quadratic weighted kappa of the slide grade (meaningful when ``num_classes`` > 2)."""
+    """Quadratic weighted kappa of the slide grade (meaningful when ``num_classes`` > 2; ``threshold`` as
+    :class:`_SlideMetric`)."""
 
     def compute(self) -> float:
         labels, predictions, classes = self._predicted()
@@ -178,12 +181,18 @@ class ClassRecall(_SlideMetric):
 
     Args:
         class_names: the model's class names, one per class.
-        layer: which layer's slide prediction (-1: SMT's).
+        layer, threshold: as :class:`_SlideMetric`.
     """
 
-    def __init__(self, class_names: Sequence[str], layer: int = -1, output_transform=lambda x: x) -> None:
+    def __init__(
+        self,
+        class_names: Sequence[str],
+        layer: int = -1,
+        output_transform=lambda x: x,
+        threshold: float | str = 0.5,
+    ) -> None:
         self.class_names = [str(n) for n in class_names]
-        super().__init__(layer=layer, output_transform=output_transform)
+        super().__init__(layer=layer, output_transform=output_transform, threshold=threshold)
         self._metrics_result_mode = "flatten"  # each class's recall is a metric of its own
 
     def compute(self) -> Mapping[str, float]:
@@ -197,7 +206,8 @@ class ClassRecall(_SlideMetric):
 
 
 class ConfusionMatrix(_SlideMetric):
-    """``(C, C)`` slide counts as nested lists (row: true class, column: predicted), for metrics.json and
+    """``(C, C)`` slide counts as nested lists (row: true class, column: predicted at ``threshold``, as
+    :class:`_SlideMetric`), for metrics.json and
     :class:`~smt_monai.handlers.reporting.ConfusionMatrixWriter`."""
 
     def compute(self) -> list[list[int]]:
