@@ -317,6 +317,18 @@ def test_report_shows_ablation_grids_with_chance_and_landing(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
+def test_an_ablation_without_k_sweep_trains_the_chosen_variants_only(tmp_path: Path) -> None:
+    """``--ks`` with no value runs a Table-2 subset alone: the default model (the sweep's) is not trained."""
+    work = tmp_path / "work"
+    args = ["benchmark", "ablation", "--quick", "--work-dir", str(work), "--ks"]
+    assert main([*args, "--variants", "paper: forward + backward", "--json", str(tmp_path / "a.json")]) == 0
+    result = json.loads((tmp_path / "a.json").read_text())
+    assert list(result["variants"]) == ["paper: forward + backward"] and result["k_sweep"] == []
+    trained = sorted(p.parent.parent.name for p in work.glob("runs/*/smt_*/train/model.pt"))
+    assert len(trained) == 1, trained  # the variant's run, no default beside it
+
+
+@pytest.mark.slow
 def test_quick_run_writes_every_figure_and_the_report(tmp_path: Path) -> None:
     out = tmp_path / "benchmarks.md"
     work = str(tmp_path / "work")

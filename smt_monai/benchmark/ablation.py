@@ -153,7 +153,7 @@ def benchmark_ablation(
     test_datalists: Sequence[str | os.PathLike] = (),
 ) -> dict[str, Any]:
     """Train every variant with every seed (runs are reused), evaluate, diagnose its focus, and sweep K on
-    the default model.
+    the default model (trained only for a sweep: ``ks`` empty runs the chosen variants alone).
 
     Evaluation is on the cohort's testing split plus ``extra_test_slides`` slides of a second cohort, as in
     the accuracy benchmark (``held_out_datalist``). ``selection`` (default: every variant) is a subset of
@@ -200,10 +200,12 @@ def benchmark_ablation(
             "landing": _mean_landing(landings),
             "per_seed": per_seed,
         }
+    out["k_sweep"] = []
+    if not ks:
+        return out
     configs = ["train.yaml", *smt_overlays]
     folder = run_dir(work_dir, datalist, "smt", base, smt_overlays)
     model = train(configs, datalist, folder / "train", base)
-    out["k_sweep"] = []
     for k in ks:
         evaluation = {**base, "num_focus": k}
         evaluated = folder / f"eval_k{k}{suffix}"

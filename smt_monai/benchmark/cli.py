@@ -115,7 +115,13 @@ def _training(parser: argparse.ArgumentParser) -> None:
         help="slides of a second cohort added to the testing split (default 30; quick 0)",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="ablation seeds (default 0 1 2)")
-    parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8], help="K sweep (default 1 2 4 8)")
+    parser.add_argument(
+        "--ks",
+        type=int,
+        nargs="*",
+        default=[1, 2, 4, 8],
+        help="K sweep of the default model (default 1 2 4 8; none: no sweep, the default is not trained)",
+    )
     parser.add_argument(
         "--variants",
         nargs="+",
