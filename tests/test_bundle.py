@@ -241,8 +241,13 @@ def test_evaluate_infer_and_export_from_the_command_line(tmp_path: Path) -> None
         )
         assert result.returncode == 0, result.stderr[-3000:]
         outputs[name] = (tmp_path / name / "predictions.csv").read_text().splitlines()
-    strip = [lambda rows: [",".join(r.split(",")[:7]) for r in rows]][0]
-    assert strip(outputs["eager"]) == strip(outputs["script"])
+    # the same decisions; the same probabilities within bfloat16's precision (autocast on CPUs with native
+    # bfloat16 and on CUDA, where the scripted graph may round differently)
+    eager, script = (list(csv.DictReader(outputs[name])) for name in ("eager", "script"))
+    decided = ("image", "status", "error", "label", "prediction", "class")
+    assert [[r[k] for k in decided] for r in eager] == [[r[k] for k in decided] for r in script]
+    for a, b in zip(eager, script, strict=True):
+        assert float(a["prob_class_1"]) == pytest.approx(float(b["prob_class_1"]), abs=1e-2)
     assert len(outputs["eager"]) == 3  # header + the 2 testing slides
     for rows in outputs.values():
         risks = [row["risk"] for row in csv.DictReader(rows)]
