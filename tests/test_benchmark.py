@@ -218,7 +218,7 @@ def test_held_out_datalist_adds_a_second_cohort_to_the_testing_split(tmp_path: P
 
 
 def test_own_cohort_holds_out_its_testing_split_and_other_datalists(
-    tmp_path: Path, capsys: pytest.CaptureFixture
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     own = make_cohort(tmp_path / "mine", 5, 1024, 3, split=(0.6, 0.0, 0.4), workers=1, progress=False)
     other = make_cohort(tmp_path / "scanner2", 2, 1024, 4, split=(0.0, 0.0, 1.0), workers=1, progress=False)
@@ -255,6 +255,11 @@ def test_own_cohort_holds_out_its_testing_split_and_other_datalists(
         "**missed**" in "\n".join(accuracy_section(judged))
     )
     assert f"plus the testing splits of `{other.resolve()}`" in section
+    monkeypatch.chdir(tmp_path)  # folders given relative to the working directory, as on a command line
+    relative = held_out_cohort(Path("work2"), 0, 0, 0, 0, None, "mine", ["scanner2/datalist.json"])[1]
+    entries = load_datalist(relative, "testing", str(relative.parent))
+    assert len(entries) == 4
+    assert all(Path(e["image"]).is_absolute() and Path(e["image"]).is_file() for e in entries)
     with pytest.raises(OptionError, match="no such datalist"):
         held_out_cohort(tmp_path / "work", 0, 0, 0, 0, dataset_dir=tmp_path)
     missing = tmp_path / "elsewhere" / "datalist.json"

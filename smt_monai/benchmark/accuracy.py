@@ -49,7 +49,8 @@ def smt_figures(metrics: Mapping[str, Any], k: int) -> dict[str, Any]:
 
 def combined_testing(path: Path, sources: Sequence[Path]) -> Path:
     """``path``, written once: a datalist whose ``testing`` split is those of ``sources`` in order (images and
-    annotations as absolute paths), with the first source's ``labels``."""
+    annotations as absolute paths, whatever the working directory), with the first source's ``labels``."""
+    sources = [Path(source).resolve() for source in sources]
     if not path.exists():
         testing = [
             {key: str(value) if key in ("image", "annotation") else value for key, value in entry.items()}
@@ -91,7 +92,7 @@ def own_cohort(
     """:func:`held_out_cohort` of a cohort of one's own: ``dataset_dir/datalist.json`` trains and validates;
     its testing split plus those of ``test_datalists`` (e.g. another scanner's slides) are the held-out
     slides, combined once into ``work_dir/held_out``."""
-    datalist = Path(dataset_dir) / "datalist.json"
+    datalist = (Path(dataset_dir) / "datalist.json").resolve()
     sources = [Path(p).resolve() for p in test_datalists]
     for path in (datalist, *sources):
         if not path.is_file():
