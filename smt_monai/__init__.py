@@ -7,7 +7,7 @@ Subpackages load on first use (``smt_monai.data``, ``smt_monai.networks``, ...),
 import importlib
 from types import ModuleType
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 _SUBPACKAGES = (
     "data",

@@ -413,3 +413,25 @@ def test_gpu_benchmark_script_checks_each_import_and_prints_the_table_on_a_cpu(t
     speed = json.loads((tmp_path / "speed.json").read_text())
     assert speed["slide_width"] == 4096 and all(speed[k] is not None for k in SPEED_KEYS)
     assert any(line.startswith("cuCIM cuda decoding: ") for line in lines)
+
+
+def test_the_layer1_probe_trains_each_target_and_measures_held_out_fields(tmp_path: Path) -> None:
+    """``scripts/probe_layer1_focus.py`` on a tiny 40x cohort: one result per target and seed, each AUC a
+    probability or NaN (a class absent from the tiny slides), hit rate and bound probabilities."""
+    import importlib.util
+
+    cohort = make_cohort(tmp_path / "c", 4, 1024, 5, split=(0.5, 0.0, 0.5), workers=1, progress=False)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "probe_layer1_focus.py"
+    spec = importlib.util.spec_from_file_location("probe", script)
+    assert spec is not None and spec.loader is not None
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    out = tmp_path / "probe.json"
+    args = ["--train", str(cohort), "--test", str(cohort), "--targets", "joint0.1", "suspicious"]
+    probe.main([*args, "--seeds", "0", "--epochs", "1", "--layer3-mpp", "0.0625", "--json", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert [(r["target"], r["seed"]) for r in results] == [("joint0.1", 0), ("suspicious", 0)]
+    for result in results:
+        for key in ("suspicious_vs_normal_auc", "tumour_vs_normal_auc", "tumour_vs_mimic_auc"):
+            assert result[key] != result[key] or 0.0 <= result[key] <= 1.0
+        assert 0.0 <= result["hit_rate"] <= 1.0 and 0.0 <= result["mimic_blind_bound"] <= 1.0
