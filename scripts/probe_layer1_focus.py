@@ -36,23 +36,24 @@ import torch
 import torch.nn.functional as F
 from monai.metrics import compute_roc_auc
 
-from smt_monai.benchmark.focus_diagnostic import hit_probability
+from smt_monai.benchmark.focus_diagnostic import CATEGORIES, hit_probability, patch_categories
 from smt_monai.data.annotations import MIMIC_NAMES, AnnotationOverlap
 from smt_monai.data.datalist import load_datalist
 from smt_monai.data.dataset import LoadLayer1d
-from smt_monai.data.geometry import patch_grid_boxes
 from smt_monai.data.magnification import LayerScale
-from smt_monai.data.tissue import patch_tissue
+from smt_monai.engines.focus_outcome import MIMIC as MIMIC_CLASS
+from smt_monai.engines.focus_outcome import TUMOUR as TUMOUR_CLASS
+from smt_monai.engines.focus_outcome import SlidePatches
 from smt_monai.networks import SMT
 from smt_monai.networks.normalization import normalize_he
 
-NORMAL, MIMIC, TUMOUR = 0, 1, 2
+NORMAL, MIMIC, TUMOUR = (CATEGORIES.index(name) for name in ("normal", "mimic", "tumour"))
 
 
 class Fields(NamedTuple):
-    """Layer-1 inputs of a split: ``images`` ``(F, 3, s, s)`` uint8, ``codes`` ``(F, grid**2)`` (normal,
-    mimic, tumour), ``tissue`` ``(F, grid**2)`` bool, ``slide`` ``(F,)`` and ``label`` ``(F,)`` its slide's
-    index and label."""
+    """Layer-1 inputs of a split: ``images`` ``(F, 3, s, s)`` uint8, ``codes`` ``(F, grid**2)`` (the
+    ``CATEGORIES`` of ``patch_categories``), ``tissue`` ``(F, grid**2)`` bool, ``slide`` ``(F,)`` and
+    ``label`` ``(F,)`` its slide's index and label."""
 
     images: torch.Tensor
     codes: torch.Tensor
@@ -66,27 +67,26 @@ def network(args: argparse.Namespace) -> SMT:
 
 
 def read_fields(datalist: Path, split: str, args: argparse.Namespace) -> Fields:
-    """Every field of view of the split's slides, with the class of each patch from its annotation."""
+    """Every field of view of the split's annotated slides, with the category of each patch
+    (``SlidePatches`` and ``patch_categories``, as the focus diagnostic judges picks)."""
     loader = LoadLayer1d(LayerScale.of(network(args)))
-    tumour, mimic = AnnotationOverlap(), AnnotationOverlap(MIMIC_NAMES)
-    images, codes, slides, labels = [], [], [], []
-    for index, entry in enumerate(load_datalist(datalist, split, str(datalist.parent))):
+    overlaps = {TUMOUR_CLASS: AnnotationOverlap(), MIMIC_CLASS: AnnotationOverlap(MIMIC_NAMES)}
+    images, codes, tissue, slides, labels = [], [], [], [], []
+    entries = [e for e in load_datalist(datalist, split, str(datalist.parent)) if e.get("annotation")]
+    for index, entry in enumerate(entries):
         view = loader(entry)
         if view["error"]:
             raise SystemExit(f"{entry['image']}: {view['error']}")
-        boxes = patch_grid_boxes(view["box"].numpy(), args.grid).reshape(-1, 3)
-        where = ([entry.get("annotation") or ""], np.zeros(len(boxes), dtype=np.int64), boxes)
-        on_tumour = np.nan_to_num(tumour(*where)[:, 0]) >= args.label_overlap
-        on_mimic = np.nan_to_num(mimic(*where)[:, 0]) >= args.label_overlap
-        code = np.where(on_tumour, TUMOUR, np.where(on_mimic, MIMIC, NORMAL))
+        annotations = {name: o.annotation(str(entry["annotation"])) for name, o in overlaps.items()}
+        fields = view["image"].permute(0, 2, 3, 1).numpy()
+        patches = SlidePatches.of(fields, view["box"].numpy(), args.grid, annotations)
+        count = len(view["box"])
         images.append(view["image"])
-        codes.append(torch.as_tensor(code.reshape(len(view["box"]), -1)))
-        slides += [index] * len(view["box"])
-        labels += [int(entry["label"])] * len(view["box"])
-    stacked = torch.cat(images)
-    return Fields(
-        stacked, torch.cat(codes), patch_tissue(stacked, args.grid), np.array(slides), np.array(labels)
-    )
+        codes.append(torch.as_tensor(patch_categories(patches, 0, args.label_overlap).reshape(count, -1)))
+        tissue.append(torch.as_tensor(patches.tissue[0].reshape(count, -1)))
+        slides += [index] * count
+        labels += [int(entry["label"])] * count
+    return Fields(torch.cat(images), torch.cat(codes), torch.cat(tissue), np.array(slides), np.array(labels))
 
 
 def train_detector(

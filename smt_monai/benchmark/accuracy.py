@@ -92,7 +92,7 @@ def own_cohort(
     """:func:`held_out_cohort` of a cohort of one's own: ``dataset_dir/datalist.json`` trains and validates;
     its testing split plus those of ``test_datalists`` (e.g. another scanner's slides) are the held-out
     slides, combined once into ``work_dir/held_out``."""
-    datalist = (Path(dataset_dir) / "datalist.json").resolve()
+    datalist = Path(dataset_dir) / "datalist.json"
     sources = [Path(p).resolve() for p in test_datalists]
     for path in (datalist, *sources):
         if not path.is_file():
