@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     predict.add_argument(
         "--default-mpp",
+        "--default_mpp",  # the bundle's spelling, which the error for a slide without mpp names
         type=float,
         default=None,
         help="micrometres per pixel of slides whose file holds none",

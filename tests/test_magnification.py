@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import scene, write_tiff
 
+from smt_monai.cli import build_parser
 from smt_monai.data import SlideReadError, open_slide
 from smt_monai.data.magnification import LayerScale, plausible, scan_mpp
 from smt_monai.data.tissue import tissue_components
@@ -77,6 +78,9 @@ def test_a_slide_without_mpp_needs_default_mpp(tmp_path: Path, caplog: pytest.Lo
     message = str(error.value)
     assert str(path) in message and "--default_mpp" in message and "geometry: tissue" in message
     assert "\n" not in message
+    for spelling in ("--default_mpp", "--default-mpp"):  # the message's spelling works on the command line
+        args = build_parser().parse_args(["predict", str(path), "-m", "m.pt", "-o", "out", spelling, "0.5"])
+        assert args.default_mpp == 0.5
     stated = SMTPredictor(tiny(0.5), num_focus=K, default_mpp=0.5).predict(path)
     assert stated.mpp == 0.5 and len(stated.boxes[0]) == 2
     relative = SMTPredictor(tiny(0.5, geometry="tissue"), num_focus=K).predict(path)
