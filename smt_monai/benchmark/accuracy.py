@@ -205,7 +205,7 @@ def benchmark_accuracy(
         model = train(configs, datalist, smt_dir / "train", smt_overrides)
     out: dict[str, Any] = {
         **record,
-        "smt_model": str(model) if smt_model is not None else None,
+        "smt_model": None if smt_model is None else str(smt_model),  # as given (the run folder: resolved)
         "smt_overlays": list(smt_overlays),
         "smt_overrides": smt_overrides,
         "dense_overrides": dense_overrides,
