@@ -298,6 +298,27 @@ def test_merge_ablation_adds_up_subsets_of_one_cohort() -> None:
     assert list(merge_ablation(other, _ablation_result({names[3]: [0]}, [4]))["variants"]) == [names[3]]
 
 
+def test_merge_ablation_adds_seeds_run_at_different_times() -> None:
+    name = next(iter(variants()))
+    where = {"model": dict.fromkeys(CATEGORIES, 0.0), "random": dict.fromkeys(CATEGORIES, 0.0)}
+
+    def run(seeds: list[int], accuracy: list[float]) -> dict:
+        result = _ablation_result({name: seeds}, [])
+        result["variants"][name].update(
+            per_seed=[{"balanced_accuracy": a} for a in accuracy],
+            per_seed_landing=[
+                {g: {"layer1": where, "layer2": where} for g in ("positive", "negative")} for _ in seeds
+            ],
+        )
+        return result
+
+    merged = merge_ablation(run([0, 1], [0.5, 0.7]), run([1, 2], [0.9, 1.0]))["variants"][name]
+    assert merged["seeds"] == [0, 1, 2]  # seed 1 run again: its new figure replaces the old one
+    assert [r["balanced_accuracy"] for r in merged["per_seed"]] == [0.5, 0.9, 1.0]
+    assert merged["balanced_accuracy"]["mean"] == pytest.approx(0.8)
+    assert len(merged["per_seed_landing"]) == 3
+
+
 def test_report_shows_ablation_grids_with_chance_and_landing(tmp_path: Path) -> None:
     names = list(variants())
     landing = {"model": dict.fromkeys(CATEGORIES, 0.25), "random": dict.fromkeys(CATEGORIES, 0.25)}

@@ -118,6 +118,46 @@ def _mean_landing(summaries: list[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _variant_entry(
+    overlays: list[str],
+    overrides: dict[str, Any],
+    seeds: list[int],
+    per_seed: list[Mapping[str, Any]],
+    landings: list[Mapping[str, Any]],
+) -> dict[str, Any]:
+    """One variant's figures: mean +- sd over its seeds, with each seed's metrics and landing kept so that
+    seeds run at different times add up (:func:`merge_ablation`)."""
+    return {
+        "overlays": overlays,
+        "overrides": overrides,
+        "seeds": seeds,
+        **{m: _summary([r.get(m) for r in per_seed]) for m in SMT_METRICS},
+        "landing": _mean_landing(landings),
+        "per_seed": list(per_seed),
+        "per_seed_landing": list(landings),
+    }
+
+
+def _merge_seeds(previous: Mapping[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """One variant's seeds of ``previous`` and ``current`` together, ``current``'s figures for a seed run in
+    both. An entry without its seeds' landings (recorded before they were kept) is replaced, not merged."""
+    if "per_seed_landing" not in previous:
+        return current
+    runs = {
+        seed: (metrics, where)
+        for entry in (previous, current)
+        for seed, metrics, where in zip(entry["seeds"], entry["per_seed"], entry["per_seed_landing"])
+    }
+    seeds = sorted(runs)
+    return _variant_entry(
+        current["overlays"],
+        current["overrides"],
+        seeds,
+        [runs[s][0] for s in seeds],
+        [runs[s][1] for s in seeds],
+    )
+
+
 def landing(
     model: Path, datalist: Path, out: Path, configs: Sequence[str], overrides: Mapping[str, Any]
 ) -> dict:
@@ -192,14 +232,7 @@ def benchmark_ablation(
             landings.append(
                 landing(model, test_datalist, evaluated / "landing.json", configs, evaluation)["summary"]
             )
-        out["variants"][name] = {
-            "overlays": list(overlays),
-            "overrides": extra,
-            "seeds": list(seeds),
-            **{m: _summary([r.get(m) for r in per_seed]) for m in SMT_METRICS},
-            "landing": _mean_landing(landings),
-            "per_seed": per_seed,
-        }
+        out["variants"][name] = _variant_entry(list(overlays), extra, list(seeds), per_seed, landings)
     out["k_sweep"] = []
     if not ks:
         return out
@@ -233,13 +266,13 @@ SAME_RUN_KEYS = (
 
 
 def merge_ablation(previous: Mapping[str, Any], current: dict[str, Any]) -> dict[str, Any]:
-    """``current`` plus the variants and K-sweep points of ``previous`` that it did not run.
+    """``current`` plus the variants, seeds and K-sweep points of ``previous`` that it did not run.
 
-    Subsets run at different times (``--variants``, ``--seeds``, ``--ks``) so add up to one table: a variant
-    or K run again replaces the earlier figures, the rest are kept, each variant with its own seeds. A
-    variant of ``previous`` is kept only if it is still defined as it was (overlays and overrides). Results
-    of another cohort, other base overlays or other base overrides are not merged (``current`` is returned
-    unchanged).
+    Subsets run at different times (``--variants``, ``--seeds``, ``--ks``) so add up to one table: a seed of
+    a variant or a K run again replaces the earlier figures, the rest are kept, each variant with its own
+    seeds. A variant of ``previous`` is kept only if it is still defined as it was (overlays and
+    overrides). Results of another cohort, other base overlays or other base overrides are not merged
+    (``current`` is returned unchanged).
     """
     if any(previous.get(key) != current.get(key) for key in SAME_RUN_KEYS):
         return current
@@ -254,10 +287,16 @@ def merge_ablation(previous: Mapping[str, Any], current: dict[str, Any]) -> dict
     kept = {
         name: {**entry, "seeds": entry.get("seeds", previous.get("seeds", []))}
         for name, entry in previous.get("variants", {}).items()
-        if name not in current["variants"] and same(name, entry)
+        if same(name, entry)
     }
     order = list(defined)
-    merged = {**kept, **current["variants"]}
+    merged = {
+        **kept,
+        **{
+            name: _merge_seeds(kept[name], entry) if name in kept else entry
+            for name, entry in current["variants"].items()
+        },
+    }
     current["variants"] = dict(
         sorted(merged.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order))
     )
