@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from conftest import TINY_OVERRIDES
 
 from smt_monai.benchmark.ablation import DEPARTURES, TABLE2, merge_ablation, select_variants, variants
-from smt_monai.benchmark.accuracy import held_out_cohort, held_out_datalist
+from smt_monai.benchmark.accuracy import cohort_digest, held_out_cohort, held_out_datalist
 from smt_monai.benchmark.bundle_runs import (
     bundle_workflow,
     config_names,
@@ -217,6 +218,18 @@ def test_held_out_datalist_adds_a_second_cohort_to_the_testing_split(tmp_path: P
     assert held_out_datalist(tmp_path, datalist, 2, 1024, 3) == combined  # written once, then reused
 
 
+def test_cohort_digest_follows_the_slides_not_their_folder(tmp_path: Path) -> None:
+    datalist = make_cohort(tmp_path / "c40", 3, 1024, 3, split=(0.6, 0.0, 0.4), workers=1, progress=False)
+    moved = Path(shutil.copytree(datalist.parent, tmp_path / "elsewhere" / "c40")) / "datalist.json"
+    assert cohort_digest([datalist]) == cohort_digest([moved])
+    redrawn = make_cohort(tmp_path / "again", 3, 1024, 4, split=(0.6, 0.0, 0.4), workers=1, progress=False)
+    assert cohort_digest([redrawn]) != cohort_digest([datalist])  # the same names, other slides
+    relabelled = json.loads(datalist.read_text())
+    relabelled["training"][0]["label"] = 1 - relabelled["training"][0]["label"]
+    moved.write_text(json.dumps(relabelled))
+    assert cohort_digest([moved]) != cohort_digest([datalist])
+
+
 def test_own_cohort_holds_out_its_testing_split_and_other_datalists(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -232,7 +245,8 @@ def test_own_cohort_holds_out_its_testing_split_and_other_datalists(
     assert all(Path(e["image"]).parent.parent == other.parent for e in testing[2:])
     assert record["num_slides"] == 5 and record["test_datalists"] == [str(other.resolve())]
     assert suffix and held_out_cohort(tmp_path / "work", 0, 0, 0, 0, None, own.parent, [other])[2] == suffix
-    assert held_out_cohort(tmp_path / "work", 0, 0, 0, 0, None, own.parent)[1:3] == (own, "")
+    alone = held_out_cohort(tmp_path / "work", 0, 0, 0, 0, None, own.parent)
+    assert alone[1:3] == (own, "") and alone[3]["cohort_digest"] != record["cohort_digest"]
     section = "\n".join(
         accuracy_section(
             {
@@ -272,7 +286,7 @@ def test_own_cohort_holds_out_its_testing_split_and_other_datalists(
 
 
 def _ablation_result(chosen: dict[str, list[int]], ks: list[int], **same: object) -> dict:
-    result = {"cohort": "c", "num_slides": 8, "slide_size": 1024, "smt_overrides": {"grid": 4}, **same}
+    result = {"cohort_digest": "d", "smt_overrides": {"grid": 4}, **same}
     grid = variants()
     result["variants"] = {
         name: {"overlays": list(grid[name].overlays), "overrides": grid[name].overrides, "seeds": s}
@@ -294,8 +308,11 @@ def test_merge_ablation_adds_up_subsets_of_one_cohort() -> None:
     assert merged["variants"][names[5]]["seeds"] == [0, 1, 2] and merged["seeds"] == [0, 1, 2]
     assert [(p["k"], p["balanced_accuracy"]) for p in merged["k_sweep"]] == [(1, 0.1), (4, 0.9), (8, 0.8)]
     assert merged["merged_commands"] == ["first"]
-    other = _ablation_result({names[0]: [0]}, [1], smt_overrides={"grid": 8})
-    assert list(merge_ablation(other, _ablation_result({names[3]: [0]}, [4]))["variants"]) == [names[3]]
+    for other in (
+        _ablation_result({names[0]: [0]}, [1], smt_overrides={"grid": 8}),
+        _ablation_result({names[0]: [0]}, [1], cohort_digest="another cohort drawn under the same name"),
+    ):
+        assert list(merge_ablation(other, _ablation_result({names[3]: [0]}, [4]))["variants"]) == [names[3]]
 
 
 def test_merge_ablation_adds_seeds_run_at_different_times() -> None:
@@ -343,15 +360,30 @@ def test_report_shows_ablation_grids_with_chance_and_landing(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
-def test_an_ablation_without_k_sweep_trains_the_chosen_variants_only(tmp_path: Path) -> None:
-    """``--ks`` with no value runs a Table-2 subset alone: the default model (the sweep's) is not trained."""
-    work = tmp_path / "work"
-    args = ["benchmark", "ablation", "--quick", "--work-dir", str(work), "--ks"]
-    assert main([*args, "--variants", "paper: forward + backward", "--json", str(tmp_path / "a.json")]) == 0
-    result = json.loads((tmp_path / "a.json").read_text())
+def test_an_ablation_without_k_sweep_trains_the_chosen_variants_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``--ks`` with no value runs a Table-2 subset alone: the default model (the sweep's) is not trained. A
+    result file of other slides is refused before any training, not overwritten."""
+    work, path = tmp_path / "work", tmp_path / "a.json"
+    args = ["benchmark", "ablation", "--quick", "--work-dir", str(work), "--ks", "--json", str(path)]
+    assert main([*args, "--variants", "paper: forward + backward"]) == 0
+    result = json.loads(path.read_text())
     assert list(result["variants"]) == ["paper: forward + backward"] and result["k_sweep"] == []
     trained = sorted(p.parent.parent.name for p in work.glob("runs/*/smt_*/train/model.pt"))
     assert len(trained) == 1, trained  # the variant's run, no default beside it
+    assert main([*args, "--variants", "paper: forward + backward"]) == 0  # the same slides: merged
+    assert len(json.loads(path.read_text())["merged_commands"]) == 1
+    path.write_text(json.dumps({**result, "cohort_digest": "of another cohort under the same name"}))
+    capsys.readouterr()
+    assert main([*args, "--variants", "paper + exploration"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (
+        f"error: {path}: holds ablation results of other slides or base configs (cohort_digest differ), "
+        "which cannot merge with this run: give another --json"
+    )
+    assert json.loads(path.read_text())["cohort_digest"] == "of another cohort under the same name"
+    assert len(list(work.glob("runs/*/smt_*/train/model.pt"))) == 1  # refused before training
 
 
 @pytest.mark.slow

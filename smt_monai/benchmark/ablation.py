@@ -254,15 +254,14 @@ def benchmark_ablation(
     return out
 
 
-SAME_RUN_KEYS = (
-    "cohort",
-    "num_slides",
-    "slide_size",
-    "extra_test_slides",
-    "smt_overlays",
-    "smt_overrides",
-)
+SAME_RUN_KEYS = ("cohort_digest", "smt_overlays", "smt_overrides")
 """What two ablation results must share for their variants to go in one table."""
+
+
+def differing_runs(previous: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """The ``SAME_RUN_KEYS`` on which two ablation results (or their heads) differ: empty when they merge."""
+    as_json = json.loads(json.dumps({key: current.get(key) for key in SAME_RUN_KEYS}, default=str))
+    return [key for key in SAME_RUN_KEYS if previous.get(key) != as_json[key]]
 
 
 def merge_ablation(previous: Mapping[str, Any], current: dict[str, Any]) -> dict[str, Any]:
@@ -271,10 +270,11 @@ def merge_ablation(previous: Mapping[str, Any], current: dict[str, Any]) -> dict
     Subsets run at different times (``--variants``, ``--seeds``, ``--ks``) so add up to one table: a seed of
     a variant or a K run again replaces the earlier figures, the rest are kept, each variant with its own
     seeds. A variant of ``previous`` is kept only if it is still defined as it was (overlays and
-    overrides). Results of another cohort, other base overlays or other base overrides are not merged
-    (``current`` is returned unchanged).
+    overrides). Results of other slides (another ``cohort_digest``: another cohort, or the held-out set or the
+    cohort's slides changed), other base overlays or other base overrides are not merged (``current`` is
+    returned unchanged).
     """
-    if any(previous.get(key) != current.get(key) for key in SAME_RUN_KEYS):
+    if differing_runs(previous, current):
         return current
     defined = variants(current.get("smt_overlays", ()))
 

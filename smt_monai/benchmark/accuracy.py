@@ -80,6 +80,24 @@ def held_out_datalist(
     return combined_testing(combined, [datalist, folder / "datalist.json"])
 
 
+def cohort_digest(datalists: Sequence[Path]) -> str:
+    """A fingerprint of the slides ``datalists`` name: every split's entries with each image's file name and
+    size in bytes and the entry's other fields (label, survival), folders left out. Two results with one
+    digest were computed on the same slides, wherever the cohort lay; a cohort drawn again under the same
+    name but with other slides gets another digest (results are merged only under one digest)."""
+    digest = hashlib.sha1()
+    for datalist in datalists:
+        for split, entries in sorted(json.loads(Path(datalist).read_text()).items()):
+            if not isinstance(entries, list):
+                continue
+            for entry in load_datalist(datalist, split, str(Path(datalist).parent), require_label=False):
+                image = Path(entry["image"])
+                fields = {k: v for k, v in entry.items() if k not in ("image", "annotation")}
+                row = [split, image.name, image.stat().st_size, fields]
+                digest.update(json.dumps(row, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:12]
+
+
 def held_out_suffix(extra_slides: int) -> str:
     """Suffix of the evaluation folders of a run evaluated on ``held_out_datalist``, so that figures on
     different held-out sets never reuse each other."""
@@ -111,6 +129,7 @@ def own_cohort(
         "slide_size": None,
         "test_datalists": [str(p) for p in sources],
         "test_datalist": str(test_datalist),
+        "cohort_digest": cohort_digest([datalist, test_datalist]),
     }
     return datalist, test_datalist, suffix, record
 
@@ -141,6 +160,7 @@ def held_out_cohort(
         "low_mag_tumour_contrast": contrast,
         "extra_test_slides": extra_test_slides,
         "test_datalist": str(test_datalist),
+        "cohort_digest": cohort_digest([datalist, test_datalist]),
     }
     return datalist, test_datalist, held_out_suffix(extra_test_slides), record
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from smt_monai.benchmark.bundle_runs import parse_overrides
+from smt_monai.data.errors import OptionError
 
 QUICK_SMT = {
     "preset": "tiny",
@@ -289,16 +290,31 @@ def _run_accuracy(args: argparse.Namespace, path: Path) -> None:
 
 
 def _run_ablation(args: argparse.Namespace, path: Path) -> None:
-    from smt_monai.benchmark.ablation import benchmark_ablation, merge_ablation, select_variants
+    from smt_monai.benchmark.ablation import (
+        benchmark_ablation,
+        differing_runs,
+        merge_ablation,
+        select_variants,
+    )
+    from smt_monai.benchmark.accuracy import held_out_cohort
 
     seeds = _pick(args.seeds, args.quick, [0], [0, 1, 2])
     settings = _training_settings(args)
     selection = select_variants(
         _pick(args.variants, args.quick, QUICK_VARIANTS, None), settings["smt_overlays"]
     )
+    previous = json.loads(path.read_text()) if path.exists() else None
+    if previous is not None:  # checked before hours of training, whose results could not be merged
+        cohort = {k: v for k, v in settings.items() if k not in ("smt_overrides", "smt_overlays")}
+        head = {**held_out_cohort(Path(args.work_dir), **cohort)[3], **settings}
+        if differing := differing_runs(previous, head):
+            raise OptionError(
+                f"{path}: holds ablation results of other slides or base configs ({', '.join(differing)} "
+                "differ), which cannot merge with this run: give another --json"
+            )
     data = benchmark_ablation(args.work_dir, seeds=seeds, ks=args.ks, selection=selection, **settings)
-    if path.exists():
-        data = merge_ablation(json.loads(path.read_text()), data)
+    if previous is not None:
+        data = merge_ablation(previous, data)
     _save(data, path, args)
 
 
