@@ -286,7 +286,14 @@ def test_own_cohort_holds_out_its_testing_split_and_other_datalists(
 
 
 def _ablation_result(chosen: dict[str, list[int]], ks: list[int], **same: object) -> dict:
-    result = {"cohort_digest": "d", "smt_overrides": {"grid": 4}, **same}
+    result = {
+        "cohort": "c",
+        "num_slides": 8,
+        "slide_size": 1024,
+        "cohort_digest": "d",
+        "smt_overrides": {"grid": 4},
+        **same,
+    }
     grid = variants()
     result["variants"] = {
         name: {"overlays": list(grid[name].overlays), "overrides": grid[name].overrides, "seeds": s}
