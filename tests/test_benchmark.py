@@ -150,6 +150,11 @@ def test_select_variants_by_name() -> None:
     assert list(chosen) == ["paper: forward + backward", "default - no L_focus"]
     assert chosen["paper: forward + backward"] == (("paper.yaml",), {})
     assert chosen["default - no L_focus"] == ((), {"focus_weight": [1.0, 1.0]})
+    assert list(select_variants(["default", "exploration"])) == [
+        "paper + exploration",
+        "default",
+        "default - exploration",
+    ]  # a whole name picks that variant alone, a part of a name every variant holding it
     with pytest.raises(ValueError, match="no ablation variant matches"):
         select_variants(["nonexistent"])
 

@@ -83,7 +83,8 @@ def variants(base_overlays: Sequence[str] = ()) -> dict[str, Variant]:
 def select_variants(
     patterns: Sequence[str] | None = None, base_overlays: Sequence[str] = ()
 ) -> dict[str, Variant]:
-    """The :func:`variants` whose names contain any of ``patterns`` (all of them without patterns).
+    """The :func:`variants` whose names contain any of ``patterns`` (all of them without patterns); a
+    pattern that is a whole name picks that variant alone (``default``, not every ``default - X``).
 
     Raises:
         ValueError: if no variant matches, listing the names.
@@ -91,7 +92,11 @@ def select_variants(
     every = variants(base_overlays)
     if not patterns:
         return every
-    chosen = {name: v for name, v in every.items() if any(p in name for p in patterns)}
+    chosen = {
+        name: v
+        for name, v in every.items()
+        if any(p == name or (p not in every and p in name) for p in patterns)
+    }
     if not chosen:
         raise ValueError(f"no ablation variant matches {list(patterns)}; the variants: {'; '.join(every)}")
     return chosen

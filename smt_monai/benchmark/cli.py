@@ -127,7 +127,7 @@ def _training(parser: argparse.ArgumentParser) -> None:
         "--variants",
         nargs="+",
         default=None,
-        help="ablation variants, by (part of) name (default: all; quick: three)",
+        help="ablation variants, by (part of) name; a whole name picks it alone (default: all; quick: 3)",
     )
 
 
