@@ -398,6 +398,20 @@ def test_an_ablation_without_k_sweep_trains_the_chosen_variants_only(
     assert len(list(work.glob("runs/*/smt_*/train/model.pt"))) == 1  # refused before training
 
 
+@pytest.mark.parametrize("content", ['{"variants": ', "[1, 2]", "\udcff"])
+def test_an_unreadable_result_file_is_one_error_line_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture, content: str
+) -> None:
+    path, work = tmp_path / "a.json", tmp_path / "work"
+    path.write_bytes(content.encode("utf-8", "surrogateescape"))
+    args = ["benchmark", "ablation", "--quick", "--work-dir", str(work), "--ks", "--json", str(path)]
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"error: {path}: not a benchmark results file (") and "\n" not in error
+    assert error.endswith("give another --json")
+    assert path.read_bytes() == content.encode("utf-8", "surrogateescape") and not work.exists()
+
+
 @pytest.mark.slow
 def test_quick_run_writes_every_figure_and_the_report(tmp_path: Path) -> None:
     out = tmp_path / "benchmarks.md"

@@ -289,6 +289,25 @@ def _run_accuracy(args: argparse.Namespace, path: Path) -> None:
     _save(data, path, args)
 
 
+def _previous_results(path: Path) -> dict[str, Any] | None:
+    """The results a run will merge into (``--json`` already written), or None for a new file.
+
+    Raises:
+        OptionError: naming the file, when it is not a results file (unreadable, not a JSON object).
+    """
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise OptionError(f"{path}: not a benchmark results file ({e}): give another --json") from None
+    if not isinstance(data, dict) or not isinstance(data.get("variants", {}), dict):
+        raise OptionError(
+            f"{path}: not a benchmark results file (no JSON object of results): give another --json"
+        )
+    return data
+
+
 def _run_ablation(args: argparse.Namespace, path: Path) -> None:
     from smt_monai.benchmark.ablation import (
         benchmark_ablation,
@@ -303,7 +322,7 @@ def _run_ablation(args: argparse.Namespace, path: Path) -> None:
     selection = select_variants(
         _pick(args.variants, args.quick, QUICK_VARIANTS, None), settings["smt_overlays"]
     )
-    previous = json.loads(path.read_text()) if path.exists() else None
+    previous = _previous_results(path)
     if previous is not None:  # checked before hours of training, whose results could not be merged
         cohort = {k: v for k, v in settings.items() if k not in ("smt_overrides", "smt_overlays")}
         head = {**held_out_cohort(Path(args.work_dir), **cohort)[3], **settings}
