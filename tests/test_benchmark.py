@@ -159,6 +159,22 @@ def test_select_variants_by_name() -> None:
         select_variants(["nonexistent"])
 
 
+def test_an_unknown_variant_is_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = [
+        "benchmark",
+        "ablation",
+        "--quick",
+        "--work-dir",
+        str(tmp_path / "w"),
+        "--variants",
+        "nonexistent",
+    ]
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: no ablation variant matches ['nonexistent']; the variants: ")
+    assert "\n" not in error and not (tmp_path / "w").exists()
+
+
 def _signature(overlays: tuple[str, ...], overrides: dict, tmp_path: Path) -> dict[str, object]:
     """What a variant trains with, read off its parsed bundle: each entry one departure's settings."""
     flow = bundle_workflow(

@@ -28,6 +28,7 @@ import numpy as np
 from smt_monai.benchmark.accuracy import SMT_METRICS, held_out_cohort
 from smt_monai.benchmark.bundle_runs import config_value, evaluate, run_dir, train
 from smt_monai.benchmark.focus_diagnostic import CATEGORIES, focus_landing_of_model
+from smt_monai.data.errors import OptionError
 from smt_monai.utils import atomic_path
 
 PAPER = ("paper.yaml",)
@@ -87,7 +88,7 @@ def select_variants(
     pattern that is a whole name picks that variant alone (``default``, not every ``default - X``).
 
     Raises:
-        ValueError: if no variant matches, listing the names.
+        OptionError: if no variant matches, listing the names (one line for the CLI).
     """
     every = variants(base_overlays)
     if not patterns:
@@ -98,7 +99,7 @@ def select_variants(
         if any(p == name or (p not in every and p in name) for p in patterns)
     }
     if not chosen:
-        raise ValueError(f"no ablation variant matches {list(patterns)}; the variants: {'; '.join(every)}")
+        raise OptionError(f"no ablation variant matches {list(patterns)}; the variants: {'; '.join(every)}")
     return chosen
 
 
