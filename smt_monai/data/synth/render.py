@@ -9,7 +9,9 @@ size. A tile depends only on its position, so a slide of any size streams with c
 - Nuclei sit on a fixed periodic Poisson-disc pattern (minimum centre distance ``spacing``). Every pattern
   point gets its random marks (is it occupied, size, shape, ink, ...) from a hash of its absolute position
   and the slide seed, so a nucleus that straddles two tiles is drawn identically in both, and at any mpp.
-  Its outline is anti-aliased over one pixel, so a coarser rendering is close to an area average of a finer.
+  A pixel coarser than :data:`REFERENCE_MPP` integrates its nuclei over its area (the mean of samples at
+  most that far apart), so a 20x rendering is the area average of the 40x one, nucleoli and granules
+  included (``tests/test_synth.py``).
 - Fine textures (chromatin granules, stroma fibres, ragged tissue edges, nests) are periodic noise images
   made at :data:`REFERENCE_MPP` and area-resampled to the slide's mpp; pixel noise stays one value per
   pixel, as a camera's.
@@ -365,7 +367,9 @@ def _nucleus_windows(
     Tumour: one large pleomorphic nucleus, ink concentrated in granules along its rim, and a nucleolus.
     Mimic: two small round dark nuclei about ``separation`` um apart (lymphoid tissue: smaller and more
     numerous nuclei). Normal: one spindle-shaped stroma nucleus. Shapes are in um, outlines anti-aliased
-    over one pixel.
+    over one sample. A pixel coarser than :data:`REFERENCE_MPP` is the mean of ``s x s`` samples at most
+    that far apart (as a camera integrates over its pixel), so that structure finer than the pixel (a
+    nucleolus, granules, the rim) averages as at 40x instead of being point-sampled.
     """
     u = nuclei.u
     m = len(u)
@@ -386,16 +390,25 @@ def _nucleus_windows(
     oy = np.floor(nuclei.y).astype(np.int64) - half
     dx = (ox[:, None] + steps[None, :] + 0.5 - nuclei.x[:, None]).astype(np.float32)[:, None, :]
     dy = (oy[:, None] + steps[None, :] + 0.5 - nuclei.y[:, None]).astype(np.float32)[:, :, None]
-    ux, uy = dx * np.float32(mpp), dy * np.float32(mpp)  # um from the point
+    sub = max(1, math.ceil(mpp / REFERENCE_MPP - 1e-9))  # samples per pixel side
+    pitch = mpp / sub  # um between samples
+    offsets = ((np.arange(sub) + 0.5) / sub - 0.5).astype(np.float32)
+    ux = (dx[..., None] + offsets).reshape(m, 1, -1) * np.float32(mpp)  # um from the point, per sample
+    uy = (dy[:, :, 0, None] + offsets).reshape(m, -1, 1) * np.float32(mpp)
     cos_t, sin_t = _col(np.cos(angle)), _col(np.sin(angle))
     ink_px = 1.0 / mpp**2  # px per um^2
 
+    def pixels(samples: np.ndarray) -> np.ndarray:
+        """Per-pixel means of the samples."""
+        win = len(steps)
+        return samples.reshape(m, win, sub, win, sub).mean(axis=(2, 4)) if sub > 1 else samples
+
     if kind == _MIMIC:
-        inside = np.zeros((m, len(steps), len(steps)), dtype=np.float32)
+        inside = np.zeros((m, ux.shape[2], ux.shape[2]), dtype=np.float32)
         for sign in (-1.0, 1.0):
             ex, ey = ux - sign * _col(pair) * cos_t, uy - sign * _col(pair) * sin_t
-            inside += np.clip((_col(a) - np.sqrt(ex * ex + ey * ey)) / mpp + 0.5, 0.0, 1.0)
-        return NucleusWindows(ox, oy, dx, dy, _unit(inside), look.ink * spread * ink_px)
+            inside += np.clip((_col(a) - np.sqrt(ex * ex + ey * ey)) / pitch + 0.5, 0.0, 1.0)
+        return NucleusWindows(ox, oy, dx, dy, _unit(pixels(inside)), look.ink * spread * ink_px)
 
     along = (ux * cos_t + uy * sin_t) / _col(a)
     across = (uy * cos_t - ux * sin_t) / _col(b)
@@ -417,25 +430,26 @@ def _nucleus_windows(
             outline += _col(amp) * (cos_k * _col(np.cos(phase)) + sin_k * _col(np.sin(phase)))
     q = rho / outline  # 1 on the outline
     radius = np.sqrt(a * b)
-    inside = np.clip((1.0 - q) * _col(radius / mpp) + 0.5, 0.0, 1.0)
+    inside = np.clip((1.0 - q) * _col(radius / pitch) + 0.5, 0.0, 1.0)
     if kind == _NORMAL:
-        return NucleusWindows(ox, oy, dx, dy, _unit(inside), 0.7 * math.pi * a * b * spread * ink_px)
+        return NucleusWindows(ox, oy, dx, dy, _unit(pixels(inside)), 0.7 * math.pi * a * b * spread * ink_px)
 
+    samples = np.arange(len(steps) * sub)
     granules = sample_texture(
-        textures(mpp).chromatin,
-        oy[:, None, None] + steps[None, :, None] + tile_y,
-        ox[:, None, None] + steps[None, None, :] + tile_x,
+        textures(pitch).chromatin,
+        (oy[:, None, None] + tile_y) * sub + samples[None, :, None],
+        (ox[:, None, None] + tile_x) * sub + samples[None, None, :],
     )
     rim = np.clip((q - 0.55) / 0.4, 0.0, 1.0)
     chromatin = inside * (0.3 + 0.7 * rim * rim * (3 - 2 * rim)) * (0.7 + 0.6 * granules)
     nuc_t = 2 * math.pi * u[:, _NUC_A]
     nuc_r = (0.1 + 0.25 * u[:, _NUC_R]) * radius
     dist = np.sqrt((ux - _col(nuc_r * np.cos(nuc_t))) ** 2 + (uy - _col(nuc_r * np.sin(nuc_t))) ** 2)
-    nucleolus = inside * np.clip((_col(0.45 + 0.125 * u[:, _NUC_S]) - dist) / mpp, 0.0, 1.0)
-    profile = _unit(_unit(chromatin) + look.nucleolus * _unit(nucleolus))
+    nucleolus = inside * np.clip((_col(0.45 + 0.125 * u[:, _NUC_S]) - dist) / pitch + 0.5, 0.0, 1.0)
+    profile = _unit(_unit(pixels(chromatin)) + look.nucleolus * _unit(pixels(nucleolus)))
     total = look.tumour_ink * spread * ink_px
     # The few nuclei whose granules or nucleolus would exceed ``max_ink`` are flattened towards a disc.
-    flat = _unit(inside)
+    flat = _unit(pixels(inside))
     peak, flat_peak = profile.max(axis=(1, 2)) * total, flat.max(axis=(1, 2)) * total
     mix = _col(np.clip((peak - look.max_ink) / np.maximum(peak - flat_peak, 1e-6), 0.0, 1.0))
     return NucleusWindows(ox, oy, dx, dy, (1.0 - mix) * profile + mix * flat, total)
