@@ -652,7 +652,7 @@ def test_tumour_and_mimic_differ_at_full_resolution(leak_tiles: dict) -> None:
 @pytest.fixture(scope="module")
 def contrast_tiles(tmp_path_factory: pytest.TempPathFactory) -> dict[float, dict]:
     """:func:`leak_tile_set` at 1 um/px (cheap: only low magnification is compared) for three contrasts."""
-    return {c: leak_tile_set(tmp_path_factory.mktemp(f"contrast{c}"), 1.0, c) for c in (0.0, 0.3, 1.0)}
+    return {c: leak_tile_set(tmp_path_factory.mktemp(f"contrast{c}"), 1.0, c) for c in (0.0, 0.05, 1.0)}
 
 
 @pytest.mark.slow
@@ -664,5 +664,5 @@ def test_low_mag_tumour_contrast_opens_the_low_magnification_leak(
     apart more and more often, at 1 nearly always."""
     accuracy = {c: leak_accuracy(tiles[um_per_px]) for c, tiles in contrast_tiles.items()}
     assert accuracy[0.0] <= 0.65
-    assert accuracy[0.0] + 0.15 <= accuracy[0.3] <= accuracy[1.0]
+    assert accuracy[0.0] + 0.15 <= accuracy[0.05] <= accuracy[1.0]
     assert accuracy[1.0] >= 0.95

@@ -528,8 +528,8 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         default=0.0,
         metavar="X",
         help="how much darker tumour is than benign mimics at low magnification, 0 to 1: 0 (default) makes "
-        "them alike at 4 um/px and coarser, so a first layer cannot tell them apart; 1 makes tumour clearly "
-        "darker at 8-16 um/px",
+        "them alike at 4 um/px and coarser, so a first layer cannot tell them apart; a tumour point carries "
+        "1 + 4X times a mimic point's ink (1: dark and granular on any thumbnail)",
     )
     parser.add_argument(
         "--survival",

@@ -71,7 +71,7 @@ PATTERN_PERIOD = 512.0  # um: period of the nucleus pattern
 LATTICE = 8  # px between the points at which a tile's region and mark distances are evaluated exactly
 FIT_BOX = 4.0  # um: the area average at which fit_mimic_separation matches tumour and mimic
 MPP_RANGE = (0.2, 2.0)  # um/px a slide may be rendered at
-TUMOUR_CONTRAST_INK = 0.5  # extra integrated ink of a tumour point, relative, at low_mag_tumour_contrast 1
+TUMOUR_CONTRAST_INK = 4.0  # extra integrated ink of a tumour point, relative, at low_mag_tumour_contrast 1
 
 # Colours (0-255), and intensity removed per unit of stain.
 GLASS = np.array([242.0, 241.0, 240.0], dtype=np.float32)
@@ -103,8 +103,11 @@ class Appearance:
         mimic_separation: distance between the two nuclei of a mimic point; ``None``: fitted to the other
             parameters at the slide's mpp by :func:`fit_mimic_separation` (which takes a couple of seconds).
         low_mag_tumour_contrast: how much darker tumour regions are than mimics, from 0 (alike at 4 um/px and
-            coarser) to 1 (clearly darker at 8 to 16 um/px): a tumour point carries ``1 +
-            TUMOUR_CONTRAST_INK * low_mag_tumour_contrast`` times the integrated ink ``ink``.
+            coarser) to 1 (five times the ink: dark and granular on any thumbnail): a tumour point carries
+            ``1 + TUMOUR_CONTRAST_INK * low_mag_tumour_contrast`` times the integrated ink ``ink``. A
+            first layer trained from scratch on about 70 slides learns nothing from 1.5 times the ink
+            (0.125), which a colour statistic already separates, and learns the slide label at about 0.25
+            to 0.5 (see docs/benchmarks.md, "Toward the paper's regime").
     """
 
     spacing: float = 4.0
