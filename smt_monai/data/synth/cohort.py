@@ -44,7 +44,13 @@ from tqdm import tqdm
 
 from smt_monai.data.annotations import polygon_feature, write_geojson
 from smt_monai.data.synth.pyramid import write_pyramid
-from smt_monai.data.synth.render import Appearance, TileRenderer, check_mpp, fit_mimic_separation
+from smt_monai.data.synth.render import (
+    TUMOUR_CONTRAST_INK,
+    Appearance,
+    TileRenderer,
+    check_mpp,
+    fit_mimic_separation,
+)
 from smt_monai.data.synth.scene import (
     MIMIC,
     TUMOUR,
@@ -529,7 +535,7 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         metavar="X",
         help="how much darker tumour is than benign mimics at low magnification, 0 to 1: 0 (default) makes "
         "them alike at 4 um/px and coarser, so a first layer cannot tell them apart; a tumour point carries "
-        "1 + 4X times a mimic point's ink (1: dark and granular on any thumbnail)",
+        f"1 + {TUMOUR_CONTRAST_INK:g}X times a mimic point's ink (1: dark and granular on any thumbnail)",
     )
     parser.add_argument(
         "--survival",
