@@ -49,6 +49,12 @@ for module in numpy torch tifffile imagecodecs cucim monai ignite nibabel smt_mo
     fi
     echo "import $module: $(( ($(date +%s%N) - began) / 1000000 )) ms"
 done
+# Importing imagecodecs loads no codec; the synthetic slide needs its JPEG codec, so try it once here.
+if ! "$py" -c "import imagecodecs, numpy
+imagecodecs.jpeg8_decode(imagecodecs.jpeg8_encode(numpy.zeros((8, 8, 3), numpy.uint8)))" 2> "$work/jpeg.log"; then
+    echo "imagecodecs cannot encode JPEG ($work/jpeg.log): $(tail -n 1 "$work/jpeg.log")"
+    exit 1
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$py" - <<'PY'
 import cucim

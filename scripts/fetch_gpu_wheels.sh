@@ -27,9 +27,10 @@ find "$site/nvidia/nvimgcodec" -name 'nvimgcodec_impl.cpython-*' ! -name "nvimgc
 rm -rf "$site"/nvidia/nvimgcodec/extensions/libopencv_ext* "$site"/nvidia/nvimgcodec/tools \
     "$site"/nvidia/*/include
 # imagecodecs: tifffile needs its JPEG (slide tiles) and zlib (deflate) codecs, the latter linked to the
-# system's libz; imagecodecs loads each codec module on first use, so the others can go.
-find "$site/imagecodecs" -maxdepth 1 -name '_*.so' \
-    ! -name '_imcd.*' ! -name '_shared*' ! -name '_jpeg8.*' ! -name '_zlib.*' -delete
+# system's libz; imagecodecs loads each codec module on first use, so the others can go. The JPEG module is
+# _jpeg8 in older releases and _jpeg from 2026 on.
+find "$site/imagecodecs" -maxdepth 1 -name '_*.so' ! -name '_imcd.*' ! -name '_shared*' \
+    ! -name '_jpeg.*' ! -name '_jpeg8.*' ! -name '_zlib.*' -delete
 find "$site/imagecodecs.libs" -type f ! -name 'libjpeg-*' -delete
 find "$site" -name '__pycache__' -prune -exec rm -rf {} +
 mkdir -p .gpu
