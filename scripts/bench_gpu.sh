@@ -49,9 +49,10 @@ for module in numpy torch tifffile imagecodecs cucim monai ignite nibabel smt_mo
     fi
     echo "import $module: $(( ($(date +%s%N) - began) / 1000000 )) ms"
 done
-# Importing imagecodecs loads no codec; the synthetic slide needs its JPEG codec, so try it once here.
-if ! "$py" -c "import imagecodecs, numpy
-imagecodecs.jpeg8_decode(imagecodecs.jpeg8_encode(numpy.zeros((8, 8, 3), numpy.uint8)))" 2> "$work/jpeg.log"; then
+# Importing imagecodecs loads no codec; the synthetic slide's writer needs its JPEG codec, so encode one
+# tile with the writer's own encoder here.
+if ! "$py" -c "import numpy; from smt_monai.data.synth.pyramid import encode_tile
+encode_tile(numpy.zeros((16, 16, 3), numpy.uint8), 90)" 2> "$work/jpeg.log"; then
     echo "imagecodecs cannot encode JPEG ($work/jpeg.log): $(tail -n 1 "$work/jpeg.log")"
     exit 1
 fi
