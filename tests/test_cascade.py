@@ -514,3 +514,26 @@ def test_the_risk_head_learns_the_cox_partial_likelihood_of_the_slides_with_surv
     assert "risk" not in cascade(*args, LAMBDA_FWD, LAMBDA_BWD).losses
     grouped = [p for group in smt_param_groups(model) for p in group["params"]]
     assert len(grouped) == len(list(model.parameters())) == len({id(p) for p in grouped})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_step_on_cuda() -> None:
+    """On a GPU the batch's layer-1 images come on the device and the region reads from the CPU: the step
+    keeps the tissue masks on the CPU and its losses on the device."""
+    model = smt_tiny().cuda().train()
+    cascade = CascadeTraining(SMTLoss(), ScoreBank(), num_focus=K)
+    step = cascade(
+        model,
+        random_images(BATCH).cuda(),
+        BOXES,
+        torch.tensor([1, 0]),
+        SLIDES,
+        RandomReader(),
+        None,
+        3,
+        LAMBDA_FWD,
+        LAMBDA_BWD,
+    )
+    assert all(p.run.tissue.device.type == "cpu" for p in step.passes)
+    assert step.losses["total"].device.type == "cuda" and torch.isfinite(step.losses["total"])
+    step.losses["total"].backward()

@@ -167,8 +167,8 @@ def layer_inputs(chunks: Chunks, device: torch.device, grid: int, focuses: bool 
     place where inputs are normalised), with the patches that hold tissue (``patch_tissue``, on the uint8
     images) where the layer ``focuses``; the last layer selects no patch, so there every patch counts."""
     for rows, images in chunks:
-        if focuses:
-            tissue = patch_tissue(images, grid)
+        if focuses:  # on the CPU whatever device the images come on (layer 1's come with the batch)
+            tissue = patch_tissue(images, grid).cpu()
         else:
             tissue = torch.ones(len(images), grid * grid, dtype=torch.bool)
         yield Inputs(np.asarray(rows), normalize_he(images.to(device, non_blocking=True)), tissue)
