@@ -16,6 +16,7 @@ from conftest import TINY_OVERRIDES
 from smt_monai.benchmark.ablation import DEPARTURES, TABLE2, merge_ablation, select_variants, variants
 from smt_monai.benchmark.accuracy import cohort_digest, held_out_cohort, held_out_datalist
 from smt_monai.benchmark.bundle_runs import (
+    bundle_device,
     bundle_workflow,
     config_names,
     config_value,
@@ -387,6 +388,14 @@ def test_report_shows_ablation_grids_with_chance_and_landing(tmp_path: Path) -> 
     assert all((tmp_path / "b" / name).exists() for name in ("accuracy_vs_k.png", "accuracy_vs_k_2.png"))
 
 
+def test_results_name_the_device_the_bundle_runs_train_on() -> None:
+    """The bundle's ``device`` expression (CUDA when there is one) or the override, evaluated: a result says
+    where its models were trained, whatever device the benchmark's own process would pick."""
+    expected = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert bundle_device(["train.yaml", "cpu.yaml"], {}) == expected
+    assert bundle_device("paper.yaml", {"device": "$torch.device('cpu')"}) == "cpu"
+
+
 @pytest.mark.slow
 def test_an_ablation_without_k_sweep_trains_the_chosen_variants_only(
     tmp_path: Path, capsys: pytest.CaptureFixture
@@ -398,6 +407,7 @@ def test_an_ablation_without_k_sweep_trains_the_chosen_variants_only(
     assert main([*args, "--variants", "paper: forward + backward"]) == 0
     result = json.loads(path.read_text())
     assert list(result["variants"]) == ["paper: forward + backward"] and result["k_sweep"] == []
+    assert result["environment"]["device"] == bundle_device("train.yaml", {})
     trained = sorted(p.parent.parent.name for p in work.glob("runs/*/smt_*/train/model.pt"))
     assert len(trained) == 1, trained  # the variant's run, no default beside it
     assert main([*args, "--variants", "paper: forward + backward"]) == 0  # the same slides: merged
@@ -504,6 +514,7 @@ def test_gpu_benchmark_script_checks_each_import_and_prints_the_table_on_a_cpu(t
     imported = [line.split(":")[0] for line in lines if line.startswith("import ")]
     assert imported[-1] == "import smt_monai" and "import cucim" in imported and "import monai" in imported
     assert (tmp_path / "import_cucim.log").read_text().strip()  # -X importtime's record, for a stalled import
+    assert any(line.startswith("training on cpu: 2 runs of 2 epochs, every layer") for line in lines)
     assert any(line.startswith("  SMT K=8: ") and "SMT/floor" in line for line in lines)
     speed = json.loads((tmp_path / "speed.json").read_text())
     assert speed["slide_width"] == 4096 and all(speed[k] is not None for k in SPEED_KEYS)

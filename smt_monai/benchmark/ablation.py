@@ -26,7 +26,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from smt_monai.benchmark.accuracy import SMT_METRICS, held_out_cohort
-from smt_monai.benchmark.bundle_runs import config_value, evaluate, run_dir, train
+from smt_monai.benchmark.bundle_runs import bundle_device, config_value, evaluate, run_dir, train
+from smt_monai.benchmark.fixtures import environment
 from smt_monai.benchmark.focus_diagnostic import CATEGORIES, focus_landing_of_model
 from smt_monai.data.errors import OptionError
 from smt_monai.utils import atomic_path
@@ -215,6 +216,7 @@ def benchmark_ablation(
     )
     out: dict[str, Any] = {
         **record,
+        "environment": environment(bundle_device(["train.yaml", *smt_overlays], base)),
         "seeds": list(seeds),
         "smt_overlays": list(smt_overlays),
         "smt_overrides": base,

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from smt_monai.benchmark.bundle_runs import config_value, evaluate, run_dir, train
+from smt_monai.benchmark.bundle_runs import bundle_device, config_value, evaluate, run_dir, train
 from smt_monai.benchmark.fixtures import environment, synthetic_cohort
 from smt_monai.data import load_datalist
 from smt_monai.data.errors import OptionError
@@ -123,7 +123,6 @@ def own_cohort(
         suffix = f"_with{key}"
     splits = json.loads(datalist.read_text())
     record = {
-        "environment": environment(),
         "cohort": str(datalist.parent),
         "num_slides": sum(len(v) for v in splits.values() if isinstance(v, list)),
         "slide_size": None,
@@ -153,7 +152,6 @@ def held_out_cohort(
     datalist = synthetic_cohort(work_dir, num_slides, size, seed, contrast=contrast)
     test_datalist = held_out_datalist(work_dir, datalist, extra_test_slides, size, seed, contrast)
     record = {
-        "environment": environment(),
         "cohort": str(datalist.parent),
         "num_slides": num_slides,
         "slide_size": size,
@@ -225,6 +223,7 @@ def benchmark_accuracy(
         model = train(configs, datalist, smt_dir / "train", smt_overrides)
     out: dict[str, Any] = {
         **record,
+        "environment": environment(bundle_device(configs, smt_overrides)),
         "smt_model": None if smt_model is None else str(smt_model),  # as given (the run folder: resolved)
         "smt_overlays": list(smt_overlays),
         "smt_overrides": smt_overrides,

@@ -54,6 +54,15 @@ def config_value(config: Configs, key: str) -> Any:
     return copy.deepcopy(_merged(tuple(config_names(config))).get(key))
 
 
+def bundle_device(config: Configs, overrides: Mapping[str, Any]) -> str:
+    """The device the bundle runs of ``config`` train and evaluate on: its ``device`` expression (CUDA when
+    there is one) or the override, evaluated here, so a benchmark says where its figures were made."""
+    from monai.bundle import ConfigParser
+
+    value = overrides.get("device", config_value(config, "device"))
+    return str(ConfigParser({"device": value}).get_parsed_content("device"))
+
+
 @functools.lru_cache(maxsize=16)
 def _merged(names: tuple[str, ...]) -> Any:
     """The ``ConfigParser`` of the merged configs ``names``, parsed once per process (the files are the
