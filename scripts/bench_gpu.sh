@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The speed benchmark on a CUDA machine: bfloat16 autocast, cuCIM reading on every core, K = 4 and 8, on a
-# 100000 x 100000 synthetic slide (written once into $BENCH_WORK, by every core); prints the same table as
-# on CPU, writes $BENCH_WORK/speed.json, and probes cuCIM's GPU (nvJPEG) decoding of the same kind of reads.
+# The speed benchmark on a CUDA machine, after a check that training runs there (two tiny bundle runs):
+# bfloat16 autocast, cuCIM reading on every core, K = 4 and 8, on a 100000 x 100000 synthetic slide (written
+# once into $BENCH_WORK, by every core); prints the same table as on CPU, writes $BENCH_WORK/speed.json, and
+# probes cuCIM's GPU (nvJPEG) decoding of the same kind of reads.
 #   bash scripts/bench_gpu.sh [extra `smt-monai benchmark speed` options]
 # Needs the project's dependencies: `pip install -e .`, or, on a machine without internet whose Python has
 # torch, the archive for that Python's version that scripts/fetch_gpu_wheels.sh packs into .gpu/ (unpacked
@@ -64,6 +65,23 @@ import torch
 print("torch", torch.__version__, "cuda", torch.version.cuda,
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "(no GPU)", "cucim", cucim.__version__)
 PY
+# Training on the device, which the CPU tests cannot reach: two bundle runs (paper.yaml and the default) of
+# two epochs with every layer on a tiny cohort, through the ablation's own runs.
+check="$work/train_check"
+rm -rf "$check"
+began=$(date +%s)
+if ! { "$py" -m smt_monai synth --out "$check/cohort" --num-slides 10 --seed 11 --mpp 0.5 --tissue-mm 2,3 \
+        --workers "$(nproc)" --quiet \
+    && "$py" -m smt_monai benchmark ablation --work-dir "$check" --json "$check/ablation.json" \
+        --dataset-dir "$check/cohort" --smt-config cpu.yaml --focus 4 --ks --seeds 0 \
+        --variants "paper: forward + backward" default --smt "device=\$torch.device('$device')" \
+        --smt max_epochs=2 --smt "start_epoch=[1,1,1]" --smt val_interval=1; } > "$check.log" 2>&1; then
+    echo "training on $device failed ($check.log):"
+    grep -v '^\s*[~^]*$' "$check.log" | tail -n 12
+    exit 1
+fi
+echo "training on $("$py" -c 'import json, sys; print(json.load(open(sys.argv[1]))["environment"]["device"])' \
+    "$check/ablation.json"): 2 runs of 2 epochs, every layer, in $(( $(date +%s) - began )) s"
 start=$(date +%s)
 [ -f "$work/slide_$size/cohort.json" ] || "$py" -m smt_monai synth --out "$work/slide_$size" --num-slides 1 \
     --size "$size" --seed 0 --positive-fraction 1 --workers 1

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Pack, on a machine with internet, the Python packages that scripts/bench_gpu.sh needs on an offline CUDA
-# machine whose Python already holds torch (CUDA 13), numpy, CuPy and tifffile: cuCIM (CUDA 13) with
-# nvImageCodec and the nvJPEG, nvJPEG 2000 and nvTIFF libraries it decodes with on the GPU, MONAI, Ignite,
-# nibabel and imagecodecs, unpacked and trimmed to what this project uses, in one archive that bench_gpu.sh
-# unpacks. The wheels come to about 85 MB; the archive to about 30 MB, so it can travel with a working tree
-# that is capped at 64 MiB.
+# machine whose Python already holds torch (CUDA 13), CuPy and SciPy: cuCIM (CUDA 13) with nvImageCodec and
+# the nvJPEG, nvJPEG 2000 and nvTIFF libraries it decodes with on the GPU, MONAI, Ignite, nibabel, what the
+# bundle's training runs import (PyYAML, psutil, tqdm, TensorBoard's writer, matplotlib), and numpy,
+# imagecodecs and tifffile at this Python's versions, so that `smt-monai synth` draws there the slides it
+# draws here (on an H200 machine a 120-slide cohort came out byte for byte the same; a 60-slide one differed
+# in some files, cause not found); unpacked and trimmed to what this project uses, in one archive that
+# bench_gpu.sh unpacks. The archive comes to about 50 MB, so it can travel with a working
+# tree that is capped at 64 MiB.
 #   bash scripts/fetch_gpu_wheels.sh [PYTHON_VERSION (default 3.12)]    # writes .gpu/site-pyVERSION.tar.xz
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,12 +16,19 @@ archive=".gpu/site-py$version.tar.xz"
 tag="${version/./}"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
+# The slide writer's packages at the versions here (the latest where one is missing).
+pinned=()
+for package in numpy imagecodecs tifffile; do
+    pinned+=("$package$(python3 -c "import $package; print('==' + $package.__version__)" 2> /dev/null || true)")
+done
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$version" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d "$work/wheels" \
     "cucim-cu13==26.10.0" nvidia-nvimgcodec-cu13 \
     "nvidia-nvjpeg>=13,<14" nvidia-nvjpeg2k-cu13 nvidia-nvtiff-cu13 \
-    "monai==1.6.1" "pytorch-ignite==0.5.5" nibabel imagecodecs
+    "monai==1.6.1" "pytorch-ignite==0.5.5" nibabel pyyaml psutil tqdm einops tensorboard protobuf absl-py \
+    matplotlib cycler kiwisolver pyparsing python-dateutil six fonttools pillow contourpy packaging \
+    "${pinned[@]}"
 site="$work/site"
 for wheel in "$work"/wheels/*.whl; do python3 -m zipfile -e "$wheel" "$site"; done
 # nvImageCodec ships its binding for every Python and an OpenCV extension cuCIM does not load.
@@ -33,6 +43,8 @@ find "$site/imagecodecs" -maxdepth 1 -name '_*.so' ! -name '_imcd.*' ! -name '_s
     ! -name '_jpeg.*' ! -name '_jpeg8.*' ! -name '_zlib.*' -delete
 find "$site/imagecodecs.libs" -type f ! -name 'libjpeg-*' -delete
 find "$site" -name '__pycache__' -prune -exec rm -rf {} +
+find "$site" -type d -name tests -prune -exec rm -rf {} +
+rm -rf "$site"/tensorboard/webfiles.zip "$site"/matplotlib/mpl-data/sample_data
 mkdir -p .gpu
 tar -C "$site" -cJf "$archive" .
 echo "$archive: $(du -h "$archive" | cut -f1)"
