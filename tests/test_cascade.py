@@ -37,13 +37,15 @@ class RandomReader:
         yield np.arange(len(boxes)), random_images(len(boxes))
 
 
-def _step(model: SMT, bank: ScoreBank, reader, num_layers: int = 3, overlap=None, **settings):
+def _step(
+    model: SMT, bank: ScoreBank, reader, num_layers: int = 3, overlap=None, device: str = "cpu", **settings
+):
     torch.manual_seed(1)
     cascade = CascadeTraining(SMTLoss(), bank, num_focus=K, **settings)
     labels = torch.tensor([1, 0])
     return cascade(
         model,
-        random_images(BATCH),
+        random_images(BATCH).to(device),
         BOXES,
         labels,
         SLIDES,
@@ -520,20 +522,7 @@ def test_the_risk_head_learns_the_cox_partial_likelihood_of_the_slides_with_surv
 def test_training_step_on_cuda() -> None:
     """On a GPU the batch's layer-1 images come on the device and the region reads from the CPU: the step
     keeps the tissue masks on the CPU and its losses on the device."""
-    model = smt_tiny().cuda().train()
-    cascade = CascadeTraining(SMTLoss(), ScoreBank(), num_focus=K)
-    step = cascade(
-        model,
-        random_images(BATCH).cuda(),
-        BOXES,
-        torch.tensor([1, 0]),
-        SLIDES,
-        RandomReader(),
-        None,
-        3,
-        LAMBDA_FWD,
-        LAMBDA_BWD,
-    )
+    step = _step(smt_tiny().cuda().train(), ScoreBank(), RandomReader(), device="cuda")
     assert all(p.run.tissue.device.type == "cpu" for p in step.passes)
     assert step.losses["total"].device.type == "cuda" and torch.isfinite(step.losses["total"])
     step.losses["total"].backward()
