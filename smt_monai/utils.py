@@ -17,6 +17,24 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+def numpy_simd() -> list[str]:
+    """The SIMD extensions numpy dispatches to on this CPU (numpy 2.4 names them ``X86_V3``, ``X86_V4``,
+    ``AVX512_ICL``, ...; empty where numpy cannot say).
+
+    Some of its float kernels round differently per extension in the last bit, and a synthetic slide's
+    pixels are rounded from such floats: the same ``smt-monai synth`` command can draw a few slides
+    differently on a CPU with AVX-512 than on one with AVX2 only (2 of 60 in a measured cohort). Recorded with
+    cohorts and benchmark results, so a cohort that no longer matches its results can be told apart; setting
+    ``NPY_DISABLE_CPU_FEATURES`` before numpy loads draws another CPU's slides.
+    """
+    import numpy as np
+
+    try:
+        return list(np.show_config(mode="dicts")["SIMD Extensions"]["found"])
+    except (TypeError, KeyError):  # numpy older than 1.26
+        return []
+
+
 def report_user_errors() -> None:
     """Make an uncaught :class:`~smt_monai.data.errors.UserError` (a bad slide list, model file, output
     folder, option) end the process with its one line and status 2, as the ``smt-monai`` command does,

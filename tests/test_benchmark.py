@@ -396,6 +396,35 @@ def test_results_name_the_device_the_bundle_runs_train_on() -> None:
     assert bundle_device("paper.yaml", {"device": "$torch.device('cpu')"}) == "cpu"
 
 
+def test_results_of_a_cpu_with_other_simd_extensions_say_how_to_draw_their_slides(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A results file refused for its cohort digest names the SIMD extensions numpy used there and here, and
+    the NPY_DISABLE_CPU_FEATURES that draws the other machine's slides here; nothing when they are the same or
+    unrecorded."""
+    from smt_monai.benchmark import ablation
+
+    monkeypatch.setattr(ablation, "numpy_simd", lambda: ["X86_V3", "X86_V4", "AVX512_ICL"])
+    assert ablation.simd_hint({}) == ""
+    assert ablation.simd_hint({"environment": {"numpy_simd": ["X86_V3", "X86_V4", "AVX512_ICL"]}}) == ""
+    hint = ablation.simd_hint({"environment": {"numpy_simd": ["X86_V3"]}})
+    assert "['X86_V3'], here ['X86_V3', 'X86_V4', 'AVX512_ICL']" in hint
+    assert "NPY_DISABLE_CPU_FEATURES='X86_V4 AVX512_ICL' smt-monai synth" in hint
+    wider = ablation.simd_hint(
+        {"environment": {"numpy_simd": ["X86_V3", "X86_V4", "AVX512_ICL", "AVX512_SPR"]}}
+    )
+    assert "AVX512_SPR" in wider and "NPY_DISABLE_CPU_FEATURES" not in wider  # cannot be drawn here
+
+
+def test_the_environment_records_bfloat16_and_numpy_simd() -> None:
+    """Whether evaluations ran under bfloat16 autocast by default, and what a cohort drawn here depends on."""
+    from smt_monai.benchmark.fixtures import environment
+    from smt_monai.utils import fast_bf16, numpy_simd
+
+    info = environment("cpu")
+    assert info["native_bfloat16"] == fast_bf16("cpu") and info["numpy_simd"] == numpy_simd()
+
+
 @pytest.mark.slow
 def test_an_ablation_without_k_sweep_trains_the_chosen_variants_only(
     tmp_path: Path, capsys: pytest.CaptureFixture

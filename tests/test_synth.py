@@ -9,6 +9,7 @@ import argparse
 import csv
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from collections import defaultdict
@@ -47,6 +48,7 @@ from smt_monai.data.synth.render import (
     textures,
 )
 from smt_monai.data.synth.scene import FIELD_TISSUE
+from smt_monai.utils import numpy_simd
 
 
 def sha256(path: Path) -> str:
@@ -436,6 +438,32 @@ def test_cohort_json_records_mpp_and_the_physical_layout(cohort: Path) -> None:
         assert (meta["width"], meta["height"], meta["mpp"]) == (1024, 1024, 0.25)
         assert 0 < max(meta["tissue_mm"]) <= 0.256
         assert all(0 < r["radius_um"] <= 600 for r in meta["regions"])
+
+
+def test_cohort_json_records_what_the_bytes_depend_on(cohort: Path) -> None:
+    """numpy's SIMD extensions on the drawing CPU and the pixel libraries' versions: a cohort drawn again
+    elsewhere that differs in a few slides can be told apart."""
+    import imagecodecs
+
+    drawn_with = json.loads((cohort / "cohort.json").read_text())["drawn_with"]
+    assert drawn_with == {
+        "numpy": np.__version__,
+        "numpy_simd": numpy_simd(),
+        "imagecodecs": imagecodecs.__version__,
+        "tifffile": tifffile.__version__,
+    }
+
+
+def test_npy_disable_cpu_features_draws_with_fewer_simd_extensions() -> None:
+    """What the digest-mismatch hint tells a user to set takes numpy to the other machine's extensions."""
+    here = numpy_simd()
+    if len(here) < 2:
+        pytest.skip("numpy dispatches to at most one SIMD extension beyond its baseline here")
+    theirs = here[:1]
+    code = "from smt_monai.utils import numpy_simd; print(' '.join(numpy_simd()))"
+    env = {**os.environ, "NPY_DISABLE_CPU_FEATURES": " ".join(here[1:])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == theirs
 
 
 def test_cli_lays_out_slides_physically(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -30,7 +30,7 @@ from smt_monai.benchmark.bundle_runs import bundle_device, config_value, evaluat
 from smt_monai.benchmark.fixtures import environment
 from smt_monai.benchmark.focus_diagnostic import CATEGORIES, focus_landing_of_model
 from smt_monai.data.errors import OptionError
-from smt_monai.utils import atomic_path
+from smt_monai.utils import atomic_path, numpy_simd
 
 PAPER = ("paper.yaml",)
 DEFAULT = "default"
@@ -270,6 +270,22 @@ def differing_runs(previous: Mapping[str, Any], current: Mapping[str, Any]) -> l
     """The ``SAME_RUN_KEYS`` on which two ablation results (or their heads) differ: empty when they merge."""
     as_json = json.loads(json.dumps({key: current.get(key) for key in SAME_RUN_KEYS}, default=str))
     return [key for key in SAME_RUN_KEYS if previous.get(key) != as_json[key]]
+
+
+def simd_hint(previous: Mapping[str, Any]) -> str:
+    """Why a cohort drawn again may not match ``previous`` results: empty, or a sentence when they were
+    computed where numpy dispatched to other SIMD extensions than here (a few synthetic slides then differ,
+    :func:`~smt_monai.utils.numpy_simd`) and how to draw that machine's slides."""
+    theirs = previous.get("environment", {}).get("numpy_simd")
+    here = numpy_simd()
+    if theirs is None or theirs == here:
+        return ""
+    extra = " ".join(name for name in here if name not in theirs)
+    how = f"; NPY_DISABLE_CPU_FEATURES='{extra}' smt-monai synth ... draws theirs here" if extra else ""
+    return (
+        f" (they ran where numpy used the SIMD extensions {theirs}, here {here}: a cohort drawn on the one "
+        f"CPU can differ in a few slides from the same draw on the other{how})"
+    )
 
 
 def merge_ablation(previous: Mapping[str, Any], current: dict[str, Any]) -> dict[str, Any]:

@@ -314,6 +314,7 @@ def _run_ablation(args: argparse.Namespace, path: Path) -> None:
         differing_runs,
         merge_ablation,
         select_variants,
+        simd_hint,
     )
     from smt_monai.benchmark.accuracy import held_out_cohort
 
@@ -329,7 +330,7 @@ def _run_ablation(args: argparse.Namespace, path: Path) -> None:
         if differing := differing_runs(previous, head):
             raise OptionError(
                 f"{path}: holds ablation results of other slides or base configs ({', '.join(differing)} "
-                "differ), which cannot merge with this run: give another --json"
+                f"differ), which cannot merge with this run: give another --json{simd_hint(previous)}"
             )
     data = benchmark_ablation(args.work_dir, seeds=seeds, ks=args.ks, selection=selection, **settings)
     if previous is not None:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from smt_monai.data.synth import Appearance, SlideOptions, make_cohort
+from smt_monai.utils import fast_bf16, numpy_simd
 
 
 def synthetic_slide(cache_dir: str | os.PathLike, size: int, seed: int = 0) -> tuple[Path, float]:
@@ -73,7 +74,9 @@ def cpu_model() -> str:
 
 
 def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Machine and software versions, stored with every figure so that the report can say where it ran."""
+    """Machine and software versions, stored with every figure so that the report can say where it ran; also
+    whether the CPU computes bfloat16 natively (then the bundle's evaluations default to bfloat16 autocast,
+    elsewhere float32) and numpy's SIMD extensions (which a cohort drawn here depends on)."""
     import monai
 
     device = torch.device(device)
@@ -86,6 +89,8 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
         "monai": monai.__version__,
         "device": str(device),
         "load_average": [round(v, 2) for v in os.getloadavg()],
+        "native_bfloat16": fast_bf16(device),  # evaluations then run under bfloat16 autocast
+        "numpy_simd": numpy_simd(),  # synthetic cohorts drawn here can differ with it
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

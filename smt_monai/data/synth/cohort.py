@@ -15,14 +15,15 @@ A cohort directory holds::
     labels.csv                     image,label,split (and time,event)
     cohort.json                    generation options (lengths in um) and per-slide metadata: size in px,
                                    mpp, tissue extent in mm, section boxes, regions (class, grade, radius in
-                                   um), seeds
+                                   um), seeds, and what drew them (``drawn_with``: numpy's SIMD extensions
+                                   and the versions of numpy, imagecodecs and tifffile)
 
 The task is diagnosis (two classes: does the slide hold tumour) or grading (C >= 3 classes: benign, then
 the grade of the slide's worst tumour region; see :mod:`.scene`). Diagnosis labels follow a positive
 fraction, grading labels are balanced over the classes. Splits are stratified by label. Slide ``i`` has
 its own seed derived from the cohort seed and ``i``, so a slide's bytes do not depend on the number of
 worker processes or on the other slides, and its specimen does not depend on the mpp it is written at
-(unless a slide size in px is asked for).
+(unless a slide size in px is asked for). Its bytes can depend on the CPU: see :func:`drawn_with`.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from smt_monai.data.synth.scene import (
     Speck,
     make_scene,
 )
+from smt_monai.utils import numpy_simd
 
 TUMOUR_COLOUR, LOW_GRADE_COLOUR, MIMIC_COLOUR = (200, 0, 0), (235, 190, 0), (0, 150, 200)
 SYNTH_HELP = (
@@ -269,6 +271,21 @@ def stratified_split(labels: np.ndarray, fractions: tuple[float, float, float], 
     return split
 
 
+def drawn_with() -> dict[str, Any]:
+    """What a cohort's bytes depend on besides its options and seed: numpy's SIMD extensions on this CPU
+    (:func:`~smt_monai.utils.numpy_simd`: a few slides differ between AVX-512 and AVX2) and the versions of
+    the libraries that compute and encode the pixels."""
+    import imagecodecs
+    import tifffile
+
+    return {
+        "numpy": np.__version__,
+        "numpy_simd": numpy_simd(),
+        "imagecodecs": imagecodecs.__version__,
+        "tifffile": tifffile.__version__,
+    }
+
+
 def _make_slide_job(job: dict[str, Any]) -> dict[str, Any]:
     return make_slide(**job)
 
@@ -421,6 +438,7 @@ def make_cohort(
         "split": list(split),
         "survival": survival,
         "options": asdict(options),
+        "drawn_with": drawn_with(),
         "slides": metadata,
     }
     (out / "cohort.json").write_text(json.dumps(cohort, indent=2) + "\n")
