@@ -100,6 +100,13 @@ def test_missing_split_and_bad_json(tmp_path: Path) -> None:
     listing.write_text(json.dumps({"training": []}))
     with pytest.raises(DatalistError, match="no split 'testing'"):
         load_datalist(listing, "testing")
+    listing.write_text(json.dumps([{"image": "a.tif"}]))
+    with pytest.raises(DatalistError) as error:
+        load_datalist(listing, "testing")
+    assert str(error.value) == (
+        f'{listing}: a JSON list, not a datalist of splits: give {{"testing": [{{"image": ...}}, ...]}} '
+        "(MONAI's decathlon form)"
+    )
     listing.write_text("{not json")
     with pytest.raises(DatalistError, match="not valid JSON"):
         load_datalist(listing)

@@ -67,9 +67,13 @@ def load_datalist(
         content = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DatalistError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(content, dict) or split not in content:
-        keys = sorted(content) if isinstance(content, dict) else type(content).__name__
-        raise DatalistError(f"{path}: no split {split!r} (found {keys})")
+    if not isinstance(content, dict):
+        raise DatalistError(
+            f"{path}: a JSON {type(content).__name__}, not a datalist of splits: give "
+            f'{{"{split}": [{{"image": ...}}, ...]}} (MONAI\'s decathlon form)'
+        )
+    if split not in content:
+        raise DatalistError(f"{path}: no split {split!r} (found {sorted(content)})")
     base = Path(dataset_dir) if dataset_dir else path.parent
     entries = content[split]
     if num_classes is None and class_names is not None:
