@@ -13,7 +13,14 @@ import pytest
 import torch
 from conftest import TINY_OVERRIDES
 
-from smt_monai.benchmark.ablation import DEPARTURES, TABLE2, merge_ablation, select_variants, variants
+from smt_monai.benchmark.ablation import (
+    DEPARTURES,
+    TABLE2,
+    merge_ablation,
+    select_variants,
+    simd_hint,
+    variants,
+)
 from smt_monai.benchmark.accuracy import cohort_digest, held_out_cohort, held_out_datalist
 from smt_monai.benchmark.bundle_runs import (
     bundle_device,
@@ -405,8 +412,9 @@ def test_results_of_a_cpu_with_other_simd_extensions_say_how_to_draw_their_slide
     from smt_monai.benchmark import ablation
 
     monkeypatch.setattr(ablation, "numpy_simd", lambda: ["X86_V3", "X86_V4", "AVX512_ICL"])
-    assert ablation.simd_hint({}) == ""
-    assert ablation.simd_hint({"environment": {"numpy_simd": ["X86_V3", "X86_V4", "AVX512_ICL"]}}) == ""
+    general = ablation.simd_hint({})
+    assert "cohort.json says what drew it" in general and "NPY_DISABLE_CPU_FEATURES set before" in general
+    assert ablation.simd_hint({"environment": {"numpy_simd": ["X86_V3", "X86_V4", "AVX512_ICL"]}}) == general
     hint = ablation.simd_hint({"environment": {"numpy_simd": ["X86_V3"]}})
     assert "['X86_V3'], here ['X86_V3', 'X86_V4', 'AVX512_ICL']" in hint
     assert "NPY_DISABLE_CPU_FEATURES='X86_V4 AVX512_ICL' smt-monai synth" in hint
@@ -447,7 +455,7 @@ def test_an_ablation_without_k_sweep_trains_the_chosen_variants_only(
     error = capsys.readouterr().err.strip()
     assert error == (
         f"error: {path}: holds ablation results of other slides or base configs (cohort_digest differ), "
-        "which cannot merge with this run: give another --json"
+        "which cannot merge with this run: give another --json" + simd_hint(result)
     )
     assert json.loads(path.read_text())["cohort_digest"] == "of another cohort under the same name"
     assert len(list(work.glob("runs/*/smt_*/train/model.pt"))) == 1  # refused before training

@@ -273,13 +273,18 @@ def differing_runs(previous: Mapping[str, Any], current: Mapping[str, Any]) -> l
 
 
 def simd_hint(previous: Mapping[str, Any]) -> str:
-    """Why a cohort drawn again may not match ``previous`` results: empty, or a sentence when they were
-    computed where numpy dispatched to other SIMD extensions than here (a few synthetic slides then differ,
-    :func:`~smt_monai.utils.numpy_simd`) and how to draw that machine's slides."""
+    """Why a cohort drawn again may not match the slides of ``previous`` results (another ``cohort_digest``):
+    numpy's float kernels differ by SIMD extension, and a few synthetic slides with them
+    (:func:`~smt_monai.utils.numpy_simd`). Names both machines' extensions and the
+    ``NPY_DISABLE_CPU_FEATURES`` that draws theirs here when the results record other ones than here."""
     theirs = previous.get("environment", {}).get("numpy_simd")
     here = numpy_simd()
     if theirs is None or theirs == here:
-        return ""
+        return (
+            " (a cohort drawn again on a CPU with other SIMD extensions can differ in a few slides: its "
+            "cohort.json says what drew it, and NPY_DISABLE_CPU_FEATURES set before numpy loads draws "
+            "another CPU's slides)"
+        )
     extra = " ".join(name for name in here if name not in theirs)
     how = f"; NPY_DISABLE_CPU_FEATURES='{extra}' smt-monai synth ... draws theirs here" if extra else ""
     return (

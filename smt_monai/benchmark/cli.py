@@ -330,7 +330,8 @@ def _run_ablation(args: argparse.Namespace, path: Path) -> None:
         if differing := differing_runs(previous, head):
             raise OptionError(
                 f"{path}: holds ablation results of other slides or base configs ({', '.join(differing)} "
-                f"differ), which cannot merge with this run: give another --json{simd_hint(previous)}"
+                "differ), which cannot merge with this run: give another --json"
+                + (simd_hint(previous) if "cohort_digest" in differing else "")
             )
     data = benchmark_ablation(args.work_dir, seeds=seeds, ks=args.ks, selection=selection, **settings)
     if previous is not None:
