@@ -18,7 +18,6 @@ from smt_monai.benchmark.ablation import (
     TABLE2,
     merge_ablation,
     select_variants,
-    simd_hint,
     variants,
 )
 from smt_monai.benchmark.accuracy import cohort_digest, held_out_cohort, held_out_datalist
@@ -30,6 +29,7 @@ from smt_monai.benchmark.bundle_runs import (
     parse_overrides,
     run_dir,
 )
+from smt_monai.benchmark.cli import REDRAWN_COHORT
 from smt_monai.benchmark.focus_diagnostic import CATEGORIES
 from smt_monai.benchmark.report import accuracy_section, write_report
 from smt_monai.cli import main
@@ -403,27 +403,6 @@ def test_results_name_the_device_the_bundle_runs_train_on() -> None:
     assert bundle_device("paper.yaml", {"device": "$torch.device('cpu')"}) == "cpu"
 
 
-def test_results_of_a_cpu_with_other_simd_extensions_say_how_to_draw_their_slides(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A results file refused for its cohort digest names the SIMD extensions numpy used there and here, and
-    the NPY_DISABLE_CPU_FEATURES that draws the other machine's slides here; nothing when they are the same or
-    unrecorded."""
-    from smt_monai.benchmark import ablation
-
-    monkeypatch.setattr(ablation, "numpy_simd", lambda: ["X86_V3", "X86_V4", "AVX512_ICL"])
-    general = ablation.simd_hint({})
-    assert "cohort.json says what drew it" in general and "NPY_DISABLE_CPU_FEATURES set before" in general
-    assert ablation.simd_hint({"environment": {"numpy_simd": ["X86_V3", "X86_V4", "AVX512_ICL"]}}) == general
-    hint = ablation.simd_hint({"environment": {"numpy_simd": ["X86_V3"]}})
-    assert "['X86_V3'], here ['X86_V3', 'X86_V4', 'AVX512_ICL']" in hint
-    assert "NPY_DISABLE_CPU_FEATURES='X86_V4 AVX512_ICL' smt-monai synth" in hint
-    wider = ablation.simd_hint(
-        {"environment": {"numpy_simd": ["X86_V3", "X86_V4", "AVX512_ICL", "AVX512_SPR"]}}
-    )
-    assert "AVX512_SPR" in wider and "NPY_DISABLE_CPU_FEATURES" not in wider  # cannot be drawn here
-
-
 def test_the_environment_records_bfloat16_and_numpy_simd() -> None:
     """Whether evaluations ran under bfloat16 autocast by default, and what a cohort drawn here depends on."""
     from smt_monai.benchmark.fixtures import environment
@@ -455,7 +434,7 @@ def test_an_ablation_without_k_sweep_trains_the_chosen_variants_only(
     error = capsys.readouterr().err.strip()
     assert error == (
         f"error: {path}: holds ablation results of other slides or base configs (cohort_digest differ), "
-        "which cannot merge with this run: give another --json" + simd_hint(result)
+        "which cannot merge with this run: give another --json" + REDRAWN_COHORT
     )
     assert json.loads(path.read_text())["cohort_digest"] == "of another cohort under the same name"
     assert len(list(work.glob("runs/*/smt_*/train/model.pt"))) == 1  # refused before training

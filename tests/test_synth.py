@@ -455,7 +455,7 @@ def test_cohort_json_records_what_the_bytes_depend_on(cohort: Path) -> None:
 
 
 def test_npy_disable_cpu_features_draws_with_fewer_simd_extensions() -> None:
-    """What the digest-mismatch hint tells a user to set takes numpy to the other machine's extensions."""
+    """NPY_DISABLE_CPU_FEATURES, which a refused merge points to, takes numpy to fewer SIMD extensions."""
     here = numpy_simd()
     if len(here) < 2:
         pytest.skip("numpy dispatches to at most one SIMD extension beyond its baseline here")

@@ -30,7 +30,7 @@ from smt_monai.benchmark.bundle_runs import bundle_device, config_value, evaluat
 from smt_monai.benchmark.fixtures import environment
 from smt_monai.benchmark.focus_diagnostic import CATEGORIES, focus_landing_of_model
 from smt_monai.data.errors import OptionError
-from smt_monai.utils import atomic_path, numpy_simd
+from smt_monai.utils import atomic_path
 
 PAPER = ("paper.yaml",)
 DEFAULT = "default"
@@ -270,27 +270,6 @@ def differing_runs(previous: Mapping[str, Any], current: Mapping[str, Any]) -> l
     """The ``SAME_RUN_KEYS`` on which two ablation results (or their heads) differ: empty when they merge."""
     as_json = json.loads(json.dumps({key: current.get(key) for key in SAME_RUN_KEYS}, default=str))
     return [key for key in SAME_RUN_KEYS if previous.get(key) != as_json[key]]
-
-
-def simd_hint(previous: Mapping[str, Any]) -> str:
-    """Why a cohort drawn again may not match the slides of ``previous`` results (another ``cohort_digest``):
-    numpy's float kernels differ by SIMD extension, and a few synthetic slides with them
-    (:func:`~smt_monai.utils.numpy_simd`). Names both machines' extensions and the
-    ``NPY_DISABLE_CPU_FEATURES`` that draws theirs here when the results record other ones than here."""
-    theirs = previous.get("environment", {}).get("numpy_simd")
-    here = numpy_simd()
-    if theirs is None or theirs == here:
-        return (
-            " (a cohort drawn again on a CPU with other SIMD extensions can differ in a few slides: its "
-            "cohort.json says what drew it, and NPY_DISABLE_CPU_FEATURES set before numpy loads draws "
-            "another CPU's slides)"
-        )
-    extra = " ".join(name for name in here if name not in theirs)
-    how = f"; NPY_DISABLE_CPU_FEATURES='{extra}' smt-monai synth ... draws theirs here" if extra else ""
-    return (
-        f" (they ran where numpy used the SIMD extensions {theirs}, here {here}: a cohort drawn on the one "
-        f"CPU can differ in a few slides from the same draw on the other{how})"
-    )
 
 
 def merge_ablation(previous: Mapping[str, Any], current: dict[str, Any]) -> dict[str, Any]:

@@ -32,6 +32,13 @@ QUICK_SMT = {
 QUICK_DENSE = {"max_epochs": 1, "bag_size": 16}
 QUICK_VARIANTS = ["paper: forward + backward", "paper + no L_focus", "default - exploration"]
 """The ablation variants of ``--quick``: one of each kind (Table 2, a departure added, one removed)."""
+REDRAWN_COHORT = (
+    " (a cohort drawn again on a CPU with other SIMD extensions can differ in a few slides: its cohort.json "
+    "says what drew it, and NPY_DISABLE_CPU_FEATURES set before numpy loads draws another CPU's slides)"
+)
+"""Appended when ``--json`` holds results of other slides: the same synth command can draw a few slides
+anew on another CPU (:func:`smt_monai.utils.numpy_simd`). Merged results record the machine of their last
+run, not the one that drew the cohort, so which extensions to disable is left to cohort.json."""
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -314,7 +321,6 @@ def _run_ablation(args: argparse.Namespace, path: Path) -> None:
         differing_runs,
         merge_ablation,
         select_variants,
-        simd_hint,
     )
     from smt_monai.benchmark.accuracy import held_out_cohort
 
@@ -331,7 +337,7 @@ def _run_ablation(args: argparse.Namespace, path: Path) -> None:
             raise OptionError(
                 f"{path}: holds ablation results of other slides or base configs ({', '.join(differing)} "
                 "differ), which cannot merge with this run: give another --json"
-                + (simd_hint(previous) if "cohort_digest" in differing else "")
+                + (REDRAWN_COHORT if "cohort_digest" in differing else "")
             )
     data = benchmark_ablation(args.work_dir, seeds=seeds, ks=args.ks, selection=selection, **settings)
     if previous is not None:
