@@ -13,13 +13,7 @@ import pytest
 import torch
 from conftest import TINY_OVERRIDES
 
-from smt_monai.benchmark.ablation import (
-    DEPARTURES,
-    TABLE2,
-    merge_ablation,
-    select_variants,
-    variants,
-)
+from smt_monai.benchmark.ablation import DEPARTURES, TABLE2, merge_ablation, select_variants, variants
 from smt_monai.benchmark.accuracy import cohort_digest, held_out_cohort, held_out_datalist
 from smt_monai.benchmark.bundle_runs import (
     bundle_device,
