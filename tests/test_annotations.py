@@ -253,3 +253,21 @@ def test_a_grading_model_names_the_annotation_classes_it_does_not_know(tmp_path:
     message = unknown_annotation_classes(odd, GRADES)
     assert "'grade 5'" in message and "'tumor'" in message and "polygons without a class" in message
     assert "benign, grade 1, grade 2, grade 3" in message
+
+
+def test_largest_diameter_is_the_greatest_dimension_of_the_largest_lesion(tmp_path: Path) -> None:
+    """The maximum Feret diameter over the polygons: an ellipse's major axis, a square's diagonal, holes
+    ignored; no polygon gives 0, a degenerate (collinear) ring its end-to-end length."""
+    angle = np.linspace(0, 2 * np.pi, 400, endpoint=False)
+    ellipse = np.c_[500 + 120 * np.cos(angle), 500 + 40 * np.sin(angle)]
+    data = [
+        feature([SQUARE, HOLE], "Tumor"),  # diagonal 141.4
+        feature([ellipse.tolist() + [ellipse[0].tolist()]], "Tumor"),  # major axis 240
+        feature([shifted(SQUARE, 2000)], "Stroma"),  # not tumour: not a lesion
+    ]
+    ann = TumourAnnotation.from_file(write(tmp_path, data))
+    assert ann.largest_diameter() == pytest.approx(240.0, rel=1e-4)
+    square = TumourAnnotation.from_file(write(tmp_path, [feature([SQUARE, HOLE], "Tumor")], "b.geojson"))
+    assert square.largest_diameter() == pytest.approx(100 * np.sqrt(2))
+    assert TumourAnnotation([]).largest_diameter() == 0.0
+    assert TumourAnnotation([[[0, 0], [30, 40], [60, 80]]]).largest_diameter() == pytest.approx(100.0)

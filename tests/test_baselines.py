@@ -149,6 +149,7 @@ def test_train_and_evaluate_through_the_bundle(tmp_path: Path) -> None:
         metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
         assert metrics["num_slides"] == 1 and metrics["seconds_per_slide"] > 0
         assert "balanced_accuracy" in metrics and "decision_threshold" in metrics
+        assert metrics["slides_lesion_up_to_0.2mm"] == 1  # the positive testing slide, 0.07 mm across
     default = bundle_workflow("evaluate_dense.yaml", "evaluating", {**overrides, **settings})
     assert default.parser.get_parsed_content("aggregation") == "attention"  # the model's own
 

@@ -551,3 +551,30 @@ def test_the_layer1_probe_trains_each_target_and_measures_held_out_fields(tmp_pa
         for key in ("suspicious_vs_normal_auc", "tumour_vs_normal_auc", "tumour_vs_mimic_auc"):
             assert result[key] != result[key] or 0.0 <= result[key] <= 1.0
         assert 0.0 <= result["hit_rate"] <= 1.0 and 0.0 <= result["mimic_blind_bound"] <= 1.0
+
+
+def test_accuracy_report_tabulates_recall_by_lesion_size() -> None:
+    """metrics.json's recall by lesion size becomes one row per model, a column per bin in the bins' order,
+    each cell the recall and the slides found of those in the bin; an empty bin is '-'."""
+    from smt_monai.benchmark.accuracy import lesion_figures
+    from smt_monai.benchmark.report import lesion_table
+
+    metrics = {
+        "auc": 0.9,
+        "recall_lesion_up_to_0.3mm": 0.5,
+        "slides_lesion_up_to_0.3mm": 2.0,
+        "recall_lesion_0.3_to_1mm": 0.75,
+        "slides_lesion_0.3_to_1mm": 4.0,
+        "recall_lesion_over_1mm": float("nan"),
+        "slides_lesion_over_1mm": 0.0,
+    }
+    figures = lesion_figures(metrics)
+    assert list(figures) == ["up_to_0.3mm", "0.3_to_1mm", "over_1mm"]
+    assert figures["0.3_to_1mm"] == {"recall": 0.75, "slides": 4.0}
+    dense = lesion_figures({**metrics, "recall_lesion_up_to_0.3mm": 1.0})
+    table = lesion_table({"lesion_recall_smt_k4": figures, "lesion_recall_dense": dense}, [4, 8])
+    assert "| model | up to 0.3 mm | 0.3 to 1 mm | over 1 mm |" in table
+    assert "| SMT, K = 4 | 0.50 (1 of 2) | 0.75 (3 of 4) | - |" in table
+    assert "| SMT, K = 8 | - | - | - |" in table  # not evaluated with these bins
+    assert "| dense | 1.00 (2 of 2) | 0.75 (3 of 4) | - |" in table
+    assert lesion_table({}, [4]) == [] and lesion_figures({"auc": 1.0}) == {}

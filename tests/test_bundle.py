@@ -204,6 +204,9 @@ def test_evaluate_infer_and_export_from_the_command_line(tmp_path: Path) -> None
         assert key in metrics
     assert metrics["num_slides"] == 2 and metrics["seconds_per_slide"] > 0
     assert metrics["concordance_index"] in (0.0, 1.0)  # two slides with survival: one comparable pair
+    # the positive testing slide's tumour, a 102 px square at 0.5 um/px, is 0.07 mm across
+    assert (metrics["slides_lesion_up_to_0.2mm"], metrics["slides_lesion_0.2_to_2mm"]) == (1, 0)
+    assert metrics["recall_lesion_up_to_0.2mm"] in (0.0, 1.0)
 
     exported = tmp_path / "model.ts"
     result = bundle_cli(

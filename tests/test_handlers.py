@@ -272,3 +272,32 @@ def test_recall_and_confusion_matrix_decide_at_the_threshold_balanced_accuracy_u
     assert results["matrix"] == [[3 - benign_called_tumour, benign_called_tumour], [0, 3]]
     assert results["recall"] == {"recall_normal": 1 - benign_called_tumour / 3, "recall_tumour": 1.0}
     assert results["accuracy"] == (results["recall"]["recall_normal"] + 1.0) / 2
+
+
+def test_lesion_recall_counts_the_slides_found_in_each_size_bin() -> None:
+    """Positive slides binned by their largest lesion (a size on an edge in the lower bin), each bin's recall
+    at the threshold and its slide count; negative slides and sizes unknown (NaN) count nowhere, an empty bin
+    has recall NaN. Edges must be increasing positive sizes."""
+    from smt_monai.handlers import LesionRecall
+    from smt_monai.handlers.metrics import lesion_bins
+
+    labels = np.array([1, 1, 1, 1, 1, 0, 1])
+    positive = np.array([0.2, 0.9, 0.7, 0.95, 0.3, 0.99, 0.1])
+    size = np.array([0.1, 0.2, 1.5, 1.9, 1.0, np.nan, np.nan])
+    metric = LesionRecall(threshold=0.5)
+    metric.update((labels, np.stack([1 - positive, positive], axis=1)[:, None], _focus(), size))
+    assert metric.compute() == pytest.approx(
+        {
+            "recall_lesion_up_to_0.2mm": 0.5,  # 0.1 mm missed, 0.2 mm (on the edge) found
+            "slides_lesion_up_to_0.2mm": 2.0,
+            "recall_lesion_0.2_to_2mm": 2 / 3,  # 1.5 and 1.9 mm found, 1.0 mm missed
+            "slides_lesion_0.2_to_2mm": 3.0,
+            "recall_lesion_over_2mm": np.nan,
+            "slides_lesion_over_2mm": 0.0,
+        },
+        nan_ok=True,
+    )
+    assert lesion_bins([0.3, 0.5, 1.0]) == ["up_to_0.3mm", "0.3_to_0.5mm", "0.5_to_1mm", "over_1mm"]
+    for edges in ([], [2.0, 0.2], [0.0, 1.0]):
+        with pytest.raises(ValueError, match="edges_mm"):
+            LesionRecall(edges)

@@ -430,7 +430,7 @@ class DenseEvaluator(SlideEvaluator):
         num_workers: reading threads.
         tile_mpp, default_mpp: as :class:`LoadTileBagd`.
         aggregation: ``attention`` or ``max`` (:func:`predict_dense`).
-        key_val_metric, additional_metrics, val_handlers, amp: as ``SlideEvaluator``.
+        key_val_metric, additional_metrics, val_handlers, amp, class_names: as ``SlideEvaluator``.
     """
 
     def __init__(
@@ -448,8 +448,11 @@ class DenseEvaluator(SlideEvaluator):
         tile_mpp: float | None = None,
         default_mpp: float | None = None,
         aggregation: str = "attention",
+        class_names: Sequence[str] | None = None,
     ) -> None:
-        super().__init__(device, val_data_loader, key_val_metric, additional_metrics, val_handlers, amp)
+        super().__init__(
+            device, val_data_loader, key_val_metric, additional_metrics, val_handlers, amp, class_names
+        )
         self.aggregation = check_dense_aggregation(aggregation)
         self.network = network
         self.tile_size = tile_size
@@ -470,4 +473,4 @@ class DenseEvaluator(SlideEvaluator):
         except SlideReadError as exc:
             logger.warning("evaluation: skipping slide %s", exc)
             return None
-        return SlideOutcome(result["probs"][None])
+        return SlideOutcome(result["probs"][None], mpp=known_mpp(slide, self.default_mpp))

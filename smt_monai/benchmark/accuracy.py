@@ -44,7 +44,21 @@ def smt_figures(metrics: Mapping[str, Any], k: int) -> dict[str, Any]:
         for name in SMT_METRICS
     }
     out[f"seconds_per_slide_smt_k{k}"] = metrics.get("seconds_per_slide")
+    out[f"lesion_recall_smt_k{k}"] = lesion_figures(metrics)
     return out
+
+
+def lesion_figures(metrics: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """An evaluation's recall by lesion size (``smt_monai.handlers.LesionRecall``), as ``{bin: {"recall": r,
+    "slides": n}}`` in the order of the bins; empty where ``metrics`` has none."""
+    return {
+        key.removeprefix("recall_lesion_"): {
+            "recall": value,
+            "slides": metrics.get(f"slides_lesion_{key.removeprefix('recall_lesion_')}"),
+        }
+        for key, value in metrics.items()
+        if key.startswith("recall_lesion_")
+    }
 
 
 def combined_testing(path: Path, sources: Sequence[Path]) -> Path:
@@ -177,6 +191,7 @@ def benchmark_accuracy(
     dataset_dir: str | os.PathLike | None = None,
     test_datalists: Sequence[str | os.PathLike] = (),
     smt_model: str | os.PathLike | None = None,
+    lesion_edges_mm: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Train both models once (runs are reused), evaluate them on the held-out slides, return the figures.
 
@@ -195,6 +210,8 @@ def benchmark_accuracy(
         dataset_dir, test_datalists: a cohort of one's own instead of a drawn one (:func:`own_cohort`).
         smt_model: a trained SMT model to evaluate instead of training one; its card gives the geometry
             the dense tiles follow.
+        lesion_edges_mm: the lesion-size bins of the recall by lesion size (default: ``train.yaml``'s
+            ``lesion_edges_mm``, CAMELYON17's pN categories); evaluation only, the trained models are reused.
     """
     work_dir = Path(work_dir)
     smt_overrides = dict(smt_overrides or {})
@@ -229,8 +246,13 @@ def benchmark_accuracy(
         "smt_overrides": smt_overrides,
         "dense_overrides": dense_overrides,
     }
+    lesions: dict[str, Any] = {}
+    if lesion_edges_mm is not None:
+        lesions["lesion_edges_mm"] = [float(e) for e in lesion_edges_mm]
+        suffix += "_lesions" + "_".join(f"{e:g}" for e in lesions["lesion_edges_mm"])
+        out["lesion_edges_mm"] = lesions["lesion_edges_mm"]
     for k in focus:
-        overrides = {**smt_overrides, "num_focus": k}
+        overrides = {**smt_overrides, "num_focus": k, **lesions}
         evaluated = smt_dir / f"eval_k{k}{suffix}"
         metrics = evaluate([*configs, "evaluate.yaml"], test_datalist, model, evaluated, overrides)
         out.update(smt_figures(metrics, k))
@@ -238,12 +260,17 @@ def benchmark_accuracy(
     dense_dir = run_dir(work_dir, datalist, "dense", dense_overrides)
     dense_model = train("train_dense.yaml", datalist, dense_dir / "train", dense_overrides)
     dense = evaluate(
-        "evaluate_dense.yaml", test_datalist, dense_model, dense_dir / f"eval{suffix}", dense_overrides
+        "evaluate_dense.yaml",
+        test_datalist,
+        dense_model,
+        dense_dir / f"eval{suffix}",
+        {**dense_overrides, **lesions},
     )
     out.update(
         balanced_accuracy_dense=dense["balanced_accuracy"],
         auc_dense=dense["auc"],
         seconds_per_slide_dense=dense["seconds_per_slide"],
+        lesion_recall_dense=lesion_figures(dense),
     )
     for metric, name in (("balanced_accuracy", "points"), ("auc", "auc_points")):
         smt_value, dense_value = out.get(f"{metric}_smt_k{focus[0]}"), out[f"{metric}_dense"]

@@ -205,6 +205,15 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
                 help="evaluate this trained SMT (model.pt) instead of training one; dense tiles follow its "
                 "geometry",
             )
+            command.add_argument(
+                "--lesion-edges-mm",
+                type=float,
+                nargs="+",
+                default=None,
+                metavar="MM",
+                help="bins of the recall by largest lesion (greatest dimension, mm; default 0.2 2: isolated "
+                "tumour cells, micro- and macrometastases)",
+            )
         if name in ("speed", "throughput", "accuracy", "ablation"):
             command.add_argument("--json", type=Path, default=None, help=f"output (default WORK/{name}.json)")
         if name == "focus-diagnostic":
@@ -291,7 +300,12 @@ def _run_accuracy(args: argparse.Namespace, path: Path) -> None:
     settings = _training_settings(args)
     model = getattr(args, "smt_model", None)  # `benchmark all` trains its own
     data = benchmark_accuracy(
-        args.work_dir, focus=args.focus, dense_overrides=dense, smt_model=model, **settings
+        args.work_dir,
+        focus=args.focus,
+        dense_overrides=dense,
+        smt_model=model,
+        lesion_edges_mm=getattr(args, "lesion_edges_mm", None),
+        **settings,
     )
     _save(data, path, args)
 

@@ -8,6 +8,7 @@ than left out silently.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -276,6 +277,34 @@ def accuracy_section(acc: dict[str, Any]) -> list[str]:
             "Target: SMT (K = 4) within 2 points of dense, balanced accuracy at each model's validated "
             f"threshold: dense - SMT = {gap:.1f} points{auc}, {met}.",
         ]
+    return lines + [""] + lesion_table(acc, focus)
+
+
+def lesion_table(acc: dict[str, Any], focus: list[int]) -> list[str]:
+    """Recall of the tumour slides by their largest lesion's greatest dimension, SMT at each K and dense
+    (nothing where the results hold none)."""
+    rows = [(f"SMT, K = {k}", acc.get(f"lesion_recall_smt_k{k}") or {}) for k in focus]
+    rows.append(("dense", acc.get("lesion_recall_dense") or {}))
+    bins = next((list(figures) for _, figures in rows if figures), [])
+    if not bins:
+        return []
+
+    def cell(figure: dict[str, Any] | None) -> str:
+        if not figure or figure.get("recall") is None or not math.isfinite(figure["recall"]):
+            return "-"
+        found = round(figure["recall"] * figure["slides"])
+        return f"{figure['recall']:.2f} ({found} of {int(figure['slides'])})"
+
+    names = [name.removesuffix("mm").replace("_", " ") + " mm" for name in bins]
+    lines = [
+        "Recall of the tumour slides by their largest lesion's greatest dimension (slides found of the "
+        "slides in the bin, at each model's validated threshold):",
+        "",
+        "| model | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for label, figures in rows:
+        lines.append(f"| {label} | " + " | ".join(cell(figures.get(b)) for b in bins) + " |")
     return lines + [""]
 
 

@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 from matplotlib.path import Path as MplPath
 from matplotlib.transforms import Bbox
+from scipy.spatial import ConvexHull, QhullError
+from scipy.spatial.distance import pdist
 
 TUMOUR_NAMES = frozenset({"tumor", "tumour"})
 EXCLUSION_GROUPS = frozenset({"_2"})
@@ -157,6 +159,26 @@ class TumourAnnotation:
     def empty(self) -> bool:
         """Whether there is no tumour."""
         return not self.polygons
+
+    def largest_diameter(self) -> float:
+        """The greatest dimension of the largest lesion, in level-0 px (0 without polygons): the largest
+        distance between two points of one polygon (its maximum Feret diameter, taken over its convex hull).
+
+        Pathology sizes a metastasis by its greatest dimension, and the pN categories of CAMELYON17 (AJCC)
+        are cut on it: isolated tumour cells up to 0.2 mm, micrometastases to 2 mm, macrometastases beyond
+        (``smt_monai.handlers.LesionRecall``). Each polygon is one lesion; holes do not change its extent.
+        """
+        largest = 0.0
+        for polygon in self.polygons:
+            points = np.unique(polygon, axis=0)
+            if len(points) > 3:
+                try:
+                    points = points[ConvexHull(points).vertices]
+                except QhullError:  # collinear vertices: a degenerate polygon, all of them count
+                    pass
+            if len(points) > 1:
+                largest = max(largest, float(pdist(points).max()))
+        return largest
 
     def _boxes(self, boxes: np.ndarray) -> np.ndarray:
         boxes = np.asarray(boxes, dtype=np.float64)

@@ -2,9 +2,10 @@
 
 :class:`SlideEvaluator` predicts each slide of a batch (``evaluate_slide``, timed) and returns what the
 metrics of :mod:`smt_monai.handlers.metrics` and ``MetricsJSONWriter`` read: every layer's own slide
-prediction (layer 1 alone should stay near chance on data that needs magnification), and on annotated
+prediction (layer 1 alone should stay near chance on data that needs magnification), on annotated
 positive slides where the layer-3 regions landed, beside chance (``focus_measures``, not timed:
-:mod:`smt_monai.engines.focus_outcome`). :class:`SMTEvaluator` predicts with
+:mod:`smt_monai.engines.focus_outcome`), and the size of their largest lesion (``lesion_size``, for recall
+by lesion size). :class:`SMTEvaluator` predicts with
 :class:`~smt_monai.inference.api.SMTPredictor`, the code every inference runs.
 """
 
@@ -23,7 +24,7 @@ from monai.engines import Evaluator
 from torch.utils.data import DataLoader
 
 from smt_monai.cascade.prediction import SlidePrediction
-from smt_monai.data.annotations import AnnotationOverlap, annotation_classes
+from smt_monai.data.annotations import TUMOUR_NAMES, AnnotationOverlap, annotation_classes
 from smt_monai.data.regions import RegionReader
 from smt_monai.engines.focus_outcome import (
     TUMOUR,
@@ -38,10 +39,12 @@ logger = logging.getLogger(__name__)
 
 class SlideOutcome(NamedTuple):
     """One evaluated slide: ``layer_probs`` ``(layers, C)``, each layer's own slide prediction (the last is
-    the method's), and SMT's ``prediction`` (for :meth:`SlideEvaluator.focus_measures`)."""
+    the method's), SMT's ``prediction`` (for :meth:`SlideEvaluator.focus_measures`) and the slide's level-0
+    um/px (None when unknown)."""
 
     layer_probs: np.ndarray
     prediction: SlidePrediction | None = None
+    mpp: float | None = None
 
 
 class SlideEvaluator(Evaluator):
@@ -59,6 +62,8 @@ class SlideEvaluator(Evaluator):
         additional_metrics: more metrics.
         val_handlers: handlers to attach.
         amp: bfloat16 autocast (``smt_monai.utils.fast_bf16`` says where it pays).
+        class_names: the model's class names: which annotation classes are lesions
+            (:func:`~smt_monai.data.annotations.annotation_classes`; default: tumour).
     """
 
     def __init__(
@@ -69,6 +74,7 @@ class SlideEvaluator(Evaluator):
         additional_metrics: dict[str, Metric] | None = None,
         val_handlers: Sequence | None = None,
         amp: bool = False,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__(
             device=torch.device(device),
@@ -80,6 +86,7 @@ class SlideEvaluator(Evaluator):
             amp=amp,
             decollate=False,
         )
+        self.annotations = AnnotationOverlap(annotation_classes(class_names) if class_names else TUMOUR_NAMES)
 
     def evaluate_slide(self, item: Mapping[str, Any]) -> SlideOutcome | None:
         """Predict one slide item; ``None`` when it cannot be (the reason is logged)."""
@@ -89,8 +96,19 @@ class SlideEvaluator(Evaluator):
         """Where the slide's prediction focused (none by default: NaN)."""
         return FocusOutcome()
 
+    def lesion_size(self, item: Mapping[str, Any], outcome: SlideOutcome) -> float:
+        """The greatest dimension of the largest lesion in mm (:meth:`TumourAnnotation.largest_diameter`) on
+        a positive annotated slide of known resolution; NaN otherwise."""
+        mpp = outcome.mpp
+        if int(item["label"]) <= 0 or not item.get("annotation") or mpp is None or not math.isfinite(mpp):
+            return math.nan
+        annotation = self.annotations.annotation(str(item["annotation"]))
+        if annotation is None or annotation.empty:
+            return math.nan
+        return annotation.largest_diameter() * mpp / 1000.0
+
     def _iteration(self, engine: SlideEvaluator, batchdata: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        labels, outcomes, focus, seconds, survival = [], [], [], [], []
+        labels, outcomes, focus, lesions, seconds, survival = [], [], [], [], [], []
         for item in batchdata:
             start = time.perf_counter()
             outcome = self.evaluate_slide(item)
@@ -100,6 +118,7 @@ class SlideEvaluator(Evaluator):
             labels.append(int(item["label"]))
             outcomes.append(outcome)
             focus.append(self.focus_measures(item, outcome))
+            lesions.append(self.lesion_size(item, outcome))
             risk = outcome.prediction.risk if outcome.prediction is not None else None
             survival.append(
                 [
@@ -112,6 +131,7 @@ class SlideEvaluator(Evaluator):
             "label": np.array(labels, dtype=int),
             "layer_probs": np.stack([o.layer_probs for o in outcomes]) if outcomes else np.zeros((0, 3, 2)),
             "focus": {name: np.array([f[i] for f in focus]) for i, name in enumerate(FocusOutcome._fields)},
+            "lesion_mm": np.array(lesions, dtype=np.float64),
             "seconds": np.array(seconds),
             "survival": np.array(survival, dtype=np.float64).reshape(-1, 3),
         }
@@ -165,7 +185,7 @@ class SMTEvaluator(SlideEvaluator):
         if prediction.error:
             logger.warning("evaluation: skipping slide %s", prediction.error)
             return None
-        return SlideOutcome(np.stack(prediction.layer_probs), prediction)
+        return SlideOutcome(np.stack(prediction.layer_probs), prediction, prediction.mpp)
 
     def focus_measures(self, item: Mapping[str, Any], outcome: SlideOutcome) -> FocusOutcome:
         """The focus measures and their chance levels on a positive annotated slide."""

@@ -8,6 +8,7 @@ from smt_monai.handlers.metrics import (
     ConfusionMatrix,
     DecisionThreshold,
     FocusRate,
+    LesionRecall,
     QuadraticKappa,
     SlideAUC,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "BestModelCheckpoint",
     "CheckpointError",
     "FocusRate",
+    "LesionRecall",
     "LossWeightRamp",
     "MetricsJSONWriter",
     "ProgressBarHandler",

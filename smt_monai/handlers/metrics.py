@@ -5,7 +5,8 @@ Each metric reads the evaluator's per-batch output: ``label`` ``(B,)`` (-1 when 
 the focus measures and their chance levels by name (``smt_monai.engines.focus_outcome.FocusOutcome``'s
 fields), each ``(B,)``, NaN where they do not apply (negative or unannotated slides), and ``survival``
 ``(B, 3)``, each slide's survival time and event (NaN where the datalist gives none) and the risk head's
-predicted risk (NaN without one).
+predicted risk (NaN without one), and ``lesion_mm`` ``(B,)``, the greatest dimension of a positive annotated
+slide's largest lesion (NaN elsewhere).
 """
 
 from __future__ import annotations
@@ -96,18 +97,23 @@ class _SlideMetric(Metric):
         self._labels: list[np.ndarray] = []
         self._probs: list[np.ndarray] = []
         self._focus: list[dict[str, np.ndarray]] = []
-        self._survival: list[np.ndarray] = []
+        self._extra: dict[str, list[np.ndarray]] = {key: [] for key in self.required_output_keys[3:]}
 
     def update(self, output: Sequence[Any]) -> None:
-        """``output``: ``(label, layer_probs, focus)`` (and ``survival`` where a metric requires it), from the
-        evaluator's output dict."""
+        """``output``: ``(label, layer_probs, focus)`` and the per-slide arrays of any further
+        ``required_output_keys`` (``survival``, ``lesion_mm``), from the evaluator's output dict."""
         labels, layer_probs, focus = np.asarray(output[0]), np.asarray(output[1]), output[2]
         known = labels >= 0
         self._labels.append(labels[known])
         self._probs.append(layer_probs[known][:, self.layer] if len(layer_probs) else np.zeros((0, 2)))
         self._focus.append(focus)
-        if len(output) > 3:
-            self._survival.append(np.asarray(output[3], dtype=np.float64).reshape(-1, 3)[known])
+        for key, values in zip(self.required_output_keys[3:], output[3:]):
+            self._extra[key].append(np.asarray(values, dtype=np.float64)[known])
+
+    def _collected_extra(self, key: str, width: int = 0) -> np.ndarray:
+        """The per-slide values of output ``key`` over the epoch (``(n, width)`` where ``width`` > 0)."""
+        shape = (-1, width) if width else (-1,)
+        return np.concatenate([np.zeros(0), *(v.ravel() for v in self._extra[key])]).reshape(shape)
 
     def _collected(self) -> tuple[np.ndarray, np.ndarray]:
         labels = np.concatenate(self._labels) if self._labels else np.zeros(0, dtype=int)
@@ -224,7 +230,7 @@ class ConcordanceIndex(_SlideMetric):
 
     def compute(self) -> float:
         labels, probs = self._collected()
-        survival = np.concatenate(self._survival) if self._survival else np.zeros((0, 3))
+        survival = self._collected_extra("survival", 3)
         known = ~np.isnan(survival[:, :2]).any(axis=1)
         if known.sum() < 2:
             return float("nan")
@@ -251,3 +257,56 @@ class FocusRate(_SlideMetric):
         values = np.concatenate([np.zeros(0), *(np.asarray(f[self.key]) for f in self._focus)])
         values = values[~np.isnan(values)]
         return float(values.mean()) if len(values) else float("nan")
+
+
+class LesionRecall(_SlideMetric):
+    """Recall of the positive annotated slides by the size of their largest lesion (its greatest dimension,
+    ``TumourAnnotation.largest_diameter``), as metrics ``recall_lesion_<bin>`` and ``slides_lesion_<bin>``
+    (how many slides the bin holds; its recall is NaN without any).
+
+    A slide counts as found when it is predicted positive (any class above 0, at ``threshold``). The default
+    edges are the pN categories of CAMELYON17 (AJCC, for lymph-node metastases): up to 0.2 mm (isolated
+    tumour cells), over 0.2 to 2 mm (micrometastases), over 2 mm (macrometastases). A method that reads
+    few regions, as SMT does, finds small lesions less often than large ones; these metrics say by how much.
+
+    Args:
+        edges_mm: increasing bin edges in mm; a lesion on an edge falls in the lower bin.
+        layer, threshold: as :class:`_SlideMetric`.
+    """
+
+    required_output_keys = ("label", "layer_probs", "focus", "lesion_mm")
+
+    def __init__(
+        self,
+        edges_mm: Sequence[float] = (0.2, 2.0),
+        layer: int = -1,
+        output_transform=lambda x: x,
+        threshold: float | str = 0.5,
+    ) -> None:
+        edges = [float(e) for e in edges_mm]
+        if not edges or any(e <= 0 for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
+            raise ValueError(f"edges_mm must be increasing sizes in mm, got {list(edges_mm)}")
+        self.edges = edges
+        self.bins = lesion_bins(edges)
+        super().__init__(layer=layer, output_transform=output_transform, threshold=threshold)
+        self._metrics_result_mode = "flatten"  # each bin's recall and count are metrics of their own
+
+    def compute(self) -> Mapping[str, float]:
+        labels, predictions, _ = self._predicted()
+        size = self._collected_extra("lesion_mm")
+        known = (labels > 0) & np.isfinite(size)
+        which = np.searchsorted(self.edges, size[known], side="left")
+        found = predictions[known] > 0
+        out: dict[str, float] = {}
+        for b, name in enumerate(self.bins):
+            members = which == b
+            out[f"recall_lesion_{name}"] = float(found[members].mean()) if members.any() else math.nan
+            out[f"slides_lesion_{name}"] = float(members.sum())
+        return out
+
+
+def lesion_bins(edges: Sequence[float]) -> list[str]:
+    """Names of the lesion-size bins cut at ``edges`` (mm): ``up_to_0.2mm``, ``0.2_to_2mm``, ``over_2mm``."""
+    names = [f"up_to_{edges[0]:g}mm"]
+    names += [f"{a:g}_to_{b:g}mm" for a, b in zip(edges, edges[1:])]
+    return names + [f"over_{edges[-1]:g}mm"]
