@@ -51,13 +51,10 @@ def smt_figures(metrics: Mapping[str, Any], k: int) -> dict[str, Any]:
 def lesion_figures(metrics: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """An evaluation's recall by lesion size (``smt_monai.handlers.LesionRecall``), as ``{bin: {"recall": r,
     "slides": n}}`` in the order of the bins; empty where ``metrics`` has none."""
+    bins = [key.removeprefix("recall_lesion_") for key in metrics if key.startswith("recall_lesion_")]
     return {
-        key.removeprefix("recall_lesion_"): {
-            "recall": value,
-            "slides": metrics.get(f"slides_lesion_{key.removeprefix('recall_lesion_')}"),
-        }
-        for key, value in metrics.items()
-        if key.startswith("recall_lesion_")
+        name: {"recall": metrics[f"recall_lesion_{name}"], "slides": metrics.get(f"slides_lesion_{name}")}
+        for name in bins
     }
 
 

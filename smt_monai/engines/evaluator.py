@@ -172,13 +172,21 @@ class SMTEvaluator(SlideEvaluator):
         amp: bool = False,
         class_names: Sequence[str] | None = None,
     ) -> None:
-        super().__init__(device, val_data_loader, key_val_metric, additional_metrics, val_handlers, amp)
-        self.network = network
-        self.predictor = SMTPredictor(
+        predictor = SMTPredictor(
             network, num_focus, aggregation, device=device, amp=amp, focus_source=focus_source, reader=reader
         )
+        super().__init__(
+            device,
+            val_data_loader,
+            key_val_metric,
+            additional_metrics,
+            val_handlers,
+            amp,
+            class_names or predictor.class_names,
+        )
+        self.network = network
+        self.predictor = predictor
         self.label_overlap = float(np.ravel(label_overlap)[-1])
-        self.annotations = AnnotationOverlap(annotation_classes(class_names or self.predictor.class_names))
 
     def evaluate_slide(self, item: Mapping[str, Any]) -> SlideOutcome | None:
         prediction = self.predictor.predict_view(dict(item))
