@@ -139,6 +139,15 @@ def test_slide_lists_of_every_kind(tmp_path: Path) -> None:
     assert load_slide_list(listing)[0]["label"] == 0
     assert load_slide_list(listing, datalist_key="external")[0]["image"].endswith("b.svs")
 
+    annotation = tmp_path / "slide.geojson"  # neither slide nor list: one clear error, not a list of lines
+    annotation.write_text('{"type": "FeatureCollection", "features": []}')
+    with pytest.raises(DatalistError, match="slide.geojson: neither a slide"):
+        load_slide_list(annotation)
+    binary = tmp_path / "slides.txt"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(DatalistError, match="must be text"):
+        load_slide_list(binary)
+
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("path\nx.svs\n")
     with pytest.raises(DatalistError, match="'image' column"):

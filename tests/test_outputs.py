@@ -18,7 +18,7 @@ import torch
 from conftest import TINY_OVERRIDES, write_cohort
 
 from smt_monai.inference import ModelCard, SlideListPredictor, load_model, save_model
-from smt_monai.inference.outputs import OutputError, merge, parse_shard, safe_names
+from smt_monai.inference.outputs import MAX_NAME, OutputError, merge, parse_shard, safe_names
 from smt_monai.networks import SMT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +68,8 @@ def test_output_names_stay_inside_out() -> None:
     )
     assert names == ["slide", "slide_2", "dup", "dup_2", "DUP_3", "a_b_c", "slide_3"]
     assert all("/" not in n and n not in (".", "..") and not n.startswith(".") for n in names)
+    long = safe_names(["x" * 300 + ".svs", "x" * 400 + ".svs"])
+    assert long == ["x" * MAX_NAME, "x" * MAX_NAME + "_2"]
     assert parse_shard("1/4") == (1, 4) and parse_shard(None) is None
     for bad in ("4/4", "-1/2", "1", "a/b"):
         with pytest.raises(OutputError, match="shard"):

@@ -19,6 +19,8 @@ from smt_monai.data.annotations import unknown_annotation_classes
 from smt_monai.data.errors import UserError
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide")
+TEXT_LIST_SUFFIXES = ("", ".txt", ".lst", ".list")
+"""Suffixes of a text file of slide paths, one per line; any other file is neither slide nor list."""
 
 
 class DatalistError(UserError, ValueError):
@@ -203,7 +205,15 @@ def load_slide_list(
                 for row in reader
             ]
         return validate_entries(rows, str(path), base, require_label=False, check_files=False)
-    lines = [line.strip() for line in path.read_text().splitlines()]
+    if path.suffix.lower() not in TEXT_LIST_SUFFIXES:
+        raise DatalistError(
+            f"{path}: neither a slide ({', '.join(SLIDE_SUFFIXES)}) nor a slide list (.json, .csv, "
+            f"{', '.join(s for s in TEXT_LIST_SUFFIXES if s)} or no suffix)"
+        )
+    try:
+        lines = [line.strip() for line in path.read_text().splitlines()]
+    except UnicodeDecodeError:
+        raise DatalistError(f"{path}: a slide list must be text, one path per line") from None
     return validate_entries(
         [line for line in lines if line and not line.startswith("#")], str(path), base, False, False
     )

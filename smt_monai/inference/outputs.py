@@ -46,6 +46,8 @@ RESULT_FILE = "result.json"
 SLIDES_FILE = "slides.json"
 LOCKS = ".locks"
 FIXED_COLUMNS = ("image", "status", "error", "label", "prediction", "class")
+MAX_NAME = 120
+"""The longest per-slide folder name (file systems allow 255 bytes; the names are ASCII)."""
 TIMING_COLUMNS = ("scan_mpp", "read_mpp", "read_s", "compute_s", "total_s", "backend")
 
 
@@ -56,11 +58,12 @@ class OutputError(UserError, ValueError):
 def safe_names(images: Sequence[str]) -> list[str]:
     """A folder name per slide that stays inside ``OUT``: its file name without the extension, characters
     other than letters, digits, ``-``, ``_`` and inner dots replaced by ``_``, leading dots dropped (``...``
-    and ``..tiff`` become ``slide``), suffixed ``_2``, ``_3`` ... where names repeat (case-insensitively)."""
+    and ``..tiff`` become ``slide``), cut to ``MAX_NAME`` characters (a list entry can be longer than a file
+    system allows a name), suffixed ``_2``, ``_3`` ... where names repeat (case-insensitively)."""
     used: set[str] = set()
     names = []
     for image in images:
-        base = re.sub(r"[^A-Za-z0-9._-]", "_", slide_id_of(image)).lstrip(".") or "slide"
+        base = re.sub(r"[^A-Za-z0-9._-]", "_", slide_id_of(image)).lstrip(".")[:MAX_NAME] or "slide"
         name, count = base, 1
         while name.lower() in used:
             count += 1
