@@ -7,6 +7,7 @@ Each crafted file is one a reader trusts to its cost: OpenSlide aborts the whole
 
 from __future__ import annotations
 
+import logging
 import struct
 import subprocess
 import sys
@@ -167,6 +168,45 @@ def test_cli_info_on_crafted_tiff_exits_2_with_one_line(tmp_path: Path, case: st
     assert out.stdout == ""
     assert out.stderr.count("\n") == 1 and out.stderr.startswith(f"error: {path}: ")
     assert "Traceback" not in out.stderr
+
+
+def _broken_page_chain(p: Path) -> Path:
+    """A three-level pyramid whose second page points its next page past the end of the file."""
+    path = write_tiff(p / "chain.tif", scene(768, 1024), downsamples=(1, 4, 16))
+    with tifffile.TiffFile(path) as tif:
+        ifd = tif.pages[1].offset
+    data = bytearray(path.read_bytes())
+    (count,) = struct.unpack_from("<H", data, ifd)
+    struct.pack_into("<I", data, ifd + 2 + 12 * count, len(data) + 5000)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("backend", ["auto", "tifffile"])
+def test_broken_page_chain_reads_the_levels_before_it_with_one_warning_naming_the_file(
+    tmp_path: Path, backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """tifffile logs the break bare (``<tifffile.TiffPages @8> invalid page offset``); said once, named."""
+    path = _broken_page_chain(tmp_path)
+    with caplog.at_level(logging.WARNING), open_slide(path, backend) as slide:
+        assert slide.level_dimensions == [(1024, 768), (256, 192)]
+        assert slide.read_region((0, 0), 0, (64, 64)).shape == (64, 64, 3)
+    assert [r.name for r in caplog.records] == ["smt_monai.data.inspect"]
+    assert caplog.records[0].getMessage() == (
+        f"{path}: TIFF header: invalid page offset {path.stat().st_size + 5000} "
+        "(read with the 2 pyramid levels found)"
+    )
+
+
+def test_cli_info_on_broken_page_chain_names_the_file(tmp_path: Path) -> None:
+    path = _broken_page_chain(tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "smt_monai", "info", str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "0: 1024 x 768" in out.stdout and "1: 256 x 192" in out.stdout and "2: " not in out.stdout
+    assert "<tifffile" not in out.stderr
+    assert f"{path}: TIFF header: invalid page offset" in out.stderr
 
 
 def test_good_uncompressed_slides_open(tmp_path: Path) -> None:

@@ -17,6 +17,8 @@ import logging
 import math
 import os
 import re
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +38,8 @@ _JPEG = 7
 # A compressed tile larger than twice its decoded size plus this is logged as suspicious (tiny JPEG tiles
 # carry tables that can outweigh their pixels).
 _COMPRESSED_SLACK = 64 * 2**10
+# tifffile names the object, not the file, in what it logs: ``<tifffile.TiffPages @8> invalid page offset 1``.
+_TIFFFILE_OBJECT = re.compile(r"<tifffile\.\w+ @\d+>\s*")
 
 
 def check_file(path: str) -> bytes:
@@ -247,12 +251,39 @@ def _tiff_mpp(page: Any) -> float | None:
     return None
 
 
+@contextlib.contextmanager
+def held_tifffile_messages() -> Iterator[list[str]]:
+    """Hold back what tifffile logs from this thread inside the block, and hand it over as text.
+
+    tifffile logs header anomalies (a page chain pointing past the end of the file, a tag it cannot read) on
+    its own logger, naming neither the file nor what follows; the caller says it once, naming the file.
+    Other threads' messages (slides opened side by side) pass untouched.
+    """
+    held: list[str] = []
+    thread = threading.get_ident()
+
+    def hold(record: logging.LogRecord) -> bool:
+        if record.thread != thread:
+            return True
+        held.append(_TIFFFILE_OBJECT.sub("", record.getMessage()))
+        return False
+
+    tifffile_logger = logging.getLogger("tifffile")
+    tifffile_logger.addFilter(hold)
+    try:
+        yield held
+    finally:
+        tifffile_logger.removeFilter(hold)
+
+
 def inspect_tiff(path: str, chunk_budget: int | None = None) -> TiffInfo:
     """Read a TIFF's header: check declared sizes, then find the real pyramid levels, pixel format, mpp, and
     whether cuCIM may read it.
 
     Real levels are the pages of tifffile's first series (the baseline pyramid; SVS thumbnail, label and
-    macro pages are separate series) whose aspect ratio matches level 0 and whose size decreases.
+    macro pages are separate series) whose aspect ratio matches level 0 and whose size decreases. What
+    tifffile finds odd in a header it can still read (a page chain broken off: the levels before the break
+    are read) is logged as one warning naming the file.
 
     Args:
         path: the TIFF file.
@@ -267,7 +298,7 @@ def inspect_tiff(path: str, chunk_budget: int | None = None) -> TiffInfo:
     budget = CHUNK_BUDGET if chunk_budget is None else chunk_budget
     size = os.path.getsize(path)
     try:
-        with tifffile.TiffFile(path) as tif:
+        with held_tifffile_messages() as held, tifffile.TiffFile(path) as tif:
             ndpi = tif.is_ndpi
             for page in _decodable_pages(tif):
                 problem = _size_problem(page, path, size, budget, ndpi)
@@ -296,6 +327,13 @@ def inspect_tiff(path: str, chunk_budget: int | None = None) -> TiffInfo:
                         bytecounts=tuple(page.databytecounts),
                         chunk_bytes=chunking.chunk_bytes,
                     )
+                )
+            if held:
+                logger.warning(
+                    "%s: TIFF header: %s (read with the %d pyramid levels found)",
+                    path,
+                    "; ".join(dict.fromkeys(held)),
+                    len(levels),
                 )
             return TiffInfo(
                 levels=levels,

@@ -38,6 +38,7 @@ from smt_monai.data.inspect import (
     TiffInfo,
     check_file,
     check_pixel_format,
+    held_tifffile_messages,
     inspect_tiff,
     jpeg_stream_problem,
     touched_chunks,
@@ -292,7 +293,8 @@ class Slide:
         tif = self._handle
         if not isinstance(tif, tifffile.TiffFile):
             if self._strict_tiff is None:
-                self._strict_tiff = tifffile.TiffFile(self.path)
+                with held_tifffile_messages():  # inspect_tiff has said them, naming the file
+                    self._strict_tiff = tifffile.TiffFile(self.path)
             tif = self._strict_tiff
         return tif.pages[self._tiff.levels[level].page_index]
 
@@ -341,7 +343,8 @@ def _open_with(path: str, backend: str, tiff: TiffInfo | None) -> Slide:
         dims = list(handle.level_dimensions)
     else:
         assert tiff is not None
-        handle = WSIReader(backend="tifffile").read(path)
+        with held_tifffile_messages():  # inspect_tiff has said them, naming the file
+            handle = WSIReader(backend="tifffile").read(path)
         dims = [(lvl.width, lvl.height) for lvl in tiff.levels]
     mpp = tiff.mpp if tiff is not None else None
     if mpp is None and backend == "openslide":
