@@ -61,6 +61,37 @@ def report_user_errors() -> None:
     sys.excepthook = hook
 
 
+def torch_load_problem(path: str | os.PathLike, error: Exception) -> str:
+    """What is wrong with a file ``torch.load(path, weights_only=True)`` refused, in one line that never
+    advises loading it unsafely.
+
+    torch's own message suggests ``weights_only=False``, which runs whatever code a crafted file holds; for a
+    refused pickle only the unpickler's first sentence is kept (``Unsupported global: GLOBAL posix.system``).
+    """
+    import pickle
+    import zipfile
+
+    if isinstance(error, OSError):
+        return f"cannot read it ({error.strerror or error})"
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head.startswith(b"PK") and not zipfile.is_zipfile(path):
+        return "truncated or corrupt: a zip archive without the directory at its end (an interrupted copy?)"
+    if not head.startswith((b"PK", b"\x80")):  # torch.save writes a zip archive (a pickle before torch 1.6)
+        return f"not a file torch.save writes (it starts with {head!r})"
+    if isinstance(error, pickle.UnpicklingError):
+        # torch's paragraph, the unpickler's words (after this marker, or on the lines after it), torch's docs
+        text, marker = str(error), "WeightsUnpickler error:"
+        words = text.split(marker, 1)[1] if marker in text else text.partition("\n")[2]
+        said = [line.strip() for line in words.splitlines() if line.strip() and "documentation" not in line]
+        return (
+            "refused: it holds Python objects other than tensors and plain data, and loading them could run "
+            f"code ({said[0].split('. ')[0].rstrip('.') if said else 'not loadable with weights_only=True'})"
+        )
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    return f"truncated or corrupt ({type(error).__name__}: {first_line[:300]})"
+
+
 def fast_bf16(device: torch.device | str) -> bool:
     """Whether bfloat16 autocast speeds up networks on ``device``: the default of every ``amp`` setting.
 

@@ -109,3 +109,55 @@ def test_a_model_file_names_its_heads_and_the_cli_stops_quietly_on_a_closed_pipe
     shell = f"{sys.executable} -m smt_monai model {MODEL} | head -1"
     done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=120)
     assert done.stdout.startswith("SMT, preset") and "Traceback" not in done.stderr
+
+
+class _Payload:
+    """Unpickling this would call ``os.system``: what a crafted model file does."""
+
+    def __reduce__(self) -> tuple:
+        import os
+
+        return (os.system, ("true",))
+
+
+def _unusable_model_files(folder: Path) -> dict[str, tuple[Path, str]]:
+    """File -> what its one line must say: files a user may pass as ``--model`` by mistake or damaged."""
+    truncated = folder / "copied" / "model.pt"
+    truncated.parent.mkdir()
+    truncated.write_bytes(MODEL.read_bytes()[:100_000])
+    crafted = folder / "crafted.pt"
+    torch.save({"model": {}, "payload": _Payload()}, crafted)
+    run = folder / "run"
+    run.mkdir()
+    shutil.copy(MODEL, run / "model.pt")
+    torch.save({"network": {}, "optimizer": {}, "trainer": {"epoch": 3}}, run / "checkpoint_epoch=3.pt")
+    (folder / "card.json").write_text('{"preset": "tiny"}')
+    (folder / "random.pt").write_bytes(bytes(range(7, 250)))
+    return {
+        "truncated": (truncated, "truncated or corrupt: a zip archive without the directory at its end"),
+        "crafted": (crafted, "refused: it holds Python objects other than tensors and plain data"),
+        "checkpoint": (run / "checkpoint_epoch=3.pt", f"is a training checkpoint .* use {run / 'model.pt'}$"),
+        "json": (folder / "card.json", r"""not a file torch.save writes \(it starts with b'{"pr'\)"""),
+        "random": (folder / "random.pt", r"not a file torch.save writes \(it starts with b'\\x07\\x08"),
+    }
+
+
+def test_unusable_model_files_are_named_in_one_line_that_never_advises_unsafe_loading(tmp_path: Path) -> None:
+    """torch's own refusal suggests ``weights_only=False`` (which would run the crafted file's code); the line
+    says instead what the file is: a cut copy, a pickle with code, a training checkpoint, another format."""
+    from smt_monai.inference.model import ModelFileError
+
+    cases = _unusable_model_files(tmp_path)
+    for path, pattern in cases.values():
+        with pytest.raises(ModelFileError, match=pattern) as info:
+            load_model(path)
+        assert str(info.value).startswith(f"{path}: ") and "weights_only" not in str(info.value)
+    done = subprocess.run(
+        [sys.executable, "-m", "smt_monai", "model", str(cases["crafted"][0])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith(f"error: {cases['crafted'][0]}: refused") and done.stderr.count("\n") == 1
+    assert "GLOBAL posix.system" in done.stderr or "GLOBAL os.system" in done.stderr

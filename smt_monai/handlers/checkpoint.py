@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import pickle
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch.distributed as dist
 from ignite.engine import Engine, Events
 
 from smt_monai.data.errors import UserError
-from smt_monai.utils import atomic_path, remove_stale_temporaries
+from smt_monai.utils import atomic_path, remove_stale_temporaries, torch_load_problem
 
 logger = logging.getLogger(__name__)
 
@@ -61,18 +60,8 @@ def load_trusted(
     """
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        reason = re.search(r"WeightsUnpickler error: (.*?)(\.\s|$)", str(exc), re.MULTILINE)
-        raise CheckpointError(
-            path,
-            "refused: it holds Python objects other than tensors and plain data, and loading them could run "
-            f"code ({reason.group(1) if reason else 'not loadable with weights_only=True'})",
-        ) from None
-    except OSError as exc:
-        raise CheckpointError(path, f"cannot read it ({exc.strerror or exc})") from None
     except Exception as exc:
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        raise CheckpointError(path, f"truncated or corrupt ({type(exc).__name__}: {first_line})") from None
+        raise CheckpointError(path, torch_load_problem(path, exc)) from None
     if not isinstance(state, dict) or any(key not in state for key in keys):
         found = [str(key) for key in state][:5] if isinstance(state, dict) else [type(state).__name__]
         more = ", ..." if isinstance(state, dict) and len(state) > 5 else ""

@@ -30,6 +30,7 @@ from smt_monai.data.datalist import numbered_class_names
 from smt_monai.data.errors import UserError
 from smt_monai.networks.normalization import HE_OD_MEAN, HE_OD_STD
 from smt_monai.networks.smt import CARD_KEY, SMT, SMTConfig
+from smt_monai.utils import torch_load_problem
 
 STRUCTURE = ("preset", *(f.name for f in dataclasses.fields(SMTConfig)))
 """What a user may state when loading a model, checked against its card (``load_model``'s ``expect``)."""
@@ -214,6 +215,13 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", **ex
         card = ModelCard.of(network)
     else:
         content = _load(path, device)
+        if isinstance(content, dict) and CARD_KEY not in content and {"network", "trainer"} <= set(content):
+            beside = path.with_name("model.pt")
+            raise ModelFileError(
+                path,
+                "is a training checkpoint (network, optimizer and trainer state to resume training), not a "
+                f"model: use {beside if beside.is_file() else 'the model.pt training wrote beside it'}",
+            )
         if not isinstance(content, dict) or CARD_KEY not in content:
             raise ModelFileError(
                 path,
@@ -253,10 +261,7 @@ def _load(path: Path, device: torch.device | str) -> Any:
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # a crafted pickle, a truncated or foreign file: never unpickle code
-        problem = " ".join(str(exc).split("\n")[0].split())[:300]
-        raise ModelFileError(
-            path, f"not a loadable smt-monai model ({type(exc).__name__}: {problem})"
-        ) from None
+        raise ModelFileError(path, torch_load_problem(path, exc)) from None
 
 
 def _check(path: Path, card: ModelCard, expect: Mapping[str, Any]) -> None:

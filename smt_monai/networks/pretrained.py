@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 from smt_monai.data.errors import UserError
 from smt_monai.networks.layer import SMTLayer
+from smt_monai.utils import torch_load_problem
 
 # Where a state dict sits inside a checkpoint, in order of preference (DINO's evaluation uses the teacher).
 WRAPPER_KEYS = ("teacher", "model", "state_dict", "student")
@@ -112,9 +113,8 @@ def read_vit_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any unreadable file: one line, not the unpickler's traceback
-        raise PretrainedWeightsError(
-            path, f"cannot read pretrained weights: {_first_sentence(exc)}"
-        ) from None
+        problem = _first_sentence(exc) if load_safetensors is not None else torch_load_problem(path, exc)
+        raise PretrainedWeightsError(path, f"cannot read pretrained weights: {problem}") from None
     return _unwrap(content, path)
 
 
@@ -130,10 +130,8 @@ def _safetensors_loader(path: Path):
 
 
 def _first_sentence(exc: Exception) -> str:
-    """The reason in a reader's error: for a weights-only unpickling failure the unpickler's own sentence
-    (``Unsupported global: GLOBAL ...``), not PyTorch's paragraph around it."""
-    text = str(exc).split("WeightsUnpickler error:", 1)[-1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    """The first sentence of the safetensors reader's error (``Error while deserializing header``)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0].split(". ", 1)[0] if lines else type(exc).__name__
 
 
