@@ -88,6 +88,36 @@ def test_box_leaving_the_slide_is_padded_white(tiny_slide: Path) -> None:
     assert image[40:, 40:].min() < 250
 
 
+def test_a_region_far_larger_than_the_slide_costs_what_the_slide_holds(tmp_path: Path) -> None:
+    """A low-magnification view of a small single-level slide (a biopsy exported flat): the region spans
+    16384 px a side at level 0 (768 MiB white-padded), the slide 600 x 400 px. The read holds only the slide's
+    pixels, and equals the whole padded region block-averaged and box-resized, pixel for pixel."""
+    import tracemalloc
+
+    from PIL import Image
+
+    path = write_tiff(tmp_path / "flat.tif", scene(400, 600), downsamples=(1,), compression=None)
+    boxes = np.array([[-8000.0, -7000.0, 16384.0], [-37.0, -101.0, 700.0], [100.0, 50.0, 320.0]])
+    with open_slide(path) as slide:
+        tracemalloc.start()
+        images = read_boxes(slide, boxes, 64)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        pixels = slide.read_level(0)
+    assert peak < 16 * 2**20
+    for box, image in zip(boxes.astype(int), images):
+        x, y, side = box
+        padded = np.full((side, side, 3), 255, dtype=np.uint8)
+        x0, y0 = max(0, x), max(0, y)
+        x1, y1 = min(600, x + side), min(400, y + side)
+        padded[y0 - y : y1 - y, x0 - x : x1 - x] = pixels[y0:y1, x0:x1]
+        reference = Image.fromarray(padded)
+        if side // 64 >= 2:
+            reference = reference.reduce(side // 64)
+        np.testing.assert_array_equal(image, np.asarray(reference.resize((64, 64), Image.Resampling.BOX)))
+    assert images[0].min() < 250 and (images[0][:16] == 255).all()  # the slide is there, small, amid white
+
+
 def test_transform_pair_reads_batches(tiny_slide: Path) -> None:
     boxes = np.array([[0.0, 0.0, 256.0], [256.0, 256.0, 256.0], [512.0, 256.0, 128.0]])
     images = ReadSlideRegions(read_size=32)(str(tiny_slide), boxes)

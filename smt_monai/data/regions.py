@@ -32,20 +32,20 @@ def plan_read(slide: Slide, box: np.ndarray, read_size: int) -> tuple[int, tuple
     return level, (int(np.floor(x)), int(np.floor(y))), side
 
 
-def _resize(region: np.ndarray, read_size: int) -> np.ndarray:
-    """Area-resize a square region to ``read_size`` (bilinear when it must be enlarged).
+def _block_factor(side: int, read_size: int) -> int:
+    """The blocks a ``side``-pixel read is averaged over before its box-filter resize to ``read_size``: a big
+    reduction is mostly whole-block averages (``Image.reduce``, much cheaper than a resampling filter of the
+    same support, done while reading by :meth:`Slide.read_regions`), the small remainder resampled."""
+    return max(1, side // read_size)
 
-    Large reductions first average whole blocks (``Image.reduce``, much cheaper than a resampling filter
-    of the same support), then resample the small remainder with a box filter.
-    """
+
+def _resize(region: np.ndarray, read_size: int) -> np.ndarray:
+    """Resize a square region (already block-averaged) to ``read_size``: box filter, bilinear to enlarge."""
     if region.shape[0] == read_size and region.shape[1] == read_size:
         return region
     image = Image.fromarray(region)
     if region.shape[0] < read_size:
         return np.asarray(image.resize((read_size, read_size), Image.Resampling.BILINEAR))
-    factor = min(region.shape[0], region.shape[1]) // read_size
-    if factor >= 2:
-        image = image.reduce(factor)
     return np.asarray(image.resize((read_size, read_size), Image.Resampling.BOX))
 
 
@@ -70,7 +70,9 @@ def iter_boxes(
         for (level, side), members in groups.items():
             for start in range(0, len(members), chunk_size):
                 chunk = members[start : start + chunk_size]
-                raw = slide.read_regions([plans[i][1] for i in chunk], level, (side, side), num_workers)
+                locations = [plans[i][1] for i in chunk]
+                factor = _block_factor(side, read_size)
+                raw = slide.read_regions(locations, level, (side, side), num_workers, factor)
                 images = np.stack(list(pool.map(lambda r: _resize(r, read_size), raw)))
                 yield np.asarray(chunk), images
 

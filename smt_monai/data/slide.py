@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from smt_monai.data.errors import SlideReadError
 from smt_monai.data.inspect import (
@@ -145,6 +146,7 @@ class Slide:
         level: int,
         size: tuple[int, int],
         num_workers: int = 2,
+        reduce: int = 1,
     ) -> list[np.ndarray]:
         """Read regions of equal size at one level, in parallel, as ``(h, w, 3)`` uint8 RGB arrays.
 
@@ -153,16 +155,23 @@ class Slide:
             level: pyramid level to read from.
             size: ``(width, height)`` of each region in pixels of ``level``.
             num_workers: threads decoding at once.
+            reduce: return each region averaged over ``reduce`` x ``reduce`` blocks (``PIL.Image.reduce``;
+                a last partial block is averaged over its own pixels), ``ceil(h / reduce)`` x
+                ``ceil(w / reduce)``.
 
-        Pixels outside the slide are background white.
+        Pixels outside the slide are background white. Only the part of a region inside the slide is held at
+        the level's resolution (with ``reduce``, widened to whole blocks), so a region far larger than the
+        slide (a low-magnification view of a slide without a coarse level) costs what the slide holds, not
+        what the region spans.
 
         Raises:
             SlideReadError: the backend failed or the file's pixel data is corrupt.
         """
         w, h = int(size[0]), int(size[1])
+        f = max(1, int(reduce))
         ds = self.level_downsamples[level]
         lw, lh = self.level_dimensions[level]
-        regions = [np.full((h, w, 3), WHITE, dtype=np.uint8) for _ in locations]
+        regions = [np.full((-(-h // f), -(-w // f), 3), WHITE, dtype=np.uint8) for _ in locations]
         # Clip each window to the level; windows of the same clipped size are read in one batch.
         groups: dict[tuple[int, int], list[tuple[int, tuple[int, int], tuple[int, int]]]] = {}
         for i, (x, y) in enumerate(locations):
@@ -184,7 +193,7 @@ class Slide:
                             pool.map(reader, read_at, [level] * len(read_at), [(cw, ch)] * len(read_at))
                         )
                 for (i, _, (ox, oy)), piece in zip(members, pieces):
-                    regions[i][oy : oy + ch, ox : ox + cw] = piece
+                    _paste_reduced(regions[i], piece, ox, oy, (w, h), f)
         except SlideReadError:
             raise
         except Exception as exc:
@@ -322,6 +331,27 @@ class Slide:
 
     def __repr__(self) -> str:
         return f"Slide({self.path!r}, backend={self.backend!r}, levels={self.level_dimensions})"
+
+
+def _paste_reduced(
+    out: np.ndarray, piece: np.ndarray, ox: int, oy: int, size: tuple[int, int], reduce: int
+) -> None:
+    """Put ``piece`` (the in-slide part of a ``size`` region, at ``(ox, oy)`` in it) into ``out``, the region
+    reduced by ``reduce``: the piece is widened with white to whole blocks of the region, so that its blocks
+    average exactly what the whole white-padded region's would."""
+    if reduce == 1:
+        out[oy : oy + piece.shape[0], ox : ox + piece.shape[1]] = piece
+        return
+    (w, h), ch, cw = size, piece.shape[0], piece.shape[1]
+    ax0, ay0 = ox // reduce * reduce, oy // reduce * reduce
+    ax1, ay1 = min(w, -(-(ox + cw) // reduce) * reduce), min(h, -(-(oy + ch) // reduce) * reduce)
+    if (ax0, ay0, ax1, ay1) != (ox, oy, ox + cw, oy + ch):
+        block = np.full((ay1 - ay0, ax1 - ax0, 3), WHITE, dtype=np.uint8)
+        block[oy - ay0 : oy - ay0 + ch, ox - ax0 : ox - ax0 + cw] = piece
+        piece = block
+    reduced = np.asarray(Image.fromarray(np.ascontiguousarray(piece)).reduce(reduce))
+    by, bx = ay0 // reduce, ax0 // reduce
+    out[by : by + reduced.shape[0], bx : bx + reduced.shape[1]] = reduced
 
 
 def _open_with(path: str, backend: str, tiff: TiffInfo | None) -> Slide:
