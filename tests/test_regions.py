@@ -118,6 +118,24 @@ def test_a_region_far_larger_than_the_slide_costs_what_the_slide_holds(tmp_path:
     assert images[0].min() < 250 and (images[0][:16] == 255).all()  # the slide is there, small, amid white
 
 
+@pytest.mark.parametrize("backend", ["auto", "openslide", "tifffile"])
+def test_a_reduced_read_larger_than_a_band_is_read_band_by_band_to_the_same_pixels(
+    tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A low-magnification view of a large flat slide is read in bands of whole blocks (here 13 KiB, 4 to 5
+    rows of 3-pixel blocks), pixel-identical to reading it at once, whatever the window's offset."""
+    from smt_monai.data import slide as slide_module
+
+    path = write_tiff(tmp_path / "flat.tif", scene(700, 900, seed=3), downsamples=(1,), tile=64)
+    boxes = np.array([[-301.0, -157.0, 1350.0], [0.0, 0.0, 900.0], [17.0, 29.0, 601.0], [5.0, 640.0, 450.0]])
+    with open_slide(path, backend) as slide:
+        whole = read_boxes(slide, boxes, 150)
+        monkeypatch.setattr(slide_module, "BAND_BYTES", 13 * 1024)
+        banded = read_boxes(slide, boxes, 150)
+    np.testing.assert_array_equal(banded, whole)
+    assert whole[0].min() < 250 and (whole[0][:15] == 255).all()  # the slide starts 157 px down
+
+
 def test_transform_pair_reads_batches(tiny_slide: Path) -> None:
     boxes = np.array([[0.0, 0.0, 256.0], [256.0, 256.0, 256.0], [512.0, 256.0, 128.0]])
     images = ReadSlideRegions(read_size=32)(str(tiny_slide), boxes)

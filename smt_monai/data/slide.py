@@ -49,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("cucim", "openslide", "tifffile")
 WHITE = 255
+# The most a reduced read holds at the level's resolution at once (a band of whole blocks of rows).
+BAND_BYTES = 64 * 2**20
 
 
 _CUCIM_IMPORT: list[Any] = []
@@ -159,10 +161,10 @@ class Slide:
                 a last partial block is averaged over its own pixels), ``ceil(h / reduce)`` x
                 ``ceil(w / reduce)``.
 
-        Pixels outside the slide are background white. Only the part of a region inside the slide is held at
-        the level's resolution (with ``reduce``, widened to whole blocks), so a region far larger than the
-        slide (a low-magnification view of a slide without a coarse level) costs what the slide holds, not
-        what the region spans.
+        Pixels outside the slide are background white. Only the part of a region inside the slide is read,
+        and with ``reduce`` it is read in bands of whole blocks of at most :data:`BAND_BYTES` each: a
+        low-magnification view of a large slide without coarse levels (a flat TIFF) holds one band at the
+        level's resolution, not the whole region.
 
         Raises:
             SlideReadError: the backend failed or the file's pixel data is corrupt.
@@ -183,22 +185,35 @@ class Slide:
                 groups.setdefault((cx1 - cx0, cy1 - cy0), []).append((i, read_at, (cx0 - x0, cy0 - y0)))
         try:
             for (cw, ch), members in groups.items():
-                read_at = [m[1] for m in members]
-                if self.backend == "cucim":
-                    pieces = self._read_cucim(read_at, level, (cw, ch), num_workers)
-                else:
-                    reader = self._read_openslide if self.backend == "openslide" else self._read_tifffile
-                    with ThreadPoolExecutor(max(1, num_workers)) as pool:
-                        pieces = list(
-                            pool.map(reader, read_at, [level] * len(read_at), [(cw, ch)] * len(read_at))
-                        )
-                for (i, _, (ox, oy)), piece in zip(members, pieces):
-                    _paste_reduced(regions[i], piece, ox, oy, (w, h), f)
+                rows = ch if f == 1 else max(f, BAND_BYTES // (3 * cw) // f * f)
+                if rows >= ch:
+                    pieces = self._read_windows([m[1] for m in members], level, (cw, ch), num_workers)
+                    for (i, _, (ox, oy)), piece in zip(members, pieces):
+                        _paste_reduced(regions[i], piece, ox, oy, (w, h), f)
+                    continue
+                for i, (rx, ry), (ox, oy) in members:  # too large to hold at once: whole blocks of rows
+                    top = oy
+                    while top < oy + ch:
+                        bottom = min(oy + ch, top // f * f + rows)
+                        at = (rx, int(round((round(ry / ds) + top - oy) * ds)))
+                        piece = self._read_windows([at], level, (cw, bottom - top), num_workers)[0]
+                        _paste_reduced(regions[i], piece, ox, top, (w, h), f)
+                        top = bottom
         except SlideReadError:
             raise
         except Exception as exc:
             raise SlideReadError(self.path, f"cannot read pixels ({type(exc).__name__}: {exc})") from None
         return regions
+
+    def _read_windows(
+        self, locations: list[tuple[int, int]], level: int, size: tuple[int, int], num_workers: int
+    ) -> list[np.ndarray]:
+        """Windows inside the level, by the slide's backend (cuCIM batched, the others in a thread pool)."""
+        if self.backend == "cucim":
+            return self._read_cucim(locations, level, size, num_workers)
+        reader = self._read_openslide if self.backend == "openslide" else self._read_tifffile
+        with ThreadPoolExecutor(max(1, num_workers)) as pool:
+            return list(pool.map(reader, locations, [level] * len(locations), [size] * len(locations)))
 
     def _read_cucim(
         self, locations: list[tuple[int, int]], level: int, size: tuple[int, int], num_workers: int
