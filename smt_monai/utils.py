@@ -65,8 +65,9 @@ def torch_load_problem(path: str | os.PathLike, error: Exception) -> str:
     """What is wrong with a file ``torch.load(path, weights_only=True)`` refused, in one line that never
     advises loading it unsafely.
 
-    torch's own message suggests ``weights_only=False``, which runs whatever code a crafted file holds; for a
-    refused pickle only the unpickler's first sentence is kept (``Unsupported global: GLOBAL posix.system``).
+    torch's own message suggests turning weights-only loading off, which runs whatever code a crafted file
+    holds; for a refused pickle only the unpickler's first sentence is kept (``Unsupported global: GLOBAL
+    posix.system``).
     """
     import pickle
     import zipfile
