@@ -175,27 +175,27 @@ class Slide:
         lw, lh = self.level_dimensions[level]
         regions = [np.full((-(-h // f), -(-w // f), 3), WHITE, dtype=np.uint8) for _ in locations]
         # Clip each window to the level; windows of the same clipped size are read in one batch.
-        groups: dict[tuple[int, int], list[tuple[int, tuple[int, int], tuple[int, int]]]] = {}
+        groups: dict[tuple[int, int], list[tuple[int, tuple[int, int], tuple[int, int], int]]] = {}
         for i, (x, y) in enumerate(locations):
             x0, y0 = int(np.floor(x / ds)), int(np.floor(y / ds))
             cx0, cy0 = max(0, x0), max(0, y0)
             cx1, cy1 = min(lw, x0 + w), min(lh, y0 + h)
             if cx0 < cx1 and cy0 < cy1:
                 read_at = (int(round(cx0 * ds)), int(round(cy0 * ds)))
-                groups.setdefault((cx1 - cx0, cy1 - cy0), []).append((i, read_at, (cx0 - x0, cy0 - y0)))
+                groups.setdefault((cx1 - cx0, cy1 - cy0), []).append((i, read_at, (cx0 - x0, cy0 - y0), cy0))
         try:
             for (cw, ch), members in groups.items():
                 rows = ch if f == 1 else max(f, BAND_BYTES // (3 * cw) // f * f)
                 if rows >= ch:
                     pieces = self._read_windows([m[1] for m in members], level, (cw, ch), num_workers)
-                    for (i, _, (ox, oy)), piece in zip(members, pieces):
+                    for (i, _, (ox, oy), _), piece in zip(members, pieces):
                         _paste_reduced(regions[i], piece, ox, oy, (w, h), f)
                     continue
-                for i, (rx, ry), (ox, oy) in members:  # too large to hold at once: whole blocks of rows
+                for i, (rx, _), (ox, oy), cy0 in members:  # too large to hold at once: whole blocks of rows
                     top = oy
                     while top < oy + ch:
                         bottom = min(oy + ch, top // f * f + rows)
-                        at = (rx, int(round((round(ry / ds) + top - oy) * ds)))
+                        at = (rx, int(round((cy0 + top - oy) * ds)))
                         piece = self._read_windows([at], level, (cw, bottom - top), num_workers)[0]
                         _paste_reduced(regions[i], piece, ox, top, (w, h), f)
                         top = bottom
