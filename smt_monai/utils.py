@@ -93,6 +93,35 @@ def torch_load_problem(path: str | os.PathLike, error: Exception) -> str:
     return f"truncated or corrupt ({type(error).__name__}: {first_line[:300]})"
 
 
+def usable_device(device: torch.device | str) -> torch.device:
+    """``device`` as a ``torch.device``, checked to exist on this machine before anything is loaded onto it.
+
+    Raises:
+        OptionError: torch does not know the name, or no such GPU is visible here.
+    """
+    import torch
+
+    from smt_monai.data.errors import OptionError
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise OptionError(f"device {device!r}: not a device torch knows (cpu, cuda, cuda:1, mps)") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise OptionError(f"device {device!r}: no CUDA GPU is visible on this machine; use cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise OptionError(
+                f"device {device!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}"
+            )
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise OptionError(f"device {device!r}: Apple's MPS is not available on this machine; use cpu")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise OptionError(f"device {device!r}: smt-monai runs on cpu, cuda or mps")
+    return parsed
+
+
 def fast_bf16(device: torch.device | str) -> bool:
     """Whether bfloat16 autocast speeds up networks on ``device``: the default of every ``amp`` setting.
 

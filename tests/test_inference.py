@@ -153,6 +153,41 @@ def test_all_broken_exits_1_with_the_reason(
     assert (tmp_path / "out" / "predictions.csv").exists()
 
 
+@pytest.mark.parametrize(
+    ("option", "says"),
+    [
+        (["--k", "0"], "argument --k: must be 1 or more, got 0"),
+        (["--k", "17"], "K (num_focus) 17: this model's regions hold 16 patches (4 x 4), so K is 1 to 16"),
+        (["--default-mpp", "-0.5"], "argument --default-mpp/--default_mpp: must be a number above 0"),
+        (["--default-mpp", "50"], "default_mpp 50: not a scan's level-0 um/px"),
+        (["--slide-timeout", "0"], "argument --slide-timeout: must be a number above 0"),
+        (["--workers", "0"], "argument --workers: must be 1 or more"),
+        (["--slides-in-flight", "0"], "argument --slides-in-flight: must be 1 or more"),
+        (["--gallery", "-1"], "argument --gallery: must be 0 or more"),
+        (["--device", "tpu"], "device 'tpu': "),
+        (["--device", "cuda:99"], "device 'cuda:99': "),
+    ],
+)
+def test_predict_refuses_an_unusable_option_in_one_line(
+    model_and_list: tuple[Path, Path, list[Path]], tmp_path: Path, capsys: pytest.CaptureFixture, option, says
+) -> None:
+    """An option no run could use stops the command before any slide is read: exit 2, one line naming the
+    option and the range it takes, no traceback (before, ``--k 0`` silently meant the model's K, ``--k 17``
+    ended in a traceback, and ``--device cuda`` on a machine without one called the model file corrupt)."""
+    from smt_monai.cli import main
+
+    model, _, slides = model_and_list
+    out = tmp_path / "out"
+    try:
+        status = main(["predict", str(slides[0]), "-m", str(model), "-o", str(out), "--quiet", *option])
+    except SystemExit as exc:  # argparse's own refusal
+        status = exc.code
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert says in errors[-1] and "Traceback" not in "\n".join(errors)
+    assert not (out / "predictions.csv").exists()
+
+
 class RandomRegions:
     """Stands in for the region reads of one slide: random uint8 images, counting the rows asked for."""
 

@@ -58,6 +58,18 @@ def check_aggregation(model: torch.nn.Module, aggregation: str) -> str:
     return aggregation
 
 
+def check_num_focus(model: torch.nn.Module, num_focus: int) -> int:
+    """``num_focus`` (K) if each of ``model``'s regions has that many patches to focus; an OptionError (a
+    ValueError) naming the range otherwise."""
+    patches = int(model.grid) ** 2
+    if isinstance(num_focus, bool) or int(num_focus) != num_focus or not 1 <= num_focus <= patches:
+        raise OptionError(
+            f"K (num_focus) {num_focus!r}: this model's regions hold {patches} patches ({int(model.grid)} x "
+            f"{int(model.grid)}), so K is 1 to {patches}"
+        )
+    return int(num_focus)
+
+
 def predicted_classes(probs: np.ndarray, threshold: float) -> np.ndarray:
     """The class of each row of ``probs``: P(positive) against ``threshold`` for two classes, else argmax."""
     if probs.shape[1] == 2:

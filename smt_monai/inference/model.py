@@ -30,7 +30,7 @@ from smt_monai.data.datalist import numbered_class_names
 from smt_monai.data.errors import UserError
 from smt_monai.networks.normalization import HE_OD_MEAN, HE_OD_STD
 from smt_monai.networks.smt import CARD_KEY, SMT, SMTConfig
-from smt_monai.utils import torch_load_problem
+from smt_monai.utils import torch_load_problem, usable_device
 
 STRUCTURE = ("preset", *(f.name for f in dataclasses.fields(SMTConfig)))
 """What a user may state when loading a model, checked against its card (``load_model``'s ``expect``)."""
@@ -208,13 +208,14 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", **ex
             ``expect``; the message names the file and the values.
     """
     path = Path(path)
+    device = usable_device(device)
     if not path.is_file():
         raise ModelFileError(path, "model file does not exist (train first, or pass --ckpt_path)")
     if _is_torchscript(path):
         network = torch.jit.load(str(path), map_location=device)
         card = ModelCard.of(network)
     else:
-        content = _load(path, device)
+        content = _load(path)
         if isinstance(content, dict) and CARD_KEY not in content and {"network", "trainer"} <= set(content):
             beside = path.with_name("model.pt")
             raise ModelFileError(
@@ -257,9 +258,10 @@ def _is_torchscript(path: Path) -> bool:
         return any(name.endswith("/code/__torch__.py") or "/code/" in name for name in archive.namelist())
 
 
-def _load(path: Path, device: torch.device | str) -> Any:
+def _load(path: Path) -> Any:
+    """The file's content on the CPU (whatever device saved it), only tensors and plain data."""
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a crafted pickle, a truncated or foreign file: never unpickle code
         raise ModelFileError(path, torch_load_problem(path, exc)) from None
 
