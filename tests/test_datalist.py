@@ -114,6 +114,20 @@ def test_missing_split_and_bad_json(tmp_path: Path) -> None:
         load_datalist(tmp_path / "none.json")
 
 
+def test_a_folder_is_searched_with_its_subfolders_skipping_hidden_names(tmp_path: Path) -> None:
+    """An archive by year and case: every slide below the folder, in path order; macOS's ``._`` resource
+    forks, hidden folders (an OUT's ``.locks``) and non-slides are left out; a link back up does not loop."""
+    archive = tmp_path / "archive"
+    for name in ("2024/case_2/b.SVS", "2024/case_1/a.tif", "2024/case_1/._a.tif", "2023/c.ndpi",
+                 "2023/c/Index.dat", ".trash/d.svs", "z.mrxs", "z/Slidedat.ini", "notes.txt"):  # fmt: skip
+        _touch(archive / name)
+    (archive / "2024" / "up").symlink_to(archive, target_is_directory=True)
+    found = [Path(e["image"]).relative_to(archive).as_posix() for e in load_slide_list(archive)]
+    assert found == ["2023/c.ndpi", "2024/case_1/a.tif", "2024/case_2/b.SVS", "z.mrxs"]
+    with pytest.raises(DatalistError, match="neither the folder nor its subfolders hold slide files"):
+        load_slide_list(archive / "2023" / "c")
+
+
 def test_slide_lists_of_every_kind(tmp_path: Path) -> None:
     for name in ("b.svs", "a.tif", "notes.txt"):
         _touch(tmp_path / "slides" / name)

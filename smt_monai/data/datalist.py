@@ -175,6 +175,24 @@ def _survival(item: dict[str, Any], what: str) -> list[str]:
     return []
 
 
+def folder_slides(folder: str | os.PathLike) -> list[Path]:
+    """The slide files in ``folder`` and its subfolders (an archive by year, patient or case), in path order.
+
+    Hidden names are skipped: macOS writes a ``._NAME.svs`` resource fork beside each slide copied to a
+    network or exFAT drive, which is not a slide, and an OUT's ``.locks`` folder is not either. Symbolic
+    links to files are followed; links to folders are not, so a link back up cannot loop.
+    """
+    found = []
+    for root, folders, files in os.walk(folder):
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        found += [
+            Path(root) / name
+            for name in files
+            if not name.startswith(".") and Path(name).suffix.lower() in SLIDE_SUFFIXES
+        ]
+    return sorted(found)
+
+
 def load_slide_list(
     source: str | os.PathLike, datalist_key: str = "testing", dataset_dir: str | os.PathLike | None = None
 ) -> list[dict[str, Any]]:
@@ -186,9 +204,12 @@ def load_slide_list(
     if path.is_file() and path.suffix.lower() in SLIDE_SUFFIXES:
         return [{"image": str(path)}]
     if path.is_dir():
-        slides = sorted(p for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES)
+        slides = folder_slides(path)
         if not slides:
-            raise DatalistError(f"{path}: folder holds no slide files ({', '.join(SLIDE_SUFFIXES)})")
+            raise DatalistError(
+                f"{path}: neither the folder nor its subfolders hold slide files "
+                f"({', '.join(SLIDE_SUFFIXES)})"
+            )
         return [{"image": str(p)} for p in slides]
     if not path.is_file():
         raise DatalistError(f"{path}: slide list does not exist")
