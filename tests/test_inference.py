@@ -73,12 +73,15 @@ def test_slide_list_with_broken_files(model_and_list: tuple[Path, Path, list[Pat
         rows = list(csv.DictReader(fh))
     assert [r["image"] for r in rows] == [str(p) for p in slides]  # one row per slide, input order
     status = {Path(r["image"]).name: r for r in rows}
+    with open_slide(slides[0]) as slide:
+        width_mm, height_mm = (side * slide.mpp / 1000 for side in slide.dimensions)
     for good in ("slide_0.tif", "slide_1.tif", "slide_2.tif"):
         row = status[good]
         assert row["status"] == "ok" and row["error"] == "" and row["backend"]
         assert abs(float(row["prob_benign"]) + float(row["prob_tumour"]) - 1) < 1e-4
         assert row["class"] in ("benign", "tumour") and float(row["scan_mpp"]) == 0.5
         assert float(row["read_mpp"]) == pytest.approx(1.0, rel=0.1)  # the tiny preset's layer3_mpp
+        assert 0 < float(row["tissue_mm2"]) < width_mm * height_mm
         assert float(row["total_s"]) >= float(row["compute_s"]) > 0 and float(row["read_s"]) > 0
     reasons = {"missing.svs": "does not exist", "empty.svs": "empty", "truncated.tif": "truncated",
                "notes.svs": "not a slide"}  # fmt: skip
@@ -186,6 +189,21 @@ def test_predict_refuses_an_unusable_option_in_one_line(
     assert status == 2
     assert says in errors[-1] and "Traceback" not in "\n".join(errors)
     assert not (out / "predictions.csv").exists()
+
+
+def test_a_blank_slide_is_read_whole_with_a_warning_and_no_tissue(
+    model_and_list: tuple[Path, Path, list[Path]], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A blank or failed scan is not silently a benign slide: its row says 0 mm^2 of tissue, and the log
+    names the file."""
+    from smt_monai.inference import SMTPredictor
+
+    model, _, _ = model_and_list
+    blank = write_tiff(tmp_path / "blank.tif", np.full((768, 1024, 3), 243, np.uint8))
+    with caplog.at_level("WARNING"):
+        result = SMTPredictor.from_checkpoint(model).predict(blank)
+    assert result.ok and result.tissue_mm2 == 0.0
+    assert f"{blank}: no tissue found" in caplog.text
 
 
 class RandomRegions:

@@ -17,6 +17,7 @@ from smt_monai.data.tissue import (
     thumbnail,
     tissue_bbox,
     tissue_components,
+    tissue_map,
     working_image,
 )
 
@@ -96,6 +97,20 @@ def test_a_dark_fluorescence_slide_is_refused(tmp_path: Path) -> None:
 def test_a_blank_slide_is_one_whole_slide_section(tmp_path: Path) -> None:
     path = write_tiff(tmp_path / "blank.tif", np.full((512, 768, 3), 243, np.uint8), downsamples=(1, 4))
     assert boxes_of(path) == [(0.0, 0.0, 768.0, 512.0)]
+
+
+def test_the_tissue_area_is_measured_in_mm2_and_is_0_on_a_blank_slide(tmp_path: Path) -> None:
+    image = np.full((3000, 4000, 3), 243, np.uint8)
+    image[500:2100, 800:3200] = PINK  # 1.6 x 2.4 mm at 1 um/px
+    path = write_tiff(tmp_path / "section.tif", image, downsamples=(1, 8), mpp=1.0)
+    with open_slide(path) as slide:
+        found = tissue_map(slide, 1.0)
+        assert not found.blank and found.area_mm2 == pytest.approx(3.84, rel=0.05)
+        assert tissue_map(slide, None).area_mm2 is None  # no mpp, no physical area
+    blank = write_tiff(tmp_path / "blank.tif", np.full((3000, 4000, 3), 243, np.uint8), downsamples=(1, 8))
+    with open_slide(blank) as slide:
+        found = tissue_map(slide, 0.5)
+        assert found.blank and found.area_mm2 == 0.0
 
 
 def test_synthetic_sections_are_found_through_pen_marks_and_debris(tmp_path: Path) -> None:

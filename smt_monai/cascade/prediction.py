@@ -91,7 +91,8 @@ class SlidePrediction:
     only ``path`` is set). ``dimensions`` (level-0 width, height), ``mpp`` (the level-0 um/px the slide was
     read at; None when unknown), ``backend`` and ``fields`` (layer 1's ``(F, side, side, 3)`` uint8 inputs,
     one per field of view) describe the slide; ``read_mpp`` is the resolution of layer 3's reads (the
-    model's ``layer3_mpp``, or the scan's where it is coarser; the region's um/px in the tissue geometry).
+    model's ``layer3_mpp``, or the scan's where it is coarser; the region's um/px in the tissue geometry);
+    ``tissue_mm2`` the area of the tissue found on the thumbnail (0: none found, the whole slide was read).
     ``focus_map`` is ``(F, grid, grid)``, the layer-1 rank values of each field. ``prediction`` is the
     class: for two classes P(positive) against ``threshold``, else the most probable. ``risk`` is the risk
     head's log hazard ratio (``SMTConfig.risk_head``; None without one).
@@ -103,6 +104,7 @@ class SlidePrediction:
     backend: str = ""
     fields: np.ndarray | None = None
     read_mpp: float | None = None
+    tissue_mm2: float | None = None
     probs: np.ndarray = field(default_factory=lambda: np.zeros(0))
     layer_probs: list[np.ndarray] = field(default_factory=list)
     boxes: list[np.ndarray] = field(default_factory=list)
@@ -229,6 +231,8 @@ def predict_slide(
     width, height = (int(v) for v in view.get("dimensions", (0, 0)))
     result.path, result.backend, result.dimensions = path, str(view.get("backend", "")), (width, height)
     result.mpp = None if math.isnan(mpp) else mpp
+    tissue_mm2 = float(view.get("tissue_mm2", float("nan")))
+    result.tissue_mm2 = None if math.isnan(tissue_mm2) else tissue_mm2
     result.fields = images.permute(0, 2, 3, 1).numpy()
     if result.mpp is not None and len(passes) == 3:
         region_mpp = float(np.mean(result.boxes[-1][:, 2])) * result.mpp / int(model.read_size)

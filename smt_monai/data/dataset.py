@@ -22,9 +22,10 @@ from monai.data.utils import list_data_collate
 from monai.transforms import MapTransform
 
 from smt_monai.data.errors import SlideReadError
-from smt_monai.data.magnification import LayerScale, plausible, scan_mpp
+from smt_monai.data.magnification import LayerScale, known_mpp, plausible, scan_mpp
 from smt_monai.data.regions import SlideCache, read_boxes
 from smt_monai.data.slide import slide_id_of
+from smt_monai.data.tissue import tissue_map
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,8 @@ class LoadLayer1d(MapTransform):
     """Read layer 1's input: the slide's fields of view (``LayerScale.layer1_boxes``) at ``read_size`` px.
 
     Adds ``box`` (``(F, 3)`` level-0 ``(x, y, size)`` float64), ``slide_id``, ``path``, ``backend``,
-    ``dimensions`` (level-0 width, height), ``mpp`` (the level-0 um/px used, NaN when unknown), ``error`` (""
+    ``dimensions`` (level-0 width, height), ``mpp`` (the level-0 um/px used, NaN when unknown),
+    ``tissue_mm2`` (the tissue's area, 0 on a blank slide, NaN when the mpp is unknown), ``error`` (""
     when fine), and replaces ``image`` by ``(F, 3, read_size, read_size)`` uint8 (one white field when the
     slide failed). A scan coarser than layer 3 needs is read at its finest level, with a warning.
 
@@ -67,10 +69,18 @@ class LoadLayer1d(MapTransform):
         for key in self.key_iterator(d):
             path = str(d[key])
             d.update(path=path, slide_id=slide_id_of(path), error="", backend="", dimensions=(0, 0))
-            d["mpp"] = float("nan")
+            d["mpp"] = d["tissue_mm2"] = float("nan")
             try:
                 slide = self.cache.get(path)
-                boxes = self.scale.layer1_boxes(slide, self.default_mpp)
+                found = tissue_map(slide, known_mpp(slide, self.default_mpp))
+                boxes = self.scale.layer1_boxes(slide, self.default_mpp, found)
+                if found.blank:
+                    logger.warning(
+                        "%s: no tissue found (a blank or failed scan, or very pale staining); the whole "
+                        "slide is read",
+                        path,
+                    )
+                d["tissue_mm2"] = float("nan") if found.area_mm2 is None else found.area_mm2
                 images = read_boxes(slide, boxes, side)
                 d.update(backend=slide.backend, dimensions=slide.dimensions, mpp=self._mpp(slide))
             except SlideReadError as exc:

@@ -29,7 +29,7 @@ import numpy as np
 from smt_monai.data.errors import SlideReadError
 from smt_monai.data.geometry import layer1_fields, square_around
 from smt_monai.data.slide import Slide
-from smt_monai.data.tissue import tissue_bbox, tissue_components
+from smt_monai.data.tissue import TissueMap, tissue_bbox, tissue_components
 
 logger = logging.getLogger(__name__)
 
@@ -80,19 +80,22 @@ class LayerScale:
         """Side of a layer-1 field of view in um (physical mode)."""
         return self.grid**2 * self.read_size * self.layer3_mpp
 
-    def layer1_boxes(self, slide: Slide, default_mpp: float | None = None) -> np.ndarray:
+    def layer1_boxes(
+        self, slide: Slide, default_mpp: float | None = None, found: TissueMap | None = None
+    ) -> np.ndarray:
         """Layer 1's regions of ``slide``: ``(F, 3)`` level-0 boxes.
 
         Physical mode: fields of ``field_um`` covering the tissue sections (``tissue_components``,
-        pen marks and debris left out); tissue mode: the one square around all the tissue.
+        pen marks and debris left out); tissue mode: the one square around all the tissue. ``found``: the
+        slide's tissue map (:func:`tissue_map` at the mpp the slide is read at), where the caller has it.
 
         Raises:
             SlideReadError: not a brightfield slide, or (physical mode) no usable mpp.
         """
         if self.geometry == "tissue":
-            return square_around(tissue_bbox(slide, known_mpp(slide, default_mpp)))[None]
+            return square_around(tissue_bbox(slide, known_mpp(slide, default_mpp), found))[None]
         mpp = scan_mpp(slide, default_mpp)
-        return layer1_fields(np.array(tissue_components(slide, mpp)), self.field_um / mpp)
+        return layer1_fields(np.array(tissue_components(slide, mpp, found)), self.field_um / mpp)
 
 
 def plausible(mpp: float | None) -> bool:

@@ -212,6 +212,19 @@ class TissueMap(NamedTuple):
     scale: tuple[float, float]  # level-0 px per mask px, (x, y)
     um_per_px: float | None  # the mask's resolution, when the slide's mpp is known
 
+    @property
+    def blank(self) -> bool:
+        """No tissue found: a blank or failed scan, or tissue too pale for the saturation threshold."""
+        return bool(self.tissue.sum() < max(4, 1e-4 * self.tissue.size))
+
+    @property
+    def area_mm2(self) -> float | None:
+        """The tissue's area in mm^2 (0 when :attr:`blank`; None when the slide's mpp is unknown): a biopsy
+        is a few mm^2, a resection hundreds."""
+        if self.blank:
+            return 0.0
+        return float(self.tissue.sum()) * self.um_per_px**2 / 1e6 if self.um_per_px else None
+
 
 def tissue_map(slide: Slide, mpp: float | None) -> TissueMap:
     """The slide's tissue without ink and debris (:func:`detect_tissue`) on the :func:`working_image` of its
@@ -236,20 +249,21 @@ def tissue_map(slide: Slide, mpp: float | None) -> TissueMap:
     return TissueMap(tissue, ink, (sx, sy), um_per_px)
 
 
-def tissue_components(slide: Slide, mpp: float | None) -> list[Box]:
+def tissue_components(slide: Slide, mpp: float | None, found: TissueMap | None = None) -> list[Box]:
     """Level-0 boxes ``(x0, y0, x1, y1)`` of the tissue sections, row-major by position.
 
     The tissue is :func:`tissue_map`'s (``mpp`` as there); its components that touch the same ink stroke,
     or lie within ``SECTION_GAP_UM`` (``SECTION_GAP_FRACTION`` of the image side when the mpp is unknown)
     of each other, are one section. When no tissue is found (a blank slide) the whole slide is the one
-    section, so that layer 1 still sees it all.
+    section, so that layer 1 still sees it all. ``found``: the slide's map, where the caller has made it.
 
     Raises:
         SlideReadError: the slide is not brightfield (:func:`check_brightfield`).
     """
-    tissue, ink, (sx, sy), um_per_px = tissue_map(slide, mpp)
+    found = found or tissue_map(slide, mpp)
+    tissue, ink, (sx, sy), um_per_px = found
     width, height = slide.dimensions
-    if tissue.sum() < max(4, 1e-4 * tissue.size):
+    if found.blank:
         return [(0.0, 0.0, float(width), float(height))]
     # components joined through ink or closer than the gap are one: label the tissue grown by half the gap,
     # and the ink, together; keep the tissue pixels
@@ -265,8 +279,8 @@ def tissue_components(slide: Slide, mpp: float | None) -> list[Box]:
     ]
 
 
-def tissue_bbox(slide: Slide, mpp: float | None) -> Box:
+def tissue_bbox(slide: Slide, mpp: float | None, found: TissueMap | None = None) -> Box:
     """Level-0 bounding box ``(x0, y0, x1, y1)`` of all the tissue sections (:func:`tissue_components`, with
-    its ``mpp``); the whole slide when none is found."""
-    boxes = np.array(tissue_components(slide, mpp))
+    its ``mpp`` and ``found``); the whole slide when none is found."""
+    boxes = np.array(tissue_components(slide, mpp, found))
     return (*map(float, boxes[:, :2].min(axis=0)), *map(float, boxes[:, 2:].max(axis=0)))

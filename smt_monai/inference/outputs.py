@@ -48,7 +48,7 @@ LOCKS = ".locks"
 FIXED_COLUMNS = ("image", "status", "error", "label", "prediction", "class")
 MAX_NAME = 120
 """The longest per-slide folder name (file systems allow 255 bytes; the names are ASCII)."""
-TIMING_COLUMNS = ("scan_mpp", "read_mpp", "read_s", "compute_s", "total_s", "backend")
+TIMING_COLUMNS = ("scan_mpp", "read_mpp", "tissue_mm2", "read_s", "compute_s", "total_s", "backend")
 
 
 class OutputError(UserError, ValueError):

@@ -219,6 +219,7 @@ class SlideListPredictor:
         row.update(
             scan_mpp="" if prediction.mpp is None else round(prediction.mpp, 4),
             read_mpp="" if prediction.read_mpp is None else round(prediction.read_mpp, 4),
+            tissue_mm2="" if prediction.tissue_mm2 is None else round(prediction.tissue_mm2, 3),
             read_s=round(prediction.read_s, 4),
             compute_s=round(prediction.compute_s, 4),
             total_s=round(prediction.seconds, 4),
