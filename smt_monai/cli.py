@@ -15,12 +15,16 @@ from smt_monai.data.errors import UserError
 
 
 def slide_info(path: str, backend: str = "auto") -> dict:
-    """Backend, real pyramid levels, mpp and tissue bounding box of a slide, as plain data."""
+    """Backend, real pyramid levels, mpp, and the tissue (bounding box, sections, area) of a slide, as plain
+    data."""
     from smt_monai.data.magnification import known_mpp
     from smt_monai.data.slide import open_slide
-    from smt_monai.data.tissue import tissue_bbox
+    from smt_monai.data.tissue import tissue_bbox, tissue_components, tissue_map
 
     with open_slide(path, backend) as slide:
+        mpp = known_mpp(slide)
+        found = tissue_map(slide, mpp)
+        area = found.area_mm2
         return {
             "path": slide.path,
             "backend": slide.backend,
@@ -30,7 +34,9 @@ def slide_info(path: str, backend: str = "auto") -> dict:
                 for i, ((w, h), ds) in enumerate(zip(slide.level_dimensions, slide.level_downsamples))
             ],
             "mpp": slide.mpp,
-            "tissue_bbox": [round(v, 1) for v in tissue_bbox(slide, known_mpp(slide))],
+            "tissue_bbox": [round(v, 1) for v in tissue_bbox(slide, mpp, found)],
+            "tissue_sections": 0 if found.blank else len(tissue_components(slide, mpp, found)),
+            "tissue_mm2": None if area is None else round(area, 3),
         }
 
 
@@ -40,7 +46,12 @@ def _print_info(info: dict) -> None:
     print(f"slide:   {info['path']}")
     print(f"backend: {info['backend']}")
     print(f"mpp:     {mpp}")
-    print(f"tissue:  x {x0:.0f}-{x1:.0f}, y {y0:.0f}-{y1:.0f} (level-0 px)")
+    area = "" if info["tissue_mm2"] is None else f", {info['tissue_mm2']:.2f} mm^2"
+    if info["tissue_sections"]:
+        sections = f"{info['tissue_sections']} section{'s' * (info['tissue_sections'] > 1)}{area}"
+        print(f"tissue:  {sections}, x {x0:.0f}-{x1:.0f}, y {y0:.0f}-{y1:.0f} (level-0 px)")
+    else:
+        print("tissue:  none found (a blank or failed scan, or very pale staining)")
     print("levels:")
     for lvl in info["levels"]:
         print(f"  {lvl['level']}: {lvl['width']} x {lvl['height']}  downsample {lvl['downsample']:g}")

@@ -189,12 +189,13 @@ def test_unknown_backend_name() -> None:
         open_slide("x.svs", "bioformats")
 
 
-def test_cli_info_text_and_json(tiny_slide: Path) -> None:
+def test_cli_info_text_and_json(tiny_slide: Path, capsys: pytest.CaptureFixture) -> None:
     import json
 
     from smt_monai.cli import main
 
     assert main(["info", str(tiny_slide), "--backend", "tifffile"]) == 0
+    assert "tissue:  1 section, 0.06 mm^2, x" in capsys.readouterr().out
     out = subprocess.run(
         [sys.executable, "-m", "smt_monai", "info", str(tiny_slide), "--json"],
         capture_output=True,
@@ -204,6 +205,8 @@ def test_cli_info_text_and_json(tiny_slide: Path) -> None:
     info = json.loads(out.stdout)
     assert [lvl["downsample"] for lvl in info["levels"]] == [1.0, 4.0]
     assert info["mpp"] == pytest.approx(0.5)
+    # the scene's pink rectangle: 384 x 614 px at 0.5 um/px
+    assert info["tissue_sections"] == 1 and info["tissue_mm2"] == pytest.approx(0.192 * 0.307, rel=0.25)
     assert out.stderr == ""
 
 
