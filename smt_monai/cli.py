@@ -7,10 +7,11 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from smt_monai import __version__
+from smt_monai.arguments import at_least, device, positive
 from smt_monai.data.errors import UserError
 
 
@@ -138,32 +139,6 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     return run_benchmark(args)
 
 
-def _at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: a whole number of at least ``low``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be {low} or more, got {value}")
-        return value
-
-    return parse
-
-
-def _positive(text: str) -> float:
-    """An argparse type: a finite number above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     from smt_monai.benchmark import add_benchmark_arguments
     from smt_monai.data.synth import SYNTH_HELP, add_synth_arguments
@@ -189,32 +164,32 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", "-m", required=True, help="the trained model (model.pt or model.ts)")
     predict.add_argument("--output", "-o", required=True, help="the folder results go to")
     predict.add_argument(
-        "--k", type=_at_least(1), default=None, help="regions focused per step (default: the model's)"
+        "--k", type=at_least(1), default=None, help="regions focused per step (default: the model's)"
     )
-    predict.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    predict.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     predict.add_argument(
         "--default-mpp",
         "--default_mpp",  # the bundle's spelling, which the error for a slide without mpp names
-        type=_positive,
+        type=positive,
         default=None,
         help="micrometres per pixel of slides whose file holds none",
     )
     predict.add_argument("--backend", default="auto", choices=["auto", "cucim", "openslide", "tifffile"])
     predict.add_argument(
-        "--workers", type=_at_least(1), default=2, help="threads reading regions (default: 2)"
+        "--workers", type=at_least(1), default=2, help="threads reading regions (default: 2)"
     )
     predict.add_argument(
-        "--gallery", type=_at_least(0), default=8, help="regions shown in gallery.png (0: none)"
+        "--gallery", type=at_least(0), default=8, help="regions shown in gallery.png (0: none)"
     )
     predict.add_argument(
         "--slides-in-flight",
-        type=_at_least(1),
+        type=at_least(1),
         default=1,
         help="slides predicted at once, each in a thread (default: 1)",
     )
     predict.add_argument(
         "--slide-timeout",
-        type=_positive,
+        type=positive,
         default=None,
         help="seconds a slide may take before it is an error row",
     )

@@ -578,3 +578,26 @@ def test_accuracy_report_tabulates_recall_by_lesion_size() -> None:
     assert "| SMT, K = 8 | - | - | - |" in table  # not evaluated with these bins
     assert "| dense | 1.00 (2 of 2) | 0.75 (3 of 4) | - |" in table
     assert lesion_table({}, [4]) == [] and lesion_figures({"auc": 1.0}) == {}
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["speed", "--repeats", "0"], "argument --repeats: must be 1 or more, got 0"),
+        (["speed", "--sizes", "-5"], "argument --sizes: must be 256 or more, got -5"),
+        (["speed", "--device", "cuda:99"], "argument --device: device 'cuda:99': "),
+        (["ablation", "--ks", "0"], "argument --ks: must be 1 or more, got 0"),
+        (["focus-diagnostic", "--model", "m.pt", "--datalist", "d.json", "--num-focus", "0"], "--num-focus"),
+    ],
+)
+def test_a_benchmark_option_no_run_could_use_is_refused_before_it_starts(
+    args: list[str], says: str, capsys: pytest.CaptureFixture
+) -> None:
+    """Before, ``--repeats 0`` ran the slide and ended in an IndexError, ``--device cuda`` without a GPU in
+    torch's AssertionError after minutes of work, and a negative size was timed."""
+    from smt_monai.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["benchmark", *args])
+    assert stop.value.code == 2
+    assert says in capsys.readouterr().err.strip().splitlines()[-1]

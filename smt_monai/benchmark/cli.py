@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from smt_monai.arguments import at_least, device
 from smt_monai.benchmark.bundle_runs import parse_overrides
 from smt_monai.data.errors import OptionError
 
@@ -44,21 +45,29 @@ run, not the one that drew the cohort, so which extensions to disable is left to
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for CI (figures are meaningless)")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench"), help="slides, cohorts, runs")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--focus", type=int, nargs="+", default=[4, 8], help="K values (default: 4 8)")
+    parser.add_argument("--threads", type=at_least(1), default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--focus", type=at_least(1), nargs="+", default=[4, 8], help="K values (default: 4 8)"
+    )
 
 
 def _speed(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slide", default=None, help="time this slide instead of a synthetic one")
-    parser.add_argument("--size", type=int, default=None, help="synthetic slide side (default 60000)")
-    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="size sweep (20k 60k 100k)")
+    parser.add_argument(
+        "--size", type=at_least(256), default=None, help="synthetic slide side (default 60000)"
+    )
+    parser.add_argument(
+        "--sizes", type=at_least(256), nargs="+", default=None, help="size sweep (20k 60k 100k)"
+    )
     parser.add_argument("--preset", default=None, help="SMT preset to time (default paper)")
-    parser.add_argument("--patch-size", type=int, default=None, help="dense tile side (default 256)")
-    parser.add_argument("--max-tiles", type=int, default=None, help="dense tiles timed (default 2000)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure (default 3)")
+    parser.add_argument("--patch-size", type=at_least(16), default=None, help="dense tile side (default 256)")
+    parser.add_argument(
+        "--max-tiles", type=at_least(1), default=None, help="dense tiles timed (default 2000)"
+    )
+    parser.add_argument("--repeats", type=at_least(1), default=None, help="timed runs per figure (default 3)")
     parser.add_argument("--backend", default="auto", choices=["auto", "cucim", "openslide", "tifffile"])
-    parser.add_argument("--num-workers", type=int, default=2, help="reading threads (default 2)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--num-workers", type=at_least(1), default=2, help="reading threads (default 2)")
+    parser.add_argument("--device", type=device, default="cpu", help="cpu or cuda")
     parser.add_argument(
         "--amp",
         action=argparse.BooleanOptionalAction,
@@ -68,15 +77,21 @@ def _speed(parser: argparse.ArgumentParser) -> None:
 
 
 def _throughput(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--size", type=int, default=None, help="synthetic slide side (default 60000)")
-    parser.add_argument("--num-slides", type=int, default=None, help="slides in the list (default 16)")
+    parser.add_argument(
+        "--size", type=at_least(256), default=None, help="synthetic slide side (default 60000)"
+    )
+    parser.add_argument(
+        "--num-slides", type=at_least(1), default=None, help="slides in the list (default 16)"
+    )
     parser.add_argument("--preset", default=None, help="SMT preset (default paper)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--device", type=device, default="cpu", help="cpu or cuda")
 
 
 def _training(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--num-slides", type=int, default=None, help="cohort slides (default 48)")
-    parser.add_argument("--slide-size", type=int, default=None, help="cohort slide side (default 16384)")
+    parser.add_argument("--num-slides", type=at_least(1), default=None, help="cohort slides (default 48)")
+    parser.add_argument(
+        "--slide-size", type=at_least(256), default=None, help="cohort slide side (default 16384)"
+    )
     parser.add_argument("--cohort-seed", type=int, default=0)
     parser.add_argument(
         "--smt", action="append", metavar="KEY=VALUE", help="train.yaml/evaluate.yaml override (repeatable)"
@@ -118,14 +133,16 @@ def _training(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dense", action="append", metavar="KEY=VALUE", help="train_dense.yaml override")
     parser.add_argument(
         "--extra-test-slides",
-        type=int,
+        type=at_least(0),
         default=None,
         help="slides of a second cohort added to the testing split (default 30; quick 0)",
     )
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="ablation seeds (default 0 1 2)")
+    parser.add_argument(
+        "--seeds", type=at_least(0), nargs="+", default=None, help="ablation seeds (default 0 1 2)"
+    )
     parser.add_argument(
         "--ks",
-        type=int,
+        type=at_least(1),
         nargs="*",
         default=[1, 2, 4, 8],
         help="K sweep of the default model (default 1 2 4 8; none: no sweep, the default is not trained)",
@@ -155,7 +172,7 @@ def _diagnostic(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, help="a trained model (model.pt or model.ts)")
     parser.add_argument("--datalist", required=True, type=Path, help="datalist with annotations")
     parser.add_argument("--split", default="testing", help="the datalist's split (default: testing)")
-    parser.add_argument("--num-focus", type=int, default=None, help="K (default: the model's)")
+    parser.add_argument("--num-focus", type=at_least(1), default=None, help="K (default: the model's)")
     parser.add_argument("--focus-source", default="q", choices=["q", "score", "attention"])
     parser.add_argument(
         "--label-overlap",
@@ -165,7 +182,7 @@ def _diagnostic(parser: argparse.ArgumentParser) -> None:
         metavar=("LAYER2", "LAYER3"),
         help="tumour / mimic overlap fraction from which a pick lands on it (default: train.yaml's 0.01 0.1)",
     )
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--device", type=device, default="cpu", help="cpu or cuda")
 
 
 def add_benchmark_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
