@@ -30,7 +30,7 @@ for r in rows:
 positive = max((r for r in rows if r["label"] == "1"), key=lambda r: float(r["prob_tumour"]), default=None)
 if positive is not None:
     folder = out / Path(positive["image"]).stem
-    print(f"where it looked on a tumour slide: {folder / 'overlay.png'} and the cells it judged: {folder / 'gallery.png'}")
+    print(f"where it looked on a tumour slide: {folder / 'overlay.png'} and the cells it judged: {folder / 'gallery.jpg'}")
 PY
 
 echo
@@ -58,5 +58,5 @@ echo "Shipped model's predictions: $OUT/shipped/predictions.csv"
 echo "Synthetic cohort:            $DATA/datalist.json"
 echo "Your model:                  $OUT/model/model.pt (TensorBoard: tensorboard --logdir $OUT/model)"
 echo "Its metrics:                 $OUT/eval/metrics.json"
-echo "Its predictions:             $OUT/predictions/predictions.csv (per slide: overlay.png, gallery.png,"
+echo "Its predictions:             $OUT/predictions/predictions.csv (per slide: overlay.png, gallery.jpg,"
 echo "                             focus.geojson for QuPath, focus_map.nii.gz)"

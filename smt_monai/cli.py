@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=at_least(1), default=2, help="threads reading regions (default: 2)"
     )
     predict.add_argument(
-        "--gallery", type=at_least(0), default=8, help="regions shown in gallery.png (0: none)"
+        "--gallery", type=at_least(0), default=8, help="regions shown in gallery.jpg (0: none)"
     )
     predict.add_argument(
         "--slides-in-flight",

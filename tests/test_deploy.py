@@ -28,7 +28,7 @@ from smt_monai.deploy import (  # noqa: E402
 from smt_monai.deploy.__main__ import main  # noqa: E402
 
 TIMING_COLUMNS = {"read_s", "compute_s", "total_s"}
-SLIDE_OUTPUTS = ("focus.geojson", "overlay.png", "gallery.png", "focus_map.nii.gz", "result.json")
+SLIDE_OUTPUTS = ("focus.geojson", "overlay.png", "gallery.jpg", "focus_map.nii.gz", "result.json")
 
 
 @pytest.fixture(scope="module")

@@ -99,8 +99,8 @@ def test_slide_list_with_broken_files(model_and_list: tuple[Path, Path, list[Pat
             width, height = slide.dimensions
             mpp = slide.mpp
         check_geojson(json.loads((folder / "focus.geojson").read_text()), width, height, k=2)
-        for picture in ("overlay.png", "gallery.png"):
-            assert (folder / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (folder / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (folder / "gallery.jpg").read_bytes()[:3] == b"\xff\xd8\xff"  # a JPEG: photographs of tissue
         focus_map = nib.load(folder / "focus_map.nii.gz")
         assert focus_map.shape[:2] == (TINY_OVERRIDES["grid"],) * 2
         assert 0 <= float(focus_map.get_fdata().min()) and float(focus_map.get_fdata().max()) <= 1

@@ -4,7 +4,7 @@
 over the slides of the list that are not done yet (``OutputFolder``), ``slides_in_flight`` at once: each
 slide is claimed, its layer-1 view read, predicted by
 :class:`~smt_monai.inference.api.SMTPredictor`, and its outputs written into ``OUT/<name>/``:
-``focus.geojson``, ``overlay.png``, ``gallery.png``, ``focus_map.nii.gz`` and ``result.json`` last, each
+``focus.geojson``, ``overlay.png``, ``gallery.jpg``, ``focus_map.nii.gz`` and ``result.json`` last, each
 atomically. Slides that cannot be read become ``error`` rows with a one-line reason and the run goes on.
 At the end ``OUT/predictions.csv`` (one row per slide of the list, input order) and ``OUT/summary.json`` are
 written; under ``torchrun`` each process takes its share and rank 0 writes them, and with ``shard`` (job
@@ -73,7 +73,7 @@ class SlideListPredictor:
         progress: show a progress bar.
         default_mpp: the scanner's level-0 um/px for slides whose file holds none.
         threshold: decision threshold on P(positive) of a binary model (default: the model card's).
-        gallery_top: the last layer's regions of highest P(positive) shown in ``gallery.png`` (0: none).
+        gallery_top: the last layer's regions of highest P(positive) shown in ``gallery.jpg`` (0: none).
         slides_in_flight: slides predicted at once, each in a thread (reads of one overlap another's
             compute).
         slide_timeout: seconds a slide may take before it becomes an error row (``None``: no limit).
@@ -237,7 +237,7 @@ class SlideListPredictor:
         if self.gallery_top:
             slide = self.predictor.reader.cache.get(prediction.path)
             read = lambda box: read_boxes(slide, np.asarray([box]), GALLERY_TILE_PX)[0]  # noqa: E731
-            write_gallery(prediction, read, out / "gallery.png", self.gallery_top, prediction.mpp, title)
+            write_gallery(prediction, read, out / "gallery.jpg", self.gallery_top, prediction.mpp, title)
 
     def _prob_columns(self, prediction: SlidePrediction) -> dict[str, float]:
         return {name: round(float(p), 6) for name, p in zip(self.prob_columns, prediction.probs)}
