@@ -16,8 +16,9 @@ from smt_monai.data.geometry import child_boxes
 from smt_monai.inference.writers import (
     FOCUS_CMAP,
     GALLERY_TILE_PX,
+    PROBABILITY_CMAP,
     focus_heat,
-    gallery_figure,
+    gallery,
     overlay_figure,
     top_regions,
     write_gallery,
@@ -174,27 +175,31 @@ def test_gallery_shows_the_top_regions_labelled(tmp_path: Path) -> None:
     chosen = top_regions(pred, 8)
     assert [tuple(b) for b in reads] == [tuple(pred.boxes[-1][r]) for r in chosen]
     assert list(chosen[:3]) == [0, 9, 20] and 5 in chosen and 6 not in chosen
-    shown = Image.open(tmp_path / "gallery.jpg")
-    assert shown.format == "JPEG" and shown.size == (2176, 1360)  # two rows of four 3.4 in tiles at 160 dpi
-    png = np.asarray(shown.convert("RGB")).astype(int)
+    saved = Image.open(tmp_path / "gallery.jpg")
+    assert saved.format == "JPEG"
+    jpeg = np.asarray(saved.convert("RGB")).astype(int)
 
     reads.clear()
-    fig = gallery_figure(pred, read_region, top=8, mpp=0.25, title="slide_0.svs")
-    tiles = [ax for ax in fig.axes if ax.images]
-    assert len(tiles) == 8
-    for n, (ax, row) in enumerate(zip(tiles, chosen), start=1):
-        assert ax.get_title().startswith(f"#{n}   P(positive) {P3[row]:.3f}")
+    shown = gallery(pred, read_region, top=8, mpp=0.25, title="slide_0.svs")
+    assert shown.image.shape == jpeg.shape and shown.image.shape[1] > 4 * GALLERY_TILE_PX  # four to a row
+    assert shown.rows == list(chosen)
+    cmap = colormaps[PROBABILITY_CMAP]
+    for n, (row, (x0, y0)) in enumerate(zip(chosen, shown.corners), start=1):
+        assert shown.titles[n - 1] == f"#{n}   P(positive) {P3[row]:.3f}"
         x, y, size = pred.boxes[-1][row]
-        assert f"x {x:,.0f}, y {y:,.0f} px" in ax.get_xlabel()
-        assert f"x {x * 0.25:,.0f}, y {y * 0.25:,.0f} um; side {size * 0.25:,.0f} um" in ax.get_xlabel()
-        r, c = pixel(fig, ax, (47.5, 47.5))
-        assert (abs(png[r, c] - (40 + 20 * n)) <= 2).all(), (n, png[r, c])  # JPEG: within 2 of the grey
+        assert f"x {x:,.0f}, y {y:,.0f} px" in shown.captions[n - 1]
+        assert f"x {x * 0.25:,.0f}, y {y * 0.25:,.0f} um; side {size * 0.25:,.0f} um" in shown.captions[n - 1]
+        middle = (y0 + GALLERY_TILE_PX // 2, x0 + GALLERY_TILE_PX // 2)
+        assert (shown.image[middle] == 40 + 20 * n).all(), (n, shown.image[middle])  # the read, enlarged
+        assert (abs(jpeg[middle] - (40 + 20 * n)) <= 2).all()  # the JPEG: within 2 of the grey
+        frame = shown.image[y0 - 2, x0 + 10]  # the frame: the tile's P(positive) on the overlay's colour bar
+        assert list(frame) == [round(255 * c) for c in cmap(float(P3[row]))[:3]], (n, frame)
 
     level0 = np.zeros((2048, 2048, 3), dtype=np.uint8)  # a layer-3 region read at full resolution
-    three = gallery_figure(pred, lambda box: level0, top=3)
-    shown = [ax.images[0].get_array().shape for ax in three.axes if ax.images]
-    assert shown == [(GALLERY_TILE_PX, GALLERY_TILE_PX, 3)] * 3  # reduced to the tile's pixels before drawing
-    assert (three.bbox.width, three.bbox.height) == pytest.approx((1632, 728))  # one row of three tiles
+    three = gallery(pred, lambda box: level0, top=3)
+    for x0, y0 in three.corners:  # reduced to the tile's pixels: black inside, frame colour around
+        assert not three.image[y0 : y0 + GALLERY_TILE_PX, x0 : x0 + GALLERY_TILE_PX].any()
+    assert three.image.shape[1] < shown.image.shape[1]  # one row of three tiles
 
 
 def test_the_focus_map_of_several_fields_is_one_map_over_the_slide(tmp_path: Path) -> None:

@@ -21,10 +21,12 @@ Every file is written to a temporary name and renamed, so a crash never leaves a
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +39,11 @@ from smt_monai.utils import atomic_path
 LAYER_COLOURS = {1: (0.2, 0.6, 1.0), 2: (1.0, 0.85, 0.0), 3: (1.0, 0.1, 0.1)}
 PROBABILITY_CMAP = "RdYlBu_r"  # P(positive): blue (0) to red (1), readable with red-green colour blindness
 FOCUS_CMAP = "viridis"  # focus q: yellow at the top stands out on H&E's pinks and purples
-GALLERY_DPI = 160
 JPEG_QUALITY = 90  # the gallery's: the quality slide viewers and QuPath export tissue images at
-GALLERY_TILE_PX = 544  # a gallery tile's side on the PNG: 3.4 in at GALLERY_DPI
+GALLERY_TILE_PX = 512  # a gallery tile's side in pixels
+# The gallery's layout in pixels: a tile's frame, the margin around it, and the bands of the picture's title,
+# a tile's title and its caption.
+_FRAME, _MARGIN, _HEADER, _TILE_TITLE, _CAPTION = 6, 16, 52, 34, 50
 
 RegionReader = Callable[[tuple[float, float, float]], np.ndarray]
 """``(x, y, size)`` level-0 box -> ``(H, W, 3)`` uint8 RGB image of it."""
@@ -404,57 +408,78 @@ def write_overlay(
     _save(overlay_figure(prediction, title, marked), path)
 
 
-def gallery_figure(
+@dataclass
+class Gallery:
+    """The gallery picture (:func:`gallery`) and what each of its tiles shows, in the tiles' order."""
+
+    image: np.ndarray  # (H, W, 3) uint8
+    rows: list[int]  # the last layer's region of each tile
+    titles: list[str]  # above each tile: its number and P(positive)
+    captions: list[str]  # under each tile: its level-0 position and side (and in um)
+    corners: list[tuple[int, int]]  # the top-left pixel (x, y) of each tile's image on the picture
+
+
+def gallery(
     prediction: SlidePrediction,
     read_region: RegionReader,
     top: int = 8,
     mpp: float | None = None,
     title: str = "",
-):
-    """The gallery's matplotlib figure: the last layer's ``top`` regions of highest P(positive), read from the
-    slide (``write_gallery`` saves it).
+) -> Gallery:
+    """The last layer's ``top`` regions of highest P(positive), read from the slide: the cells that decided
+    the slide.
 
     Tiles are in the order of :func:`top_regions` (number ``n`` is the overlay's number ``n``), four to a
-    row, each labelled with its number, P(positive), level-0 position and side in pixels and, with ``mpp``,
-    in micrometres. A tile's frame has its P(positive) colour from the overlay's colour bar.
+    row, each ``GALLERY_TILE_PX`` square, labelled with its number, P(positive), level-0 position and side in
+    pixels and, with ``mpp``, in micrometres; its frame has its P(positive) colour from the overlay's colour
+    bar. Composed with PIL rather than matplotlib, which took 0.6 s to rasterise the tiles of one slide.
 
     Args:
         prediction: the slide's cascade result.
         read_region: reads one level-0 box ``(x, y, size)`` as an ``(H, W, 3)`` uint8 RGB image, e.g. from
-            the slide's level 0; tiles are drawn ``GALLERY_TILE_PX`` wide, so reading more pixels than that
-            adds none.
+            the slide's level 0; a tile shows ``GALLERY_TILE_PX`` pixels, so reading more adds none.
         top: how many regions (fewer when the layer has fewer).
         mpp: level-0 micrometres per pixel, for positions in micrometres.
-        title: figure title (slide name, P(positive), label).
+        title: the picture's title (slide name, P(positive), label).
     """
     from matplotlib import colormaps
-    from matplotlib.figure import Figure
+    from PIL import Image, ImageDraw
 
-    chosen = top_regions(prediction, top)
+    chosen = [int(row) for row in top_regions(prediction, top)]
     positive = _positive(prediction.region_probs[-1])
+    cmap = colormaps[PROBABILITY_CMAP]
     columns = max(1, min(4, len(chosen)))
     lines = max(1, math.ceil(len(chosen) / columns))
-    fig = Figure(figsize=(3.4 * columns, 3.95 * lines + 0.6), dpi=GALLERY_DPI)
-    axes = fig.subplots(lines, columns, squeeze=False)
-    cmap = colormaps[PROBABILITY_CMAP]
-    for ax in axes.ravel()[len(chosen) :]:
-        ax.set_axis_off()
-    for n, (ax, row) in enumerate(zip(axes.ravel(), chosen), start=1):
+    framed = GALLERY_TILE_PX + 2 * _FRAME
+    cell_w, cell_h = framed + 2 * _MARGIN, _TILE_TITLE + framed + _CAPTION + _MARGIN
+    canvas = np.full((_HEADER + lines * cell_h, columns * cell_w, 3), 255, dtype=np.uint8)
+    shown = Gallery(canvas, chosen, [], [], [])
+    for n, row in enumerate(chosen):
         x, y, size = (float(v) for v in prediction.boxes[-1][row])
-        ax.imshow(_fit(np.asarray(read_region((x, y, size))), GALLERY_TILE_PX))
-        ax.set_xticks([])
-        ax.set_yticks([])
-        for spine in ax.spines.values():
-            spine.set_edgecolor(cmap(float(positive[row])))
-            spine.set_linewidth(5)
-        ax.set_title(f"#{n}   P(positive) {positive[row]:.3f}", fontsize=11, fontweight="bold")
+        left = n % columns * cell_w + _MARGIN
+        top_px = _HEADER + n // columns * cell_h + _TILE_TITLE
+        canvas[top_px : top_px + framed, left : left + framed] = _rgb255(cmap(float(positive[row])))
+        corner = (left + _FRAME, top_px + _FRAME)
+        tile = _fit(np.asarray(read_region((x, y, size))), GALLERY_TILE_PX)
+        canvas[corner[1] : corner[1] + GALLERY_TILE_PX, corner[0] : corner[0] + GALLERY_TILE_PX] = tile
         where = f"level 0: x {x:,.0f}, y {y:,.0f} px; side {size:,.0f} px"
         if mpp:
             where += f"\nx {x * mpp:,.0f}, y {y * mpp:,.0f} um; side {size * mpp:,.0f} um"
-        ax.set_xlabel(where, fontsize=8)
-    fig.suptitle(title or "Regions of highest P(positive)", fontsize=12)
-    fig.tight_layout()
-    return fig
+        shown.titles.append(f"#{n + 1}   P(positive) {positive[row]:.3f}")
+        shown.captions.append(where)
+        shown.corners.append(corner)
+    picture = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(picture)
+    draw.text(
+        (canvas.shape[1] / 2, 12), title or "Regions of highest P(positive)", (0, 0, 0), _font(26), "ma"
+    )
+    for (cx, cy), heading, caption in zip(shown.corners, shown.titles, shown.captions):
+        middle = cx + GALLERY_TILE_PX / 2
+        draw.text((middle, cy - _FRAME - 26), heading, (0, 0, 0), _font(22, bold=True), "ma")
+        below = cy + GALLERY_TILE_PX + _FRAME + 6
+        draw.multiline_text((middle, below), caption, (0, 0, 0), _font(16), "ma", spacing=4, align="center")
+    shown.image = np.asarray(picture)
+    return shown
 
 
 def write_gallery(
@@ -465,34 +490,49 @@ def write_gallery(
     mpp: float | None = None,
     title: str = "",
 ) -> None:
-    """Save :func:`gallery_figure` at ``path`` (``gallery.jpg``: a JPEG; a ``.png`` name: a PNG)."""
-    _save(gallery_figure(prediction, read_region, top, mpp, title), path)
+    """Save :func:`gallery`'s picture at ``path`` (``gallery.jpg``: a JPEG; a ``.png`` name: a PNG)."""
+    _save(gallery(prediction, read_region, top, mpp, title).image, path)
+
+
+@functools.cache
+def _font(size: int, bold: bool = False):
+    """DejaVu Sans at ``size`` px, the font matplotlib ships and draws the overlay with."""
+    from matplotlib import font_manager
+    from PIL import ImageFont
+
+    face = font_manager.FontProperties(family="DejaVu Sans", weight="bold" if bold else "normal")
+    return ImageFont.truetype(font_manager.findfont(face), size)
 
 
 def _fit(image: np.ndarray, side: int) -> np.ndarray:
-    """``image`` area-reduced to at most ``side`` pixels a side: matplotlib's own resampling of a large tile
-    costs most of a figure's drawing time, PIL's box filter a few milliseconds."""
+    """``image`` resized to ``side`` x ``side`` pixels: area-averaged when larger (a region read at full
+    resolution), bilinear when smaller."""
     from PIL import Image
 
-    if max(image.shape[:2]) <= side:
-        return image
     tile = Image.fromarray(np.ascontiguousarray(image[..., :3], dtype=np.uint8))
-    tile.thumbnail((side, side), Image.Resampling.BOX)
-    return np.asarray(tile)
+    if tile.size == (side, side):
+        return np.asarray(tile)
+    larger = max(tile.size) > side
+    return np.asarray(
+        tile.resize((side, side), Image.Resampling.BOX if larger else Image.Resampling.BILINEAR)
+    )
 
 
-def _save(fig, path: str | os.PathLike) -> None:
-    """Write ``fig`` at ``path``, atomically: a JPEG (quality ``JPEG_QUALITY``) where the name ends in
-    ``.jpg``, else a PNG.
+def _save(picture, path: str | os.PathLike) -> None:
+    """Write ``picture`` at ``path``, atomically: a ``matplotlib.figure.Figure`` as a PNG, an ``(H, W, 3)``
+    uint8 array as a JPEG (quality ``JPEG_QUALITY``) where the name ends in ``.jpg``, else a PNG.
 
-    The gallery is photographs of tissue, which PNG compresses poorly: its 2176 x 1360 px took 1.3 s to
-    encode as a 2.9 MB PNG against 0.02 s for a 0.65 MB JPEG, longer than predicting the slide; the overlay
-    is drawn lines and colour fields, where PNG is small and exact. The figures are
-    ``matplotlib.figure.Figure`` objects made without pyplot: no global state, nothing to close, and writers
-    may run in threads.
+    The gallery is photographs of tissue, which PNG compresses poorly: its picture took 1.3 s to encode as a
+    2.9 MB PNG against 0.02 s for a 0.65 MB JPEG, longer than predicting the slide; the overlay is drawn
+    lines and colour fields, where PNG is small and exact. The figures are made without pyplot: no global
+    state, nothing to close, and writers may run in threads.
     """
+    from PIL import Image
+
     with atomic_path(path) as tmp:
-        if Path(path).suffix.lower() in (".jpg", ".jpeg"):
-            fig.savefig(tmp, format="jpeg", pil_kwargs={"quality": JPEG_QUALITY})
+        if not isinstance(picture, np.ndarray):
+            picture.savefig(tmp, format="png")
+        elif Path(path).suffix.lower() in (".jpg", ".jpeg"):
+            Image.fromarray(picture).save(tmp, format="JPEG", quality=JPEG_QUALITY)
         else:
-            fig.savefig(tmp, format="png")
+            Image.fromarray(picture).save(tmp, format="PNG")
