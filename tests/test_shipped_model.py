@@ -133,12 +133,20 @@ def _unusable_model_files(folder: Path) -> dict[str, tuple[Path, str]]:
     torch.save({"network": {}, "optimizer": {}, "trainer": {"epoch": 3}}, run / "checkpoint_epoch=3.pt")
     (folder / "card.json").write_text('{"preset": "tiny"}')
     (folder / "random.pt").write_bytes(bytes(range(7, 250)))
+    content = torch.load(MODEL, weights_only=True)
+    content[CARD_KEY]["network"]["future_knob"] = 3  # a setting a newer smt-monai added
+    torch.save(content, folder / "newer.pt")
+    content[CARD_KEY]["network"].pop("future_knob")
+    content[CARD_KEY]["network"]["grid"] = "four"  # an edited card
+    torch.save(content, folder / "edited.pt")
     return {
         "truncated": (truncated, "truncated or corrupt: a zip archive without the directory at its end"),
         "crafted": (crafted, "refused: it holds Python objects other than tensors and plain data"),
         "checkpoint": (run / "checkpoint_epoch=3.pt", f"is a training checkpoint .* use {run / 'model.pt'}$"),
         "json": (folder / "card.json", r"""not a file torch.save writes \(it starts with b'{"pr'\)"""),
         "random": (folder / "random.pt", r"not a file torch.save writes \(it starts with b'\\x07\\x08"),
+        "newer": (folder / "newer.pt", r"network has settings \['future_knob'\] this smt-monai lacks"),
+        "edited": (folder / "edited.pt", r"the model card's network settings build no network \(unsupported"),
     }
 
 

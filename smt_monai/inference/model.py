@@ -126,6 +126,15 @@ class ModelCard:
             raise ModelFileError(path, f"the model card lacks {missing}")
         if unknown := sorted(set(data) - names):
             raise ModelFileError(path, f"the model card has unknown entries {unknown} (a newer smt-monai?)")
+        settings = {f.name for f in dataclasses.fields(SMTConfig)}
+        network = data["network"]
+        if not isinstance(network, Mapping):
+            raise ModelFileError(path, f"the model card's network is {type(network).__name__}, not settings")
+        if unknown := sorted(set(network) - settings):
+            raise ModelFileError(
+                path,
+                f"the model card's network has settings {unknown} this smt-monai lacks (a newer smt-monai?)",
+            )
         return cls(**dict(data))
 
     def to_dict(self) -> dict[str, Any]:
@@ -212,8 +221,22 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", **ex
     if not path.is_file():
         raise ModelFileError(path, "model file does not exist (train first, or pass --ckpt_path)")
     if _is_torchscript(path):
-        network = torch.jit.load(str(path), map_location=device)
-        card = ModelCard.of(network)
+        try:
+            network = torch.jit.load(str(path), map_location=device)
+        except Exception as exc:  # a damaged archive: torch's own reason, in one line
+            raise ModelFileError(path, torch_load_problem(path, exc)) from None
+        text = str(getattr(network, "card", "") or "")
+        if not text:
+            raise ModelFileError(
+                path,
+                "is a TorchScript module without an smt-monai model card: export the trained model.pt with "
+                "the bundle's ckpt_export (python -m monai.bundle ckpt_export network_def ...; see "
+                "bundle/docs/README.md)",
+            )
+        try:
+            card = ModelCard.from_dict(json.loads(text), path)
+        except json.JSONDecodeError:
+            raise ModelFileError(path, "its model card is not valid JSON (an edited file?)") from None
     else:
         content = _load(path)
         if isinstance(content, dict) and CARD_KEY not in content and {"network", "trainer"} <= set(content):
@@ -235,7 +258,13 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", **ex
             {k: content[k] for k in ("best_metric", "best_epoch", "metrics") if k in content}
         )
         card.threshold = float(card.validation.get("metrics", {}).get("decision_threshold", card.threshold))
-        network = SMT(config=card.config())
+        try:
+            network = SMT(config=card.config())
+        except (TypeError, ValueError) as exc:
+            problem = " ".join(str(exc).split())
+            raise ModelFileError(
+                path, f"the model card's network settings build no network ({problem})"
+            ) from None
         try:
             network.load_state_dict(content["model"])
         except RuntimeError as exc:
