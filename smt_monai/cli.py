@@ -234,6 +234,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C: what is finished is on disk (every file is written atomically) and a rerun goes on from it
+        print(
+            "interrupted: the slides finished so far are kept; the same command goes on from them",
+            file=sys.stderr,
+        )
+        return 130
     except BrokenPipeError:
         # the reader went away (smt-monai model M | head): stop quietly, as shell tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -213,6 +213,39 @@ def test_two_runs_on_one_out_share_the_slides(archive: tuple[Path, list[dict]], 
 
 
 @pytest.mark.slow
+def test_ctrl_c_stops_in_one_line_and_the_same_command_goes_on(
+    archive: tuple[Path, list[dict]], tmp_path: Path
+) -> None:
+    """Ctrl-C during a run: exit 130 with one line saying what is kept, no traceback; the same command then
+    predicts only what was not finished."""
+    model, slides = archive
+    copies = [str(shutil.copy(slides[0]["image"], tmp_path / f"copy_{i:02d}.tif")) for i in range(12)]
+    listing = tmp_path / "slides.txt"
+    listing.write_text("\n".join([*(s["image"] for s in slides), *copies]) + "\n")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "smt_monai.cli", "predict", str(listing), "-m", str(model),
+               "-o", str(out), "--quiet", "--gallery", "0"]  # fmt: skip
+    # Python turns SIGINT into KeyboardInterrupt only where it was not ignored when it started (a shell's
+    # background jobs ignore it)
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    deadline = time.time() + 300
+    while not _results_by(out) and run.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: the slides finished so far are kept")
+    assert "Traceback" not in stderr
+    results = [json.loads(path.read_text())["row"] for path in out.glob("*/result.json")]
+    done = sum(row["status"] == "ok" for row in results)  # error rows are tried again
+    assert 0 < done and len(results) < len(slides) + len(copies)
+    again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert again.returncode == 0 and f"{len(slides) + len(copies) - 2} slides ok, 2 errors" in again.stdout
+    assert json.loads((out / "summary.json").read_text())["resumed"] == done
+
+
+@pytest.mark.slow
 def test_shards_and_torchrun_give_what_one_process_gives(
     archive: tuple[Path, list[dict]], tmp_path: Path
 ) -> None:
