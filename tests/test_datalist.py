@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from smt_monai.data.datalist import DatalistError, load_datalist, load_slide_list
+from smt_monai.data.datalist import DatalistError, class_names, load_datalist, load_slide_list
 
 
 def _touch(path: Path) -> Path:
@@ -176,3 +176,24 @@ def test_a_batch_mixing_slides_with_and_without_survival_collates_with_nan() -> 
     batch = collate_views([{**view, "time": 3.0, "event": 1}, view])
     assert batch["time"][0] == 3.0 and math.isnan(batch["time"][1]) and math.isnan(batch["event"][1])
     assert "time" not in collate_views([view, view])
+
+
+def test_labels_may_be_class_names_in_any_case(tmp_path: Path) -> None:
+    """A reference table's ``Tumor`` / ``Normal`` where the datalist's ``labels`` name the classes; anything
+    else that is not a whole class number is listed with the classes."""
+    for name in ("a.tif", "b.tif", "c.tif", "d.tif"):
+        _touch(tmp_path / name)
+    entries = [{"image": "a.tif", "label": "Tumor"}, {"image": "b.tif", "label": " normal "},
+               {"image": "c.tif", "label": "1"}, {"image": "d.tif", "label": 0}]  # fmt: skip
+    listing = tmp_path / "datalist.json"
+    listing.write_text(json.dumps({"labels": {"0": "normal", "1": "tumor"}, "training": entries}))
+    names = class_names(listing, 2)
+    assert [e["label"] for e in load_datalist(listing, class_names=names)] == [1, 0, 1, 0]
+    entries += [{"image": "a.tif", "label": "benign"}, {"image": "b.tif", "label": 0.5}]
+    listing.write_text(json.dumps({"labels": {"0": "normal", "1": "tumor"}, "training": entries}))
+    with pytest.raises(DatalistError) as error:
+        load_datalist(listing, class_names=names)
+    assert "label 'benign' is not a class number nor one of the classes ['normal', 'tumor']" in str(
+        error.value
+    )
+    assert "label 0.5 is not a class number" in str(error.value)

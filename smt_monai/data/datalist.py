@@ -101,6 +101,22 @@ def class_names(datalist: str | os.PathLike, num_classes: int) -> list[str]:
     return [str(names.get(str(c), default)) for c, default in enumerate(numbered_class_names(num_classes))]
 
 
+def _class_number(label: Any, class_names: Sequence[str] | None) -> int:
+    """A label as its class number: an integer (or its text), or a class's name in any case (a reference
+    table's ``Tumor``, where the datalist's ``labels`` name class 1 ``tumor``).
+
+    Raises:
+        ValueError: neither.
+    """
+    if isinstance(label, str) and class_names:
+        names = [name.strip().lower() for name in class_names]
+        if label.strip().lower() in names:
+            return names.index(label.strip().lower())
+    if isinstance(label, bool) or (isinstance(label, float) and not label.is_integer()):
+        raise ValueError(f"not a class number: {label!r}")
+    return int(label)
+
+
 def validate_entries(
     entries: Any,
     source: str,
@@ -127,9 +143,12 @@ def validate_entries(
             item["annotation"] = _resolve(str(item["annotation"]), base)
         if "label" in item and item["label"] not in (None, ""):
             try:
-                item["label"] = int(item["label"])
+                item["label"] = _class_number(item["label"], class_names)
             except (TypeError, ValueError):
-                problems.append(f"entry {i} ({item['image']}): label {item['label']!r} is not an integer")
+                known = f" nor one of the classes {list(class_names)}" if class_names else ""
+                problems.append(
+                    f"entry {i} ({item['image']}): label {item['label']!r} is not a class number{known}"
+                )
             else:
                 if num_classes is not None and not 0 <= item["label"] < num_classes:
                     problems.append(
