@@ -70,6 +70,11 @@ def test_output_names_stay_inside_out() -> None:
     )
     assert names == ["slide", "slide_2", "dup", "dup_2", "DUP_3", "a_b_c", "slide_3"]
     assert all("/" not in n and n not in (".", "..") and not n.startswith(".") for n in names)
+    assert safe_names(["sub/ünï code slide.svs", "Müller_Ø1.ndpi", "切片1.svs"]) == [
+        "uni_code_slide",  # accents dropped, not each letter replaced
+        "Muller__1",
+        "__1",
+    ]
     long = safe_names(["x" * 300 + ".svs", "x" * 400 + ".svs"])
     assert long == ["x" * MAX_NAME, "x" * MAX_NAME + "_2"]
     assert parse_shard("1/4") == (1, 4) and parse_shard(None) is None

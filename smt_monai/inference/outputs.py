@@ -28,6 +28,7 @@ import math
 import os
 import re
 import socket
+import unicodedata
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -56,14 +57,18 @@ class OutputError(UserError, ValueError):
 
 
 def safe_names(images: Sequence[str]) -> list[str]:
-    """A folder name per slide that stays inside ``OUT``: its file name without the extension, characters
-    other than letters, digits, ``-``, ``_`` and inner dots replaced by ``_``, leading dots dropped (``...``
+    """A folder name per slide that stays inside ``OUT``: its file name without the extension, accents
+    dropped (``Müller_Ø1`` becomes ``Muller__1``; NFKD, then the combining marks removed), characters other
+    than ASCII letters, digits, ``-``, ``_`` and inner dots replaced by ``_``, leading dots dropped (``...``
     and ``..tiff`` become ``slide``), cut to ``MAX_NAME`` characters (a list entry can be longer than a file
     system allows a name), suffixed ``_2``, ``_3`` ... where names repeat (case-insensitively)."""
     used: set[str] = set()
     names = []
     for image in images:
-        base = re.sub(r"[^A-Za-z0-9._-]", "_", slide_id_of(image)).lstrip(".")[:MAX_NAME] or "slide"
+        plain = "".join(
+            c for c in unicodedata.normalize("NFKD", slide_id_of(image)) if not unicodedata.combining(c)
+        )
+        base = re.sub(r"[^A-Za-z0-9._-]", "_", plain).lstrip(".")[:MAX_NAME] or "slide"
         name, count = base, 1
         while name.lower() in used:
             count += 1
