@@ -43,7 +43,7 @@ JPEG_QUALITY = 90  # the gallery's: the quality slide viewers and QuPath export 
 GALLERY_TILE_PX = 512  # a gallery tile's side in pixels
 # The gallery's layout in pixels: a tile's frame, the margin around it, and the bands of the picture's title,
 # a tile's title and its caption.
-_FRAME, _MARGIN, _HEADER, _TILE_TITLE, _CAPTION = 6, 16, 52, 34, 50
+_FRAME, _MARGIN, _HEADER, _TILE_TITLE, _CAPTION = 6, 16, 52, 34, 58
 
 RegionReader = Callable[[tuple[float, float, float]], np.ndarray]
 """``(x, y, size)`` level-0 box -> ``(H, W, 3)`` uint8 RGB image of it."""
@@ -477,7 +477,7 @@ def gallery(
         middle = cx + GALLERY_TILE_PX / 2
         draw.text((middle, cy - _FRAME - 26), heading, (0, 0, 0), _font(22, bold=True), "ma")
         below = cy + GALLERY_TILE_PX + _FRAME + 6
-        draw.multiline_text((middle, below), caption, (0, 0, 0), _font(16), "ma", spacing=4, align="center")
+        draw.multiline_text((middle, below), caption, (0, 0, 0), _font(18), "ma", spacing=4, align="center")
     shown.image = np.asarray(picture)
     return shown
 
