@@ -235,12 +235,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        # Ctrl-C: what is finished is on disk (every file is written atomically) and a rerun goes on from it
+        # Ctrl-C: what is finished is on disk (every file is written atomically, a half-written one is a
+        # temporary file the rerun removes) and a rerun goes on from it. Exit at once: a slide's thread may
+        # still be inside a native reader, and finalising the interpreter under it aborts the process.
         print(
             "interrupted: the slides finished so far are kept; the same command goes on from them",
             file=sys.stderr,
         )
-        return 130
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     except BrokenPipeError:
         # the reader went away (smt-monai model M | head): stop quietly, as shell tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
