@@ -20,11 +20,12 @@ def slide_info(path: str, backend: str = "auto") -> dict:
     data."""
     from smt_monai.data.magnification import known_mpp
     from smt_monai.data.slide import open_slide
-    from smt_monai.data.tissue import tissue_bbox, tissue_components, tissue_map
+    from smt_monai.data.tissue import bounding_box, tissue_components, tissue_map
 
     with open_slide(path, backend) as slide:
         mpp = known_mpp(slide)
         found = tissue_map(slide, mpp)
+        sections = tissue_components(slide, mpp, found)
         area = found.area_mm2
         return {
             "path": slide.path,
@@ -35,8 +36,8 @@ def slide_info(path: str, backend: str = "auto") -> dict:
                 for i, ((w, h), ds) in enumerate(zip(slide.level_dimensions, slide.level_downsamples))
             ],
             "mpp": slide.mpp,
-            "tissue_bbox": [round(v, 1) for v in tissue_bbox(slide, mpp, found)],
-            "tissue_sections": 0 if found.blank else len(tissue_components(slide, mpp, found)),
+            "tissue_bbox": [round(v, 1) for v in bounding_box(sections)],
+            "tissue_sections": 0 if found.blank else len(sections),
             "tissue_mm2": None if area is None else round(area, 3),
         }
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from smt_monai.data.errors import SlideReadError
+from smt_monai.data.errors import OptionError, SlideReadError
 from smt_monai.data.geometry import layer1_fields, square_around
 from smt_monai.data.slide import Slide
 from smt_monai.data.tissue import TissueMap, tissue_bbox, tissue_components
@@ -103,6 +103,20 @@ def plausible(mpp: float | None) -> bool:
     return mpp is not None and PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]
 
 
+def check_default_mpp(default_mpp: float | None) -> float | None:
+    """``default_mpp`` (the user's level-0 um/px for slides whose file holds none) if a scan can have it.
+
+    Raises:
+        OptionError: it is outside ``PLAUSIBLE_MPP`` (an OptionError is a ValueError).
+    """
+    if default_mpp is not None and not plausible(default_mpp):
+        raise OptionError(
+            f"default_mpp {default_mpp:g}: not a scan's level-0 um/px (0.25 for 40x, 0.5 for 20x; "
+            f"{PLAUSIBLE_MPP[0]:g} to {PLAUSIBLE_MPP[1]:g})"
+        )
+    return default_mpp
+
+
 def known_mpp(slide: Slide, default_mpp: float | None = None) -> float | None:
     """:func:`scan_mpp`, or None where neither the file nor ``default_mpp`` gives a usable one."""
     try:
@@ -120,9 +134,7 @@ def scan_mpp(slide: Slide, default_mpp: float | None = None) -> float:
     if plausible(slide.mpp):
         assert slide.mpp is not None
         return float(slide.mpp)
-    if default_mpp is not None:
-        if not plausible(default_mpp):
-            raise ValueError(f"default_mpp {default_mpp} um/px is not a scan's resolution {PLAUSIBLE_MPP}")
+    if check_default_mpp(default_mpp) is not None:
         return float(default_mpp)
     found = "holds no resolution" if slide.mpp is None else f"states {slide.mpp:g} um/px, which no scan has"
     raise SlideReadError(

@@ -282,5 +282,10 @@ def tissue_components(slide: Slide, mpp: float | None, found: TissueMap | None =
 def tissue_bbox(slide: Slide, mpp: float | None, found: TissueMap | None = None) -> Box:
     """Level-0 bounding box ``(x0, y0, x1, y1)`` of all the tissue sections (:func:`tissue_components`, with
     its ``mpp`` and ``found``); the whole slide when none is found."""
-    boxes = np.array(tissue_components(slide, mpp, found))
+    return bounding_box(tissue_components(slide, mpp, found))
+
+
+def bounding_box(sections: list[Box]) -> Box:
+    """The level-0 box ``(x0, y0, x1, y1)`` around ``sections``."""
+    boxes = np.array(sections)
     return (*map(float, boxes[:, :2].min(axis=0)), *map(float, boxes[:, 2:].max(axis=0)))

@@ -23,8 +23,8 @@ import torch
 from smt_monai.cascade.prediction import SlidePrediction, check_aggregation, check_num_focus, predict_slide
 from smt_monai.data.datalist import numbered_class_names
 from smt_monai.data.dataset import LoadLayer1d
-from smt_monai.data.errors import OptionError, SlideReadError
-from smt_monai.data.magnification import PLAUSIBLE_MPP, LayerScale, plausible
+from smt_monai.data.errors import SlideReadError
+from smt_monai.data.magnification import LayerScale, check_default_mpp
 from smt_monai.data.regions import RegionReader, SlideCache
 from smt_monai.inference.model import ModelCard, load_model
 from smt_monai.utils import fast_bf16, usable_device
@@ -76,11 +76,7 @@ class SMTPredictor:
         self.num_focus = check_num_focus(
             network, num_focus if num_focus is not None else card.num_focus if card else 4
         )
-        if default_mpp is not None and not plausible(default_mpp):
-            raise OptionError(
-                f"default_mpp {default_mpp:g}: not a scan's level-0 um/px (0.25 for 40x, 0.5 for 20x; "
-                f"{PLAUSIBLE_MPP[0]:g} to {PLAUSIBLE_MPP[1]:g})"
-            )
+        check_default_mpp(default_mpp)
         self.aggregation = check_aggregation(network, aggregation or (card.aggregation if card else "max"))
         self.threshold = float(threshold if threshold is not None else card.threshold if card else 0.5)
         self.class_names = card.class_names if card else numbered_class_names(classes)

@@ -99,18 +99,24 @@ class ModelCard:
                    training=_plain(dict(training or {})))  # fmt: skip
 
     @classmethod
-    def of(cls, network: Any) -> ModelCard:
-        """The card a loaded network carries (``network.card``, eager or TorchScript).
+    def of(cls, network: Any, path: str | os.PathLike = "model") -> ModelCard:
+        """The card a loaded network carries (``network.card``, eager or TorchScript); ``path`` names its
+        file in errors.
 
         Raises:
             ValueError: the network carries none (it was not made by ``load_model``).
+            ModelFileError: the card is not valid JSON, or its entries are missing or unknown.
         """
         text = str(getattr(network, "card", "") or "")
         if not text:
             raise ValueError(
                 "this network carries no model card: load it with smt_monai.inference.load_model"
             )
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            raise ModelFileError(path, "its model card is not valid JSON (an edited file?)") from None
+        return cls.from_dict(data, path)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], path: str | os.PathLike = "model") -> ModelCard:
@@ -225,18 +231,14 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", **ex
             network = torch.jit.load(str(path), map_location=device)
         except Exception as exc:  # a damaged archive: torch's own reason, in one line
             raise ModelFileError(path, torch_load_problem(path, exc)) from None
-        text = str(getattr(network, "card", "") or "")
-        if not text:
+        if not getattr(network, "card", ""):
             raise ModelFileError(
                 path,
                 "is a TorchScript module without an smt-monai model card: export the trained model.pt with "
                 "the bundle's ckpt_export (python -m monai.bundle ckpt_export network_def ...; see "
                 "bundle/docs/README.md)",
             )
-        try:
-            card = ModelCard.from_dict(json.loads(text), path)
-        except json.JSONDecodeError:
-            raise ModelFileError(path, "its model card is not valid JSON (an edited file?)") from None
+        card = ModelCard.of(network, path)
     else:
         content = _load(path)
         if isinstance(content, dict) and CARD_KEY not in content and {"network", "trainer"} <= set(content):
